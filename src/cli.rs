@@ -1,0 +1,347 @@
+//! Command-line definitions and dispatch.
+
+use crate::daemon::{self, Fatal};
+use crate::format::config::{CONFIG_FILE_NAME, KmsConfig, VolumeConfig};
+use crate::kms::local::Keystore;
+use clap::{Args, Parser, Subcommand};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// Environment variable through which a daemonising `kmsfs mount` asks its child to report
+/// readiness (a `READY` or `ERROR: …` line on stdout).
+const READY_ENV: &str = "KMSFS_READY_STDOUT";
+
+#[derive(Parser)]
+#[command(
+    name = "kmsfs",
+    version,
+    about = "An encrypting FUSE filesystem whose keys live in a KMS"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create a new encrypted volume in BACKING (and a local keystore beside it).
+    Init {
+        backing: PathBuf,
+        /// Keystore file for the local KMS (default: BACKING's sibling `NAME.keystore`).
+        #[arg(long)]
+        keystore: Option<PathBuf>,
+        /// Name of the key that wraps this volume's file keys.
+        #[arg(long, default_value = "default")]
+        key: String,
+    },
+    /// Mount a volume; returns once the mount is ready unless --foreground.
+    Mount(MountArgs),
+    /// Unmount a volume and wait for its daemon to exit.
+    Unmount {
+        mountpoint: PathBuf,
+        /// Detach now even if files are open (the daemon exits when they close).
+        #[arg(long)]
+        lazy: bool,
+    },
+    /// Manage keys in a local keystore.
+    Key {
+        #[command(subcommand)]
+        action: KeyAction,
+        #[command(flatten)]
+        store: StoreArg,
+    },
+}
+
+#[derive(Args)]
+struct MountArgs {
+    backing: PathBuf,
+    mountpoint: PathBuf,
+    /// Stay in the foreground and log to stderr.
+    #[arg(short, long)]
+    foreground: bool,
+    /// Mount options, comma-separated (ro, allow_other, allow_root, noexec, …).
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    options: Vec<String>,
+    /// Log file of a daemonised mount (default: /var/log/kmsfs/MOUNTPOINT.log).
+    #[arg(long)]
+    log_file: Option<PathBuf>,
+    /// FUSE worker threads.
+    #[arg(long, default_value_t = 4)]
+    threads: usize,
+}
+
+#[derive(Args)]
+#[group(required = true, multiple = false)]
+struct StoreArg {
+    /// The keystore file.
+    #[arg(long, global = true)]
+    keystore: Option<PathBuf>,
+    /// A volume's backing directory: use the keystore its config names.
+    #[arg(long, global = true)]
+    volume: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum KeyAction {
+    /// List keys and their versions.
+    List,
+    /// Create a key (and the keystore if it does not exist).
+    Create { name: String },
+    /// Add a new version to a key; new files use it, old versions still unwrap.
+    Rotate { name: String },
+    /// Refuse every unwrap with this key (mounted volumes fail opens with EACCES).
+    Disable { name: String },
+    /// Allow a disabled key again.
+    Enable { name: String },
+}
+
+pub fn run(cli: Cli) -> Result<(), Fatal> {
+    match cli.command {
+        Cmd::Init {
+            backing,
+            keystore,
+            key,
+        } => init(&backing, keystore, &key),
+        Cmd::Mount(args) => mount(args),
+        Cmd::Unmount { mountpoint, lazy } => daemon::unmount(&mountpoint, lazy),
+        Cmd::Key { action, store } => key(action, store),
+    }
+}
+
+fn absolute(p: &Path) -> Result<PathBuf, Fatal> {
+    std::path::absolute(p).map_err(|e| Fatal(format!("{}: {e}", p.display())))
+}
+
+fn default_keystore(backing: &Path) -> Result<PathBuf, Fatal> {
+    let backing = absolute(backing)?;
+    let name = backing
+        .file_name()
+        .ok_or_else(|| Fatal(format!("{} has no directory name", backing.display())))?;
+    let mut file = name.to_os_string();
+    file.push(".keystore");
+    Ok(backing.with_file_name(file))
+}
+
+fn init(backing: &Path, keystore: Option<PathBuf>, key: &str) -> Result<(), Fatal> {
+    let keystore = match keystore {
+        Some(k) => absolute(&k)?,
+        None => default_keystore(backing)?,
+    };
+    if backing.join(CONFIG_FILE_NAME).exists() {
+        return Err(Fatal(format!("{} is already a kmsfs volume", backing.display())));
+    }
+    match std::fs::read_dir(backing) {
+        Ok(mut d) => {
+            if d.next().is_some() {
+                return Err(Fatal(format!(
+                    "{} is not empty; kmsfs initialises only an empty or new directory",
+                    backing.display()
+                )));
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(backing)
+                .map_err(|e| Fatal(format!("cannot create {}: {e}", backing.display())))?;
+        }
+        Err(e) => return Err(Fatal(format!("{}: {e}", backing.display()))),
+    }
+    let backing = std::fs::canonicalize(backing).map_err(|e| Fatal(format!("{}: {e}", backing.display())))?;
+    if keystore.starts_with(&backing) {
+        return Err(Fatal(
+            "the keystore must not live inside the backing directory: whoever holds the ciphertext would hold the keys"
+                .into(),
+        ));
+    }
+    let mut store = if keystore.exists() {
+        Keystore::load(&keystore).map_err(daemon::explain_kms)?
+    } else {
+        Keystore::default()
+    };
+    let created_key = store.key(key).is_none();
+    if created_key {
+        store.create_key(key).map_err(Fatal)?;
+        store
+            .save(&keystore)
+            .map_err(|e| Fatal(format!("cannot write keystore {}: {e}", keystore.display())))?;
+    }
+    let config = VolumeConfig::new(KmsConfig::Local {
+        keystore: keystore.clone(),
+        key: key.into(),
+    });
+    // Prove the key works before the volume exists.
+    daemon::block_on(crate::kms::KmsBackend::check_access(&daemon::kms_for(&config)))
+        .map_err(daemon::explain_kms)?;
+    crate::durable::atomic_write(&backing.join(CONFIG_FILE_NAME), &config.encode(), 0o644)
+        .map_err(|e| Fatal(format!("cannot write volume config: {e}")))?;
+    println!("initialised volume {} in {}", config.volume_id, backing.display());
+    println!(
+        "keystore: {} (key {key:?}{}) — back it up and keep it off the backing storage: without it the data is lost",
+        keystore.display(),
+        if created_key { ", created" } else { "" }
+    );
+    Ok(())
+}
+
+fn log_path_for(mountpoint: &Path) -> Result<PathBuf, Fatal> {
+    let mp = absolute(mountpoint)?;
+    let escaped: String = mp
+        .to_string_lossy()
+        .trim_start_matches('/')
+        .chars()
+        .map(|c| if c == '/' { '-' } else { c })
+        .collect();
+    Ok(PathBuf::from("/var/log/kmsfs").join(format!("{escaped}.log")))
+}
+
+fn mount(args: MountArgs) -> Result<(), Fatal> {
+    if args.foreground {
+        return mount_foreground(args);
+    }
+    let log_path = match &args.log_file {
+        Some(p) => absolute(p)?,
+        None => log_path_for(&args.mountpoint)?,
+    };
+    if let Some(dir) = log_path.parent() {
+        use std::os::unix::fs::DirBuilderExt;
+        let _ = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir);
+    }
+    let log = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&log_path)
+            .map_err(|e| Fatal(format!("cannot open log file {}: {e}", log_path.display())))?
+    };
+    let exe = std::env::current_exe().map_err(|e| Fatal(format!("cannot find own executable: {e}")))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("mount")
+        .arg(absolute(&args.backing)?)
+        .arg(absolute(&args.mountpoint)?)
+        .arg("--foreground")
+        .arg("--threads")
+        .arg(args.threads.to_string());
+    for o in &args.options {
+        cmd.arg("-o").arg(o);
+    }
+    use std::os::unix::process::CommandExt;
+    let mut child = cmd
+        .env(READY_ENV, "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        // Its own process group: a Ctrl-C in this terminal must not kill the daemon.
+        .process_group(0)
+        .spawn()
+        .map_err(|e| Fatal(format!("cannot start the daemon: {e}")))?;
+    let out = child.stdout.take().expect("piped stdout");
+    for line in BufReader::new(out).lines() {
+        let line = line.unwrap_or_default();
+        if line == "READY" {
+            return Ok(());
+        }
+        if let Some(msg) = line.strip_prefix("ERROR: ") {
+            let _ = child.wait();
+            return Err(Fatal(msg.into()));
+        }
+    }
+    let status = child.wait().map_err(|e| Fatal(e.to_string()))?;
+    Err(Fatal(format!(
+        "the daemon exited during startup ({status}); see {}",
+        log_path.display()
+    )))
+}
+
+fn mount_foreground(args: MountArgs) -> Result<(), Fatal> {
+    let notify = std::env::var_os(READY_ENV).is_some();
+    // SAFETY of the environment: removing our own variable before any thread starts.
+    let on_ready: Box<dyn FnOnce() + Send> = Box::new(move || {
+        log::info!("mount is ready");
+        if notify {
+            let mut out = std::io::stdout();
+            let _ = writeln!(out, "READY");
+            let _ = out.flush();
+            // The parent stops reading once it has READY; nothing more goes to this pipe.
+            if let Ok(null) = std::fs::File::open("/dev/null") {
+                use std::os::fd::AsFd;
+                let _ = crate::sys::dup2(null.as_fd(), 1);
+            }
+        }
+    });
+    let req = daemon::MountRequest {
+        backing: args.backing,
+        mountpoint: args.mountpoint,
+        options: args.options,
+        threads: args.threads,
+        on_ready,
+    };
+    daemon::run_mount(req).inspect_err(|e| {
+        if notify {
+            println!("ERROR: {e}");
+        }
+    })
+}
+
+fn key(action: KeyAction, store: StoreArg) -> Result<(), Fatal> {
+    let path = match (store.keystore, store.volume) {
+        (Some(k), _) => absolute(&k)?,
+        (None, Some(v)) => match daemon::load_config(&v)?.kms {
+            KmsConfig::Local { keystore, .. } => keystore,
+        },
+        (None, None) => return Err(Fatal("give --keystore PATH or --volume BACKING".into())),
+    };
+    let load = || Keystore::load(&path).map_err(daemon::explain_kms);
+    let save = |s: &Keystore| {
+        s.save(&path)
+            .map_err(|e| Fatal(format!("cannot write keystore {}: {e}", path.display())))
+    };
+    match action {
+        KeyAction::List => {
+            let s = load()?;
+            for k in &s.keys {
+                let state = if k.enabled { "enabled" } else { "DISABLED" };
+                println!(
+                    "{}\t{state}\tcurrent version {}\t{} versions",
+                    k.name,
+                    k.current().version,
+                    k.versions.len()
+                );
+            }
+        }
+        KeyAction::Create { name } => {
+            let mut s = if path.exists() {
+                load()?
+            } else {
+                Keystore::default()
+            };
+            s.create_key(&name).map_err(Fatal)?;
+            save(&s)?;
+            println!("created key {name:?} in {}", path.display());
+        }
+        KeyAction::Rotate { name } => {
+            let mut s = load()?;
+            let v = s.rotate(&name).map_err(Fatal)?;
+            save(&s)?;
+            println!("key {name:?} now at version {v}; new files use it, existing files keep opening");
+        }
+        KeyAction::Disable { name } => {
+            let mut s = load()?;
+            s.set_enabled(&name, false).map_err(Fatal)?;
+            save(&s)?;
+            println!("key {name:?} disabled: files it wraps no longer open");
+        }
+        KeyAction::Enable { name } => {
+            let mut s = load()?;
+            s.set_enabled(&name, true).map_err(Fatal)?;
+            save(&s)?;
+            println!("key {name:?} enabled");
+        }
+    }
+    Ok(())
+}

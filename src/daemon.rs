@@ -1,0 +1,359 @@
+//! The composition root: volume config → KMS → filesystem core → FUSE session. The only module
+//! that knows every layer.
+
+use crate::format::config::{CONFIG_FILE_NAME, KmsConfig, LOCK_FILE_NAME, VolumeConfig};
+use crate::fs::{Fs, Options};
+use crate::fuse::FuseAdapter;
+use crate::kms::local::LocalKms;
+use crate::kms::{Kms, KmsBackend, KmsError};
+use crate::sys;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// A one-line, actionable error for the person running kmsfs.
+#[derive(Debug)]
+pub struct Fatal(pub String);
+
+impl std::fmt::Display for Fatal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Fatal {}
+
+macro_rules! fatal {
+    ($($t:tt)*) => { Fatal(format!($($t)*)) };
+}
+
+/// Reads and validates the volume config of a backing directory.
+pub fn load_config(backing: &Path) -> Result<VolumeConfig, Fatal> {
+    let path = backing.join(CONFIG_FILE_NAME);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if !backing.is_dir() {
+                return Err(fatal!("backing directory {} does not exist", backing.display()));
+            }
+            return Err(fatal!(
+                "{} is not a kmsfs volume (no {CONFIG_FILE_NAME}); create one with `kmsfs init {}`",
+                backing.display(),
+                backing.display()
+            ));
+        }
+        Err(e) => return Err(fatal!("cannot read {}: {e}", path.display())),
+    };
+    VolumeConfig::decode(&bytes).map_err(|e| fatal!("{}: {e}", path.display()))
+}
+
+/// The KMS a volume config names.
+pub fn kms_for(config: &VolumeConfig) -> Kms {
+    match &config.kms {
+        KmsConfig::Local { keystore, key } => Kms::Local(LocalKms::new(keystore.clone(), key.clone())),
+    }
+}
+
+/// A KMS error as the admin should read it at mount time.
+pub fn explain_kms(e: KmsError) -> Fatal {
+    match e {
+        KmsError::Denied(m) => {
+            fatal!("the KMS refuses this volume's key ({m}); re-enable the key or restore access")
+        }
+        KmsError::Unreachable(m) => fatal!("cannot reach the KMS ({m}); check that it is up and try again"),
+        KmsError::Corrupt(m) => {
+            fatal!("the KMS could not unwrap a key ({m}): is this the volume's keystore?")
+        }
+        KmsError::Misconfigured(m) => Fatal(m),
+    }
+}
+
+/// A single-threaded runtime for one-off KMS calls from the command line.
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+        .block_on(f)
+}
+
+pub struct MountRequest {
+    pub backing: PathBuf,
+    pub mountpoint: PathBuf,
+    /// `-o` options: fuser ones (ro, allow_other, allow_root, …) pass through.
+    pub options: Vec<String>,
+    pub threads: usize,
+    /// Called once the mount serves requests.
+    pub on_ready: Box<dyn FnOnce() + Send>,
+}
+
+/// Holds the backing directory's lock file for as long as the daemon runs.
+fn take_lock(backing: &Path) -> Result<File, Fatal> {
+    let path = backing.join(LOCK_FILE_NAME);
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| fatal!("cannot open lock file {}: {e}", path.display()))?;
+    match sys::try_lock_exclusive(f.as_fd()) {
+        Ok(true) => {}
+        Ok(false) => {
+            let pid = std::fs::read_to_string(&path).unwrap_or_default();
+            return Err(fatal!(
+                "{} is already mounted by another kmsfs daemon (pid {}); unmount it first",
+                backing.display(),
+                pid.trim()
+            ));
+        }
+        Err(e) => return Err(fatal!("cannot lock {}: {e}", path.display())),
+    }
+    f.set_len(0).ok();
+    let _ = writeln!(f, "{}", std::process::id());
+    Ok(f)
+}
+
+fn check_mountpoint(mp: &Path) -> Result<(), Fatal> {
+    let meta = std::fs::metadata(mp).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            fatal!(
+                "mountpoint {} does not exist; create it with `mkdir -p {}`",
+                mp.display(),
+                mp.display()
+            )
+        } else {
+            fatal!("mountpoint {}: {e}", mp.display())
+        }
+    })?;
+    if !meta.is_dir() {
+        return Err(fatal!("mountpoint {} is not a directory", mp.display()));
+    }
+    let parent = mp.parent().unwrap_or(Path::new("/"));
+    if let Ok(pm) = std::fs::metadata(parent)
+        && pm.dev() != meta.dev()
+    {
+        return Err(fatal!(
+            "mountpoint {} is busy: something is already mounted there (`kmsfs unmount {}`)",
+            mp.display(),
+            mp.display()
+        ));
+    }
+    Ok(())
+}
+
+fn fuser_config(req: &MountRequest, backing: &Path) -> Result<fuser::Config, Fatal> {
+    use fuser::MountOption as O;
+    let mut config = fuser::Config::default();
+    let mut opts = vec![
+        O::FSName(backing.display().to_string()),
+        O::Subtype("kmsfs".into()),
+        // The kernel checks permissions against the attributes we report; without this any
+        // local user could read files through a root-run daemon.
+        O::DefaultPermissions,
+    ];
+    for o in req
+        .options
+        .iter()
+        .flat_map(|s| s.split(','))
+        .filter(|s| !s.is_empty())
+    {
+        match o {
+            "ro" => opts.push(O::RO),
+            "rw" => opts.push(O::RW),
+            "allow_other" => config.acl = fuser::SessionACL::All,
+            "allow_root" => config.acl = fuser::SessionACL::RootAndOwner,
+            "default_permissions" => {}
+            "dev" => opts.push(O::Dev),
+            "nodev" => opts.push(O::NoDev),
+            "suid" => opts.push(O::Suid),
+            "nosuid" => opts.push(O::NoSuid),
+            "exec" => opts.push(O::Exec),
+            "noexec" => opts.push(O::NoExec),
+            "atime" => opts.push(O::Atime),
+            "noatime" => opts.push(O::NoAtime),
+            "sync" => opts.push(O::Sync),
+            "async" => opts.push(O::Async),
+            "dirsync" => opts.push(O::DirSync),
+            other => return Err(fatal!("unknown mount option {other:?}")),
+        }
+    }
+    config.mount_options = opts;
+    config.n_threads = Some(req.threads.max(1));
+    config.clone_fd = true;
+    Ok(config)
+}
+
+/// Mounts a volume and serves it until it is unmounted or the daemon is told to stop.
+pub fn run_mount(req: MountRequest) -> Result<(), Fatal> {
+    if let Err(e) = sys::disable_core_dumps() {
+        log::warn!("cannot disable core dumps: {e}");
+    }
+    // Modes of created files come from the caller's request, already masked by the kernel.
+    sys::set_umask(0);
+    sys::raise_nofile_limit();
+
+    let backing = std::fs::canonicalize(&req.backing)
+        .map_err(|e| fatal!("backing directory {}: {e}", req.backing.display()))?;
+    let config = load_config(&backing)?;
+    check_mountpoint(&req.mountpoint)?;
+    if !Path::new("/dev/fuse").exists() {
+        return Err(fatal!(
+            "/dev/fuse is missing: install fuse3 (`apt-get install fuse3`) and load the module (`modprobe fuse`)"
+        ));
+    }
+    let _lock = take_lock(&backing)?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("kmsfs-kms")
+        .enable_all()
+        .build()
+        .map_err(|e| fatal!("cannot start the KMS runtime: {e}"))?;
+    let kms = Arc::new(kms_for(&config));
+    let status = runtime.block_on(kms.check_access()).map_err(explain_kms)?;
+    log::info!(
+        "volume {}: KMS {} key {:?} version {} is usable",
+        config.volume_id,
+        status.backend,
+        status.key_ref,
+        status.current_version
+    );
+
+    let root: OwnedFd = File::open(&backing)
+        .map_err(|e| fatal!("cannot open {}: {e}", backing.display()))?
+        .into();
+    let fuse_config = fuser_config(&req, &backing)?;
+    let options = Options {
+        read_only: fuse_config.mount_options.contains(&fuser::MountOption::RO),
+    };
+    let fs = Arc::new(Fs::new(root, kms, runtime.handle().clone(), options).map_err(|e| fatal!("{e:?}"))?);
+    let adapter = FuseAdapter::new(fs, req.on_ready);
+    let mut session = fuser::Session::new(adapter, &req.mountpoint, &fuse_config).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            fatal!("cannot mount: fusermount3 or /dev/fuse missing; install fuse3 (`apt-get install fuse3`)")
+        } else {
+            fatal!("cannot mount {}: {e}", req.mountpoint.display())
+        }
+    })?;
+    log::info!(
+        "volume {} mounted at {}",
+        config.volume_id,
+        req.mountpoint.display()
+    );
+
+    // SIGTERM/SIGINT unmount gracefully: the session loop then ends and every key is dropped.
+    let mut unmounter = session.unmount_callable();
+    runtime.spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
+        else {
+            log::warn!("cannot install signal handlers; stop with `kmsfs unmount`");
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => log::info!("SIGTERM: unmounting"),
+            _ = int.recv() => log::info!("SIGINT: unmounting"),
+        }
+        if let Err(e) = unmounter.unmount() {
+            log::error!("unmount failed: {e}");
+        }
+    });
+
+    let result = session.run();
+    runtime.shutdown_background();
+    match result {
+        Ok(()) => {
+            log::info!("volume {} unmounted", config.volume_id);
+            Ok(())
+        }
+        Err(e) => Err(fatal!("FUSE session ended with an error: {e}")),
+    }
+}
+
+/// Finds the backing directory of a kmsfs mount from /proc/self/mountinfo.
+pub fn backing_of_mount(mountpoint: &Path) -> Option<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let target = mountpoint.to_str()?;
+    info.lines().rev().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let mp = left.split(' ').nth(4)?;
+        let mut r = right.split(' ');
+        let fstype = r.next()?;
+        let source = r.next()?;
+        // fuser mounts with type "fuse"; a kmsfs source is a directory with a volume config.
+        let source = PathBuf::from(unescape_mountinfo(source));
+        (fstype.starts_with("fuse")
+            && unescape_mountinfo(mp) == target
+            && source.join(CONFIG_FILE_NAME).is_file())
+        .then_some(source)
+    })
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal `\ooo`.
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Unmounts a kmsfs mount and waits for its daemon to finish (it drops its keys on exit).
+pub fn unmount(mountpoint: &Path, lazy: bool) -> Result<(), Fatal> {
+    let mp = std::fs::canonicalize(mountpoint).map_err(|e| fatal!("{}: {e}", mountpoint.display()))?;
+    let backing = backing_of_mount(&mp).ok_or_else(|| fatal!("{} is not a kmsfs mount", mp.display()))?;
+    let result = if sys::geteuid() == 0 {
+        sys::umount(mp.as_os_str(), lazy)
+    } else {
+        let mut cmd = std::process::Command::new("fusermount3");
+        cmd.arg("-u");
+        if lazy {
+            cmd.arg("-z");
+        }
+        match cmd.arg(&mp).status() {
+            Ok(s) if s.success() => Ok(()),
+            Ok(_) => Err(std::io::Error::from_raw_os_error(libc::EBUSY)),
+            Err(e) => Err(e),
+        }
+    };
+    result.map_err(|e| {
+        if e.raw_os_error() == Some(libc::EBUSY) {
+            fatal!(
+                "{} is busy: close the files open in it, or use `kmsfs unmount --lazy`",
+                mp.display()
+            )
+        } else {
+            fatal!("cannot unmount {}: {e}", mp.display())
+        }
+    })?;
+    wait_for_daemon_exit(&backing);
+    Ok(())
+}
+
+/// Waits (up to 30 s) until no daemon holds the backing directory's lock.
+pub fn wait_for_daemon_exit(backing: &Path) {
+    let Ok(f) = File::open(backing.join(LOCK_FILE_NAME)) else {
+        return;
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::time::Instant::now() < deadline {
+        if let Ok(true) = sys::try_lock_exclusive(f.as_fd()) {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    log::warn!("the daemon for {} has not exited after 30 s", backing.display());
+}

@@ -1,0 +1,39 @@
+//! On-disk format v1: byte layouts and offset arithmetic. Pure: no files, no clocks, no KMS.
+//!
+//! `docs/format.md` is the specification; every constant it names is defined here or in a
+//! submodule, and the unit tests pin the layouts.
+
+pub mod block;
+pub mod config;
+pub mod header;
+
+/// The on-disk format version this build writes and reads.
+pub const FORMAT_VERSION: u16 = 1;
+
+/// Length of a file id: random, unique per file, the binding for everything sealed in it.
+pub const FILE_ID_LEN: usize = 16;
+
+/// A file's random identity, from its header.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FileId(pub [u8; FILE_ID_LEN]);
+
+impl FileId {
+    pub fn generate() -> Self {
+        let mut id = [0u8; FILE_ID_LEN];
+        crate::crypto::fill_random(&mut id);
+        FileId(id)
+    }
+}
+
+/// File ids are not secret; logs name files by id because names are personal data.
+impl std::fmt::Display for FileId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&crate::hex::encode(&self.0))
+    }
+}
+
+impl std::fmt::Debug for FileId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "FileId({self})")
+    }
+}

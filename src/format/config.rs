@@ -1,0 +1,155 @@
+//! The volume config: a small JSON file in the backing root. It names the volume and its KMS;
+//! it never holds a secret.
+
+use super::FORMAT_VERSION;
+use super::block::BLOCK_SIZE;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// File name of the volume config in the backing root.
+pub const CONFIG_FILE_NAME: &str = "kmsfs.json";
+/// File name of the daemon lock in the backing root (held with flock while mounted).
+pub const LOCK_FILE_NAME: &str = ".kmsfs.lock";
+/// Names in the backing root that belong to kmsfs, not to the user: hidden from listings and
+/// refused by lookup and create.
+pub const RESERVED_ROOT_NAMES: &[&str] = &[CONFIG_FILE_NAME, LOCK_FILE_NAME];
+/// A config larger than this is refused before parsing.
+pub const MAX_CONFIG_LEN: usize = 64 * 1024;
+/// Length of a volume id in bytes (hex-encoded in the file).
+pub const VOLUME_ID_LEN: usize = 16;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeConfig {
+    pub format_version: u16,
+    /// 16 random bytes, lowercase hex.
+    pub volume_id: String,
+    pub block_size: u64,
+    pub kms: KmsConfig,
+}
+
+/// Which KMS wraps this volume's keys, and its non-secret parameters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "backend", rename_all = "lowercase", deny_unknown_fields)]
+pub enum KmsConfig {
+    /// The embedded keystore: a file of versioned KEKs on this machine.
+    Local {
+        /// Absolute path of the keystore file.
+        keystore: PathBuf,
+        /// Name of the key in the keystore that wraps new DEKs.
+        key: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigError {
+    TooLarge(usize),
+    Syntax(String),
+    UnsupportedVersion(u16),
+    Invalid(&'static str),
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConfigError::TooLarge(n) => write!(f, "config is {n} bytes, more than {MAX_CONFIG_LEN}"),
+            ConfigError::Syntax(e) => write!(f, "config does not parse: {e}"),
+            ConfigError::UnsupportedVersion(v) => {
+                write!(f, "volume format version {v} is not supported by this kmsfs")
+            }
+            ConfigError::Invalid(what) => write!(f, "config is invalid: {what}"),
+        }
+    }
+}
+
+impl VolumeConfig {
+    pub fn new(kms: KmsConfig) -> Self {
+        let mut id = [0u8; VOLUME_ID_LEN];
+        crate::crypto::fill_random(&mut id);
+        VolumeConfig {
+            format_version: FORMAT_VERSION,
+            volume_id: crate::hex::encode(&id),
+            block_size: BLOCK_SIZE,
+            kms,
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = serde_json::to_vec_pretty(self).expect("config serialises");
+        v.push(b'\n');
+        v
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, ConfigError> {
+        if bytes.len() > MAX_CONFIG_LEN {
+            return Err(ConfigError::TooLarge(bytes.len()));
+        }
+        let c: VolumeConfig =
+            serde_json::from_slice(bytes).map_err(|e| ConfigError::Syntax(e.to_string()))?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.format_version != FORMAT_VERSION {
+            return Err(ConfigError::UnsupportedVersion(self.format_version));
+        }
+        if self.block_size != BLOCK_SIZE {
+            return Err(ConfigError::Invalid("block_size must be 65536 in format v1"));
+        }
+        match crate::hex::decode(&self.volume_id) {
+            Some(id) if id.len() == VOLUME_ID_LEN => {}
+            _ => return Err(ConfigError::Invalid("volume_id must be 32 hex digits")),
+        }
+        match &self.kms {
+            KmsConfig::Local { keystore, key } => {
+                if !keystore.is_absolute() {
+                    return Err(ConfigError::Invalid("local keystore path must be absolute"));
+                }
+                if key.is_empty() || key.len() > super::header::MAX_KEY_REF_LEN {
+                    return Err(ConfigError::Invalid("key name must be 1 to 256 bytes"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> VolumeConfig {
+        VolumeConfig::new(KmsConfig::Local {
+            keystore: "/etc/kmsfs/vol.keystore".into(),
+            key: "default".into(),
+        })
+    }
+
+    #[test]
+    fn round_trip() {
+        let c = sample();
+        assert_eq!(VolumeConfig::decode(&c.encode()).unwrap(), c);
+    }
+
+    #[test]
+    fn bad_configs_are_errors() {
+        let good = String::from_utf8(sample().encode()).unwrap();
+        for bad in [
+            String::new(),
+            "{".into(),
+            good.replace("\"format_version\": 1", "\"format_version\": 9"),
+            good.replace("65536", "4096"),
+            good.replace("\"key\"", "\"kee\""),
+            good.replace("/etc/kmsfs", "relative"),
+            good.replace("\"local\"", "\"nope\""),
+            good[..good.len() / 2].to_string(),
+        ] {
+            assert!(VolumeConfig::decode(bad.as_bytes()).is_err(), "{bad}");
+        }
+        assert!(matches!(
+            VolumeConfig::decode(&vec![b' '; MAX_CONFIG_LEN + 1]),
+            Err(ConfigError::TooLarge(_))
+        ));
+    }
+}

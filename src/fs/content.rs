@@ -1,0 +1,309 @@
+//! Reading and writing one file's encrypted content on its backing descriptor: the block codec
+//! applied at offsets, with read-modify-write of partial blocks and the final-block rule.
+//!
+//! Crash ordering (see docs/format.md, "Crash behaviour"): every step that grows a file first
+//! makes the grown file valid on its own, so an interrupted extension leaves readable data.
+
+use super::error::{FsError, FsResult};
+use crate::crypto::NONCE_LEN;
+use crate::format::block::{
+    BLOCK_SIZE, ContentCipher, RECORD_OVERHEAD, backing_len, block_count, block_of, block_plain_len, is_hole,
+    plaintext_size, record_body, record_offset,
+};
+use crate::format::header::HEADER_LEN;
+use crate::sys;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::sync::RwLock;
+
+/// Largest plaintext size we accept: keeps every backing offset well inside `i64`.
+pub const MAX_FILE_SIZE: u64 = 1 << 60;
+
+/// One open file's content: the backing descriptor, the file's cipher and its size.
+pub struct ContentFile {
+    file: File,
+    cipher: ContentCipher,
+    writable: bool,
+    /// Plaintext size, which also guards the content: readers hold it shared, writers and
+    /// truncate hold it exclusively, so no reader sees a half-written block and no two
+    /// read-modify-writes of one block interleave.
+    size: RwLock<u64>,
+}
+
+impl ContentFile {
+    /// Wraps a backing descriptor whose header has been read and whose key has been unwrapped.
+    pub fn new(file: File, cipher: ContentCipher, writable: bool) -> FsResult<Self> {
+        let len = file.metadata()?.len();
+        let size = plaintext_size(len).map_err(|e| {
+            log::error!(
+                "file {}: backing length {len} is impossible ({e:?})",
+                cipher.file_id()
+            );
+            FsError::Corrupt
+        })?;
+        Ok(ContentFile {
+            file,
+            cipher,
+            writable,
+            size: RwLock::new(size),
+        })
+    }
+
+    pub fn size(&self) -> u64 {
+        *self.size.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn writable(&self) -> bool {
+        self.writable
+    }
+
+    /// Reads up to `len` bytes at `off`; short only at end of file.
+    pub fn read(&self, off: u64, len: u32) -> FsResult<Vec<u8>> {
+        let size = self.size.read().unwrap_or_else(|p| p.into_inner());
+        let size = *size;
+        if off >= size || len == 0 {
+            return Ok(Vec::new());
+        }
+        let end = size.min(off + len as u64);
+        let (first, last) = (block_of(off), block_of(end - 1));
+        let final_block = block_count(size) - 1;
+        let start = record_offset(first);
+        let stop = record_offset(last) + block_plain_len(size, last) + RECORD_OVERHEAD;
+        let mut buf = vec![0u8; (stop - start) as usize];
+        self.read_exact_at(&mut buf, start)?;
+        let mut out = Vec::with_capacity((end - off) as usize);
+        for b in first..=last {
+            let plain = block_plain_len(size, b);
+            let rec_start = (record_offset(b) - start) as usize;
+            let rec = &mut buf[rec_start..rec_start + (plain + RECORD_OVERHEAD) as usize];
+            self.open_record(b, b == final_block, rec)?;
+            let body = &rec[record_body(rec.len())];
+            let bstart = b * BLOCK_SIZE;
+            let from = (off.max(bstart) - bstart) as usize;
+            let to = (end.min(bstart + plain) - bstart) as usize;
+            out.extend_from_slice(&body[from..to]);
+        }
+        Ok(out)
+    }
+
+    /// Writes `data` at `off`, growing the file if needed.
+    pub fn write(&self, off: u64, data: &[u8]) -> FsResult<usize> {
+        if data.is_empty() {
+            return Ok(0);
+        }
+        if !self.writable {
+            return Err(FsError::NotWritable);
+        }
+        let end = off
+            .checked_add(data.len() as u64)
+            .filter(|&e| e <= MAX_FILE_SIZE)
+            .ok_or(FsError::TooBig)?;
+        let mut size = self.size.write().unwrap_or_else(|p| p.into_inner());
+        let old = *size;
+        let new = old.max(end);
+        let (first, last) = (block_of(off), block_of(end - 1));
+        let new_final = block_count(new) - 1;
+        let old_blocks = block_count(old);
+
+        // The old final block lies wholly before this write: it must stop being final.
+        let detached = if old > 0 && old_blocks - 1 < first {
+            Some(self.grow_final_to_full(old)?)
+        } else {
+            None
+        };
+
+        let mut buf = Vec::with_capacity(((last - first + 1) * (BLOCK_SIZE + RECORD_OVERHEAD)) as usize);
+        for b in first..=last {
+            let plain = block_plain_len(new, b) as usize;
+            let bstart = b * BLOCK_SIZE;
+            let rec_start = buf.len();
+            buf.resize(rec_start + plain + RECORD_OVERHEAD as usize, 0);
+            let body = &mut buf[rec_start + NONCE_LEN..rec_start + NONCE_LEN + plain];
+            let (ws, we) = (off.max(bstart), end.min(bstart + plain as u64));
+            let covers_all = ws == bstart && we == bstart + plain as u64;
+            if !covers_all && b < old_blocks {
+                let old_plain = block_plain_len(old, b) as usize;
+                let was_final = b == old_blocks - 1;
+                let old_rec = self.load_block(b, old_plain, was_final)?;
+                body[..old_plain].copy_from_slice(&old_rec[record_body(old_rec.len())]);
+            }
+            body[(ws - bstart) as usize..(we - bstart) as usize]
+                .copy_from_slice(&data[(ws - off) as usize..(we - off) as usize]);
+            self.cipher.seal(b, b == new_final, &mut buf[rec_start..]);
+        }
+        self.put(record_offset(first), &buf)?;
+
+        if let Some((b, mut rec)) = detached {
+            self.cipher.seal(b, false, &mut rec);
+            self.put(record_offset(b), &rec)?;
+        }
+        *size = new;
+        Ok(data.len())
+    }
+
+    /// Sets the plaintext size, rewriting the block that becomes final.
+    pub fn truncate(&self, new: u64) -> FsResult<()> {
+        if new > MAX_FILE_SIZE {
+            return Err(FsError::TooBig);
+        }
+        if !self.writable {
+            return Err(FsError::NotWritable);
+        }
+        let mut size = self.size.write().unwrap_or_else(|p| p.into_inner());
+        let old = *size;
+        if new == old {
+            return Ok(());
+        }
+        let new_final = block_count(new).checked_sub(1);
+        if new < old {
+            if let Some(nf) = new_final {
+                let old_final = block_count(old) - 1;
+                let (old_len, new_len) = (
+                    block_plain_len(old, nf) as usize,
+                    block_plain_len(new, nf) as usize,
+                );
+                if old_len != new_len || nf != old_final {
+                    let mut rec = self.load_block(nf, old_len, nf == old_final)?;
+                    rec.truncate(NONCE_LEN + new_len);
+                    rec.resize(new_len + RECORD_OVERHEAD as usize, 0);
+                    self.cipher.seal(nf, true, &mut rec);
+                    self.put(record_offset(nf), &rec)?;
+                }
+            }
+            self.file.set_len(backing_len(new))?;
+        } else {
+            let nf = new_final.expect("new > old >= 0, so the file has a block");
+            let detached = if old == 0 {
+                None
+            } else if block_count(old) - 1 == nf {
+                // Growing inside the final block: one rewrite, still final.
+                let old_len = block_plain_len(old, nf) as usize;
+                let mut rec = self.load_block(nf, old_len, true)?;
+                rec.truncate(NONCE_LEN + old_len);
+                rec.resize(block_plain_len(new, nf) as usize + RECORD_OVERHEAD as usize, 0);
+                self.cipher.seal(nf, true, &mut rec);
+                self.put(record_offset(nf), &rec)?;
+                *size = new;
+                return Ok(());
+            } else {
+                Some(self.grow_final_to_full(old)?)
+            };
+            let mut rec = vec![0u8; block_plain_len(new, nf) as usize + RECORD_OVERHEAD as usize];
+            self.cipher.seal(nf, true, &mut rec);
+            self.put(record_offset(nf), &rec)?;
+            if let Some((b, mut rec)) = detached {
+                self.cipher.seal(b, false, &mut rec);
+                self.put(record_offset(b), &rec)?;
+            }
+        }
+        *size = new;
+        Ok(())
+    }
+
+    /// Makes sure blocks up to `end` (plaintext) have backing space, for fallocate(2) mode 0.
+    pub fn allocate(&self, end: u64) -> FsResult<()> {
+        if end > self.size() {
+            self.truncate(end)?;
+        }
+        Ok(())
+    }
+
+    pub fn sync(&self, datasync: bool) -> FsResult<()> {
+        if datasync {
+            self.file.sync_data()?;
+        } else {
+            self.file.sync_all()?;
+        }
+        Ok(())
+    }
+
+    /// First step of growing a file past its final block `b`: that block becomes a full block
+    /// (zero-padded), still sealed as final, so the file is valid if we stop here. Returns the
+    /// full record, whose plaintext the caller reseals as non-final once the new final block
+    /// is on disk.
+    fn grow_final_to_full(&self, old: u64) -> FsResult<(u64, Vec<u8>)> {
+        let b = block_count(old) - 1;
+        let old_len = block_plain_len(old, b) as usize;
+        let mut rec = self.load_block(b, old_len, true)?;
+        if old_len < BLOCK_SIZE as usize {
+            rec.truncate(NONCE_LEN + old_len);
+            rec.resize((BLOCK_SIZE + RECORD_OVERHEAD) as usize, 0);
+            self.cipher.seal(b, true, &mut rec);
+            self.put(record_offset(b), &rec)?;
+        }
+        Ok((b, rec))
+    }
+
+    /// Reads and opens block `b` of `plain` bytes; returns the record with its plaintext in
+    /// the body (zeros for a hole).
+    fn load_block(&self, b: u64, plain: usize, is_final: bool) -> FsResult<Vec<u8>> {
+        let mut rec = vec![0u8; plain + RECORD_OVERHEAD as usize];
+        self.read_exact_at(&mut rec, record_offset(b))?;
+        self.open_record(b, is_final, &mut rec)?;
+        Ok(rec)
+    }
+
+    /// Opens one record in place. A non-final record of all zeros is a hole. A non-final
+    /// record sealed as final is accepted: it is the old final block of an extension that was
+    /// interrupted before its last step (this gives an attacker nothing that replaying an old
+    /// record would not). The final record must be sealed as final: that is what exposes a
+    /// file cut at a block boundary.
+    fn open_record(&self, b: u64, is_final: bool, rec: &mut [u8]) -> FsResult<()> {
+        let body = record_body(rec.len());
+        if !is_final && looks_like_hole(rec) {
+            rec[body].fill(0);
+            return Ok(());
+        }
+        if self.cipher.open(b, is_final, rec).is_ok() {
+            return Ok(());
+        }
+        if !is_final {
+            // The failed open may have left the buffer changed: read the record again.
+            self.read_exact_at(rec, record_offset(b))?;
+            if self.cipher.open(b, true, rec).is_ok() {
+                return Ok(());
+            }
+        }
+        log::error!(
+            "file {}: block {b} failed authentication (altered, truncated or torn); returning EIO",
+            self.cipher.file_id()
+        );
+        Err(FsError::Corrupt)
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], off: u64) -> FsResult<()> {
+        self.file.read_exact_at(buf, off).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                log::error!(
+                    "file {}: backing file is shorter than its records at offset {off}",
+                    self.cipher.file_id()
+                );
+                FsError::Corrupt
+            } else {
+                FsError::Io(e)
+            }
+        })
+    }
+
+    /// Writes sealed records at `off` after reserving their space, so a full disk fails the
+    /// whole write up front instead of leaving a torn record.
+    fn put(&self, off: u64, records: &[u8]) -> FsResult<()> {
+        debug_assert!(off >= HEADER_LEN);
+        sys::fallocate(
+            self.file.as_raw_fd(),
+            sys::FALLOC_KEEP_SIZE,
+            off,
+            records.len() as u64,
+        )?;
+        self.file.write_all_at(records, off)?;
+        Ok(())
+    }
+}
+
+/// Cheap test first (nonce and tag both zero, which a sealed record has with probability
+/// 2^-224), then the full scan.
+fn looks_like_hole(rec: &[u8]) -> bool {
+    let tag_start = rec.len() - crate::crypto::TAG_LEN;
+    is_hole(&rec[..NONCE_LEN]) && is_hole(&rec[tag_start..]) && is_hole(rec)
+}

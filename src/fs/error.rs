@@ -1,0 +1,86 @@
+//! The filesystem's error type and the one table that maps it to errno.
+
+use crate::kms::KmsError;
+use std::io;
+
+#[derive(Debug)]
+pub enum FsError {
+    /// A system call on the backing directory failed; its errno passes through.
+    Io(io::Error),
+    /// Content failed to authenticate or a header/length on disk is impossible. Already logged
+    /// with the file id and block index where it was found.
+    Corrupt,
+    /// The KMS refused or could not be reached.
+    Kms(KmsError),
+    /// A name the volume keeps for itself (config, lock file).
+    Reserved,
+    /// An inode or handle number the kernel sent that we do not know.
+    Stale,
+    BadHandle,
+    /// The handle was not opened for writing.
+    NotWritable,
+    Unsupported,
+    /// No such extended attribute.
+    NoAttribute,
+    InvalidArgument,
+    /// Past the largest file size the format allows.
+    TooBig,
+    /// The mount is locked: keys are gone.
+    Locked,
+}
+
+impl FsError {
+    /// The errno the kernel (and so the application) sees. Exhaustive on purpose: a new
+    /// variant must decide its errno here.
+    pub fn errno(&self) -> i32 {
+        match self {
+            FsError::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
+            FsError::Corrupt => libc::EIO,
+            FsError::Kms(k) => match k {
+                KmsError::Denied(_) => libc::EACCES,
+                KmsError::Unreachable(_) => libc::EIO,
+                KmsError::Corrupt(_) => libc::EIO,
+                KmsError::Misconfigured(_) => libc::EIO,
+            },
+            FsError::Reserved => libc::EPERM,
+            FsError::Stale => libc::ESTALE,
+            FsError::BadHandle => libc::EBADF,
+            FsError::NotWritable => libc::EBADF,
+            FsError::Unsupported => libc::EOPNOTSUPP,
+            FsError::NoAttribute => libc::ENODATA,
+            FsError::InvalidArgument => libc::EINVAL,
+            FsError::TooBig => libc::EFBIG,
+            FsError::Locked => libc::ENOKEY,
+        }
+    }
+}
+
+impl From<io::Error> for FsError {
+    fn from(e: io::Error) -> Self {
+        FsError::Io(e)
+    }
+}
+
+impl From<KmsError> for FsError {
+    fn from(e: KmsError) -> Self {
+        FsError::Kms(e)
+    }
+}
+
+pub type FsResult<T> = Result<T, FsError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errnos() {
+        assert_eq!(FsError::Corrupt.errno(), libc::EIO);
+        assert_eq!(FsError::Kms(KmsError::Denied("x".into())).errno(), libc::EACCES);
+        assert_eq!(
+            FsError::Io(io::Error::from_raw_os_error(libc::ENOSPC)).errno(),
+            libc::ENOSPC
+        );
+        assert_eq!(FsError::Locked.errno(), libc::ENOKEY);
+    }
+}

@@ -1,0 +1,16 @@
+//! kmsfs: a transparent encrypting FUSE filesystem whose keys live in a KMS.
+//!
+//! Layers, bottom up (each uses only those below it): `crypto` → `format` → `kms` → `fs` →
+//! `fuse`; `daemon` wires them together and `cli` parses commands. See docs/design.md.
+#![deny(unsafe_code)]
+
+pub mod cli;
+pub mod crypto;
+pub mod daemon;
+pub mod durable;
+pub mod format;
+pub mod fs;
+pub mod fuse;
+pub mod hex;
+pub mod kms;
+pub mod sys;
