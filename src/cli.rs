@@ -44,13 +44,8 @@ enum Cmd {
         #[arg(long)]
         lazy: bool,
     },
-    /// Manage keys in a local keystore.
-    Key {
-        #[command(subcommand)]
-        action: KeyAction,
-        #[command(flatten)]
-        store: StoreArg,
-    },
+    /// Manage keys in a local keystore: list, create, rotate, disable, enable.
+    Key(KeyArgs),
 }
 
 #[derive(Args)]
@@ -72,28 +67,30 @@ struct MountArgs {
 }
 
 #[derive(Args)]
-#[group(required = true, multiple = false)]
-struct StoreArg {
+struct KeyArgs {
+    action: KeyAction,
+    /// The key's name (all actions but `list`).
+    name: Option<String>,
     /// The keystore file.
-    #[arg(long, global = true)]
+    #[arg(long, conflicts_with = "volume")]
     keystore: Option<PathBuf>,
     /// A volume's backing directory: use the keystore its config names.
-    #[arg(long, global = true)]
+    #[arg(long)]
     volume: Option<PathBuf>,
 }
 
-#[derive(Subcommand)]
+#[derive(Clone, Copy, clap::ValueEnum)]
 enum KeyAction {
     /// List keys and their versions.
     List,
     /// Create a key (and the keystore if it does not exist).
-    Create { name: String },
+    Create,
     /// Add a new version to a key; new files use it, old versions still unwrap.
-    Rotate { name: String },
+    Rotate,
     /// Refuse every unwrap with this key (mounted volumes fail opens with EACCES).
-    Disable { name: String },
+    Disable,
     /// Allow a disabled key again.
-    Enable { name: String },
+    Enable,
 }
 
 pub fn run(cli: Cli) -> Result<(), Fatal> {
@@ -105,7 +102,7 @@ pub fn run(cli: Cli) -> Result<(), Fatal> {
         } => init(&backing, keystore, &key),
         Cmd::Mount(args) => mount(args),
         Cmd::Unmount { mountpoint, lazy } => daemon::unmount(&mountpoint, lazy),
-        Cmd::Key { action, store } => key(action, store),
+        Cmd::Key(args) => key(args),
     }
 }
 
@@ -288,8 +285,8 @@ fn mount_foreground(args: MountArgs) -> Result<(), Fatal> {
     })
 }
 
-fn key(action: KeyAction, store: StoreArg) -> Result<(), Fatal> {
-    let path = match (store.keystore, store.volume) {
+fn key(args: KeyArgs) -> Result<(), Fatal> {
+    let path = match (args.keystore, args.volume) {
         (Some(k), _) => absolute(&k)?,
         (None, Some(v)) => match daemon::load_config(&v)?.kms {
             KmsConfig::Local { keystore, .. } => keystore,
@@ -301,47 +298,43 @@ fn key(action: KeyAction, store: StoreArg) -> Result<(), Fatal> {
         s.save(&path)
             .map_err(|e| Fatal(format!("cannot write keystore {}: {e}", path.display())))
     };
-    match action {
-        KeyAction::List => {
-            let s = load()?;
-            for k in &s.keys {
-                let state = if k.enabled { "enabled" } else { "DISABLED" };
-                println!(
-                    "{}\t{state}\tcurrent version {}\t{} versions",
-                    k.name,
-                    k.current().version,
-                    k.versions.len()
-                );
-            }
+    if let KeyAction::List = args.action {
+        for k in &load()?.keys {
+            let state = if k.enabled { "enabled" } else { "DISABLED" };
+            println!(
+                "{}\t{state}\tcurrent version {}\t{} versions",
+                k.name,
+                k.current().version,
+                k.versions.len()
+            );
         }
-        KeyAction::Create { name } => {
-            let mut s = if path.exists() {
-                load()?
-            } else {
-                Keystore::default()
-            };
-            s.create_key(&name).map_err(Fatal)?;
-            save(&s)?;
-            println!("created key {name:?} in {}", path.display());
-        }
-        KeyAction::Rotate { name } => {
-            let mut s = load()?;
-            let v = s.rotate(&name).map_err(Fatal)?;
-            save(&s)?;
-            println!("key {name:?} now at version {v}; new files use it, existing files keep opening");
-        }
-        KeyAction::Disable { name } => {
-            let mut s = load()?;
-            s.set_enabled(&name, false).map_err(Fatal)?;
-            save(&s)?;
-            println!("key {name:?} disabled: files it wraps no longer open");
-        }
-        KeyAction::Enable { name } => {
-            let mut s = load()?;
-            s.set_enabled(&name, true).map_err(Fatal)?;
-            save(&s)?;
-            println!("key {name:?} enabled");
-        }
+        return Ok(());
     }
+    let name = args.name.ok_or_else(|| Fatal("name the key: `kmsfs key ACTION NAME`".into()))?;
+    let mut s = match args.action {
+        KeyAction::Create if !path.exists() => Keystore::default(),
+        _ => load()?,
+    };
+    let message = match args.action {
+        KeyAction::List => unreachable!("handled above"),
+        KeyAction::Create => {
+            s.create_key(&name).map_err(Fatal)?;
+            format!("created key {name:?} in {}", path.display())
+        }
+        KeyAction::Rotate => {
+            let v = s.rotate(&name).map_err(Fatal)?;
+            format!("key {name:?} now at version {v}; new files use it, existing files keep opening")
+        }
+        KeyAction::Disable => {
+            s.set_enabled(&name, false).map_err(Fatal)?;
+            format!("key {name:?} disabled: files it wraps no longer open")
+        }
+        KeyAction::Enable => {
+            s.set_enabled(&name, true).map_err(Fatal)?;
+            format!("key {name:?} enabled")
+        }
+    };
+    save(&s)?;
+    println!("{message}");
     Ok(())
 }

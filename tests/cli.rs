@@ -1,0 +1,127 @@
+//! The command line: clear one-line errors for each way a mount can be set up wrong.
+
+mod common;
+
+use common::*;
+use std::os::unix::fs::PermissionsExt;
+
+fn one_line(err: &str) -> &str {
+    let err = err.trim_end();
+    assert_eq!(err.lines().count(), 1, "expected one line, got: {err}");
+    err
+}
+
+#[test]
+fn a_second_daemon_on_the_same_backing_is_refused() {
+    let v = Volume::mounted();
+    let other = v.dir.path().join("mnt2");
+    std::fs::create_dir(&other).unwrap();
+    let err = run_err(&["mount", v.backing.to_str().unwrap(), other.to_str().unwrap()]);
+    assert!(one_line(&err).contains("already mounted by another kmsfs daemon"), "{err}");
+}
+
+#[test]
+fn mounting_over_a_busy_or_missing_mountpoint_is_refused() {
+    let v = Volume::mounted();
+    let err = run_err(&["mount", v.backing.to_str().unwrap(), v.mnt.to_str().unwrap()]);
+    assert!(one_line(&err).contains("busy"), "{err}");
+    let fresh = Volume::new();
+    let missing = fresh.dir.path().join("nope");
+    let err = run_err(&["mount", fresh.backing.to_str().unwrap(), missing.to_str().unwrap()]);
+    assert!(one_line(&err).contains("does not exist"), "{err}");
+}
+
+#[test]
+fn an_uninitialised_backing_directory_says_to_run_init() {
+    let d = tempfile::tempdir().unwrap();
+    let mnt = d.path().join("m");
+    std::fs::create_dir(&mnt).unwrap();
+    let err = run_err(&["mount", d.path().to_str().unwrap(), mnt.to_str().unwrap()]);
+    assert!(one_line(&err).contains("kmsfs init"), "{err}");
+}
+
+#[test]
+fn a_keystore_others_can_read_is_refused_with_the_fix() {
+    let v = Volume::new();
+    std::fs::set_permissions(&v.keystore, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let args = v.mount_args(&[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let err = run_err(&args);
+    assert!(one_line(&err).contains("chmod 600"), "{err}");
+}
+
+#[test]
+fn a_missing_keystore_is_a_clear_error() {
+    let v = Volume::new();
+    std::fs::rename(&v.keystore, v.dir.path().join("moved")).unwrap();
+    let args = v.mount_args(&[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let err = run_err(&args);
+    assert!(one_line(&err).contains("not found"), "{err}");
+}
+
+#[test]
+fn a_disabled_key_refuses_the_mount() {
+    let v = Volume::new();
+    v.key("disable");
+    let args = v.mount_args(&[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let err = run_err(&args);
+    assert!(one_line(&err).contains("disabled"), "{err}");
+}
+
+#[test]
+fn a_wrong_keystore_fails_opens_not_with_garbage() {
+    let mut v = Volume::mounted();
+    std::fs::write(v.m("f"), b"data").unwrap();
+    v.unmount();
+    // Replace the keystore with a new one that has a key of the same name.
+    std::fs::remove_file(&v.keystore).unwrap();
+    run_ok(&["key", "create", "default", "--keystore", v.keystore.to_str().unwrap()]);
+    v.mount(&[]);
+    let err = std::fs::read(v.m("f")).unwrap_err();
+    assert_eq!(errno_of(&err), libc::EIO);
+    assert!(v.log_text().contains("cannot unwrap its key"), "{}", v.log_text());
+}
+
+#[test]
+fn init_refuses_non_empty_directories_and_keystores_inside_the_backing() {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join("x"), b"").unwrap();
+    let err = run_err(&["init", d.path().to_str().unwrap()]);
+    assert!(one_line(&err).contains("not empty"), "{err}");
+    let b = d.path().join("b");
+    let ks = b.join("inside.keystore");
+    let err = run_err(&["init", b.to_str().unwrap(), "--keystore", ks.to_str().unwrap()]);
+    assert!(one_line(&err).contains("must not live inside"), "{err}");
+}
+
+#[test]
+fn unknown_mount_options_are_refused() {
+    let v = Volume::new();
+    let args = v.mount_args(&["frobnicate"]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let err = run_err(&args);
+    assert!(one_line(&err).contains("unknown mount option"), "{err}");
+}
+
+#[test]
+fn key_commands_manage_the_keystore() {
+    let v = Volume::new();
+    v.key("rotate");
+    let out = run_ok(&["key", "list", "--volume", v.backing.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("default\tenabled\tcurrent version 2"), "{text}");
+    let mode = std::fs::metadata(&v.keystore).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+}
+
+#[test]
+fn a_read_only_mount_refuses_writes() {
+    let mut v = Volume::mounted();
+    std::fs::write(v.m("f"), b"data").unwrap();
+    v.unmount();
+    v.mount(&["ro"]);
+    assert_eq!(std::fs::read(v.m("f")).unwrap(), b"data");
+    assert_eq!(errno_of(&std::fs::write(v.m("f"), b"x").unwrap_err()), libc::EROFS);
+}
