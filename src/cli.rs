@@ -310,7 +310,9 @@ fn key(args: KeyArgs) -> Result<(), Fatal> {
         }
         return Ok(());
     }
-    let name = args.name.ok_or_else(|| Fatal("name the key: `kmsfs key ACTION NAME`".into()))?;
+    let name = args
+        .name
+        .ok_or_else(|| Fatal("name the key: `kmsfs key ACTION NAME`".into()))?;
     let mut s = match args.action {
         KeyAction::Create if !path.exists() => Keystore::default(),
         _ => load()?,

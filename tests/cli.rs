@@ -17,7 +17,10 @@ fn a_second_daemon_on_the_same_backing_is_refused() {
     let other = v.dir.path().join("mnt2");
     std::fs::create_dir(&other).unwrap();
     let err = run_err(&["mount", v.backing.to_str().unwrap(), other.to_str().unwrap()]);
-    assert!(one_line(&err).contains("already mounted by another kmsfs daemon"), "{err}");
+    assert!(
+        one_line(&err).contains("already mounted by another kmsfs daemon"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -27,7 +30,11 @@ fn mounting_over_a_busy_or_missing_mountpoint_is_refused() {
     assert!(one_line(&err).contains("busy"), "{err}");
     let fresh = Volume::new();
     let missing = fresh.dir.path().join("nope");
-    let err = run_err(&["mount", fresh.backing.to_str().unwrap(), missing.to_str().unwrap()]);
+    let err = run_err(&[
+        "mount",
+        fresh.backing.to_str().unwrap(),
+        missing.to_str().unwrap(),
+    ]);
     assert!(one_line(&err).contains("does not exist"), "{err}");
 }
 
@@ -77,7 +84,13 @@ fn a_wrong_keystore_fails_opens_not_with_garbage() {
     v.unmount();
     // Replace the keystore with a new one that has a key of the same name.
     std::fs::remove_file(&v.keystore).unwrap();
-    run_ok(&["key", "create", "default", "--keystore", v.keystore.to_str().unwrap()]);
+    run_ok(&[
+        "key",
+        "create",
+        "default",
+        "--keystore",
+        v.keystore.to_str().unwrap(),
+    ]);
     v.mount(&[]);
     let err = std::fs::read(v.m("f")).unwrap_err();
     assert_eq!(errno_of(&err), libc::EIO);
@@ -123,5 +136,8 @@ fn a_read_only_mount_refuses_writes() {
     v.unmount();
     v.mount(&["ro"]);
     assert_eq!(std::fs::read(v.m("f")).unwrap(), b"data");
-    assert_eq!(errno_of(&std::fs::write(v.m("f"), b"x").unwrap_err()), libc::EROFS);
+    assert_eq!(
+        errno_of(&std::fs::write(v.m("f"), b"x").unwrap_err()),
+        libc::EROFS
+    );
 }

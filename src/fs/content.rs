@@ -430,14 +430,19 @@ mod tests {
         let id = FileId::generate();
         let (tmp, c) = fresh(&dek, id);
         c.truncate(5 * BLOCK_SIZE + 7).unwrap();
-        assert_eq!(c.read(0, 3 * BLOCK_SIZE as u32).unwrap(), vec![0u8; 3 * BLOCK_SIZE as usize]);
+        assert_eq!(
+            c.read(0, 3 * BLOCK_SIZE as u32).unwrap(),
+            vec![0u8; 3 * BLOCK_SIZE as usize]
+        );
         // Blocks 0..5 are holes: the backing file is sparse there.
         let mut rec = vec![0u8; 64];
         tmp.as_file().read_exact_at(&mut rec, record_offset(1)).unwrap();
         assert!(is_hole(&rec));
         // Zeroing the final record is not a hole: it is damage.
         let fin = record_offset(5);
-        tmp.as_file().write_all_at(&[0u8; 7 + RECORD_OVERHEAD as usize], fin).unwrap();
+        tmp.as_file()
+            .write_all_at(&[0u8; 7 + RECORD_OVERHEAD as usize], fin)
+            .unwrap();
         let c = reopen(&tmp, &dek, id);
         assert!(matches!(c.read(5 * BLOCK_SIZE, 7), Err(FsError::Corrupt)));
     }

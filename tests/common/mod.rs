@@ -111,14 +111,22 @@ impl Volume {
     }
 
     pub fn key(&self, action: &str) {
-        run_ok(&["key", action, "default", "--keystore", self.keystore.to_str().unwrap()]);
+        run_ok(&[
+            "key",
+            action,
+            "default",
+            "--keystore",
+            self.keystore.to_str().unwrap(),
+        ]);
     }
 }
 
 impl Drop for Volume {
     fn drop(&mut self) {
         if self.mounted {
-            let _ = kmsfs().args(["unmount", "--lazy", self.mnt.to_str().unwrap()]).output();
+            let _ = kmsfs()
+                .args(["unmount", "--lazy", self.mnt.to_str().unwrap()])
+                .output();
         }
     }
 }
@@ -141,7 +149,11 @@ pub fn tree_contains(dir: &Path, needle: &[u8]) -> bool {
     for e in std::fs::read_dir(dir).unwrap() {
         let e = e.unwrap();
         let p = e.path();
-        if e.file_name().as_encoded_bytes().windows(needle.len()).any(|w| w == needle) {
+        if e.file_name()
+            .as_encoded_bytes()
+            .windows(needle.len())
+            .any(|w| w == needle)
+        {
             return true;
         }
         let ft = e.file_type().unwrap();
