@@ -189,7 +189,7 @@ impl Fs {
             }
             result?;
         }
-        if (set.atime.is_some() || set.mtime.is_some()) && inode.kind != Kind::Symlink {
+        if set.atime.is_some() || set.mtime.is_some() {
             sys::utimens_fd(inode.fd(), set.atime, set.mtime)?;
         }
         self.attr_of(&inode)

@@ -177,10 +177,21 @@ fn timespec(t: TimeSpec) -> libc::timespec {
     }
 }
 
-/// utimensat of the object an O_PATH descriptor refers to.
+/// utimensat of the object an O_PATH descriptor refers to. A symlink's own times are set
+/// (AT_EMPTY_PATH on the descriptor), not its target's.
 pub fn utimens_fd(fd: BorrowedFd<'_>, atime: TimeSpec, mtime: TimeSpec) -> io::Result<()> {
-    let p = proc_fd_path(fd);
     let ts = [timespec(atime), timespec(mtime)];
+    // SAFETY: the empty path with AT_EMPTY_PATH names `fd` itself; `ts` holds two timespecs.
+    let r = unsafe { libc::utimensat(fd.as_raw_fd(), EMPTY.as_ptr(), ts.as_ptr(), libc::AT_EMPTY_PATH) };
+    if r == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() != Some(libc::EINVAL) {
+        return Err(err);
+    }
+    // Older kernels refuse AT_EMPTY_PATH here: go through /proc (follows to the object).
+    let p = proc_fd_path(fd);
     // SAFETY: `p` is NUL-terminated and `ts` holds the two timespecs utimensat reads.
     check(unsafe { libc::utimensat(libc::AT_FDCWD, p.as_ptr(), ts.as_ptr(), 0) }).map(drop)
 }
