@@ -476,3 +476,93 @@ fn data_survives_key_rotation() {
     assert_eq!(std::fs::read(v.m("old")).unwrap(), b"before rotation");
     assert_eq!(std::fs::read(v.m("new")).unwrap(), b"after rotation");
 }
+
+#[test]
+fn a_full_disk_fails_the_write_and_loses_nothing() {
+    // A 3 MiB tmpfs as the backing filesystem.
+    let dir = tempfile::tempdir().unwrap();
+    let small = dir.path().join("small");
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir_all(&small).unwrap();
+    std::fs::create_dir_all(&mnt).unwrap();
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=3m", "tmpfs"])
+        .arg(&small)
+        .status()
+        .unwrap();
+    assert!(st.success(), "cannot mount a tmpfs");
+    struct Umount(std::path::PathBuf);
+    impl Drop for Umount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _tmpfs = Umount(small.clone());
+    let backing = small.join("vol");
+    let keystore = dir.path().join("ks");
+    run_ok(&[
+        "init",
+        backing.to_str().unwrap(),
+        "--keystore",
+        keystore.to_str().unwrap(),
+    ]);
+    let log = dir.path().join("log");
+    run_ok(&[
+        "mount",
+        backing.to_str().unwrap(),
+        mnt.to_str().unwrap(),
+        "--log-file",
+        log.to_str().unwrap(),
+    ]);
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = kmsfs()
+                .args(["unmount", "--lazy", self.0.to_str().unwrap()])
+                .output();
+        }
+    }
+    let _m = Unmount(mnt.clone());
+
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(mnt.join("big"))
+        .unwrap();
+    let chunk = pseudo_random(100_000, 5); // not block aligned: the last block is partial
+    let mut written = 0u64;
+    let err = loop {
+        match f.write_all_at(&chunk, written) {
+            Ok(()) => written += chunk.len() as u64,
+            Err(e) => break e,
+        }
+        assert!(written < 10 << 20, "the 3 MiB filesystem never filled up");
+    };
+    assert_eq!(errno_of(&err), libc::ENOSPC, "{err}");
+    assert!(written > 1 << 20);
+    // Everything acknowledged reads back, and nothing past it appeared.
+    let len = f.metadata().unwrap().len();
+    assert!(
+        len >= written && len < written + chunk.len() as u64,
+        "size {len}, acknowledged {written}"
+    );
+    drop(f);
+    let data = std::fs::read(mnt.join("big")).unwrap();
+    for (i, c) in data[..written as usize].chunks(chunk.len()).enumerate() {
+        assert!(c == &chunk[..c.len()], "chunk {i} damaged");
+    }
+    // Freeing space makes writes work again.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(mnt.join("big"))
+        .unwrap()
+        .set_len(written / 2)
+        .unwrap();
+    std::fs::write(mnt.join("after"), b"room again").unwrap();
+    assert_eq!(std::fs::read(mnt.join("after")).unwrap(), b"room again");
+}

@@ -100,17 +100,41 @@ impl ContentFile {
             .filter(|&e| e <= MAX_FILE_SIZE)
             .ok_or(FsError::TooBig)?;
         let mut size = self.size.write().unwrap_or_else(|p| p.into_inner());
-        let old = *size;
+        let result = self.write_locked(*size, off, end, data);
+        *size = self.settle(*size, &result, end.max(*size));
+        result.map(|()| data.len())
+    }
+
+    /// After a write or truncate: the new size on success; on failure, the size the backing
+    /// file now has (a failed step may have come after a successful one).
+    fn settle(&self, old: u64, result: &FsResult<()>, new: u64) -> u64 {
+        match result {
+            Ok(()) => new,
+            Err(_) => match self.file.metadata() {
+                Ok(m) => plaintext_size(m.len()).unwrap_or(old),
+                Err(_) => old,
+            },
+        }
+    }
+
+    fn write_locked(&self, old: u64, off: u64, end: u64, data: &[u8]) -> FsResult<()> {
         let new = old.max(end);
         let (first, last) = (block_of(off), block_of(end - 1));
         let new_final = block_count(new) - 1;
         let old_blocks = block_count(old);
+        let detached_block = (old > 0 && old_blocks - 1 < first).then(|| old_blocks - 1);
 
+        // Reserve every byte this write will put on disk before changing anything, so a full
+        // disk fails it whole.
+        let stop = record_offset(last) + block_plain_len(new, last) + RECORD_OVERHEAD;
+        self.reserve(record_offset(first), stop - record_offset(first))?;
+        if let Some(b) = detached_block {
+            self.reserve(record_offset(b), BLOCK_SIZE + RECORD_OVERHEAD)?;
+        }
         // The old final block lies wholly before this write: it must stop being final.
-        let detached = if old > 0 && old_blocks - 1 < first {
-            Some(self.grow_final_to_full(old)?)
-        } else {
-            None
+        let detached = match detached_block {
+            Some(_) => Some(self.grow_final_to_full(old)?),
+            None => None,
         };
 
         let mut buf = Vec::with_capacity(((last - first + 1) * (BLOCK_SIZE + RECORD_OVERHEAD)) as usize);
@@ -138,8 +162,7 @@ impl ContentFile {
             self.cipher.seal(b, false, &mut rec);
             self.put(record_offset(b), &rec)?;
         }
-        *size = new;
-        Ok(data.len())
+        Ok(())
     }
 
     /// Sets the plaintext size, rewriting the block that becomes final.
@@ -151,53 +174,58 @@ impl ContentFile {
             return Err(FsError::NotWritable);
         }
         let mut size = self.size.write().unwrap_or_else(|p| p.into_inner());
-        let old = *size;
-        if new == old {
+        if new == *size {
             return Ok(());
         }
-        let new_final = block_count(new).checked_sub(1);
+        let result = self.truncate_locked(*size, new);
+        *size = self.settle(*size, &result, new);
+        result
+    }
+
+    fn truncate_locked(&self, old: u64, new: u64) -> FsResult<()> {
+        let Some(nf) = block_count(new).checked_sub(1) else {
+            self.file.set_len(HEADER_LEN)?;
+            return Ok(());
+        };
+        let new_len = block_plain_len(new, nf) as usize;
+        let old_final = block_count(old).checked_sub(1);
+        self.reserve(record_offset(nf), new_len as u64 + RECORD_OVERHEAD)?;
         if new < old {
-            if let Some(nf) = new_final {
-                let old_final = block_count(old) - 1;
-                let (old_len, new_len) = (
-                    block_plain_len(old, nf) as usize,
-                    block_plain_len(new, nf) as usize,
-                );
-                if old_len != new_len || nf != old_final {
-                    let mut rec = self.load_block(nf, old_len, nf == old_final)?;
-                    rec.truncate(NONCE_LEN + new_len);
-                    rec.resize(new_len + RECORD_OVERHEAD as usize, 0);
-                    self.cipher.seal(nf, true, &mut rec);
-                    self.put(record_offset(nf), &rec)?;
-                }
+            let old_final = old_final.expect("old > new > 0");
+            let old_len = block_plain_len(old, nf) as usize;
+            if old_len != new_len || nf != old_final {
+                let mut rec = self.load_block(nf, old_len, nf == old_final)?;
+                rec.truncate(NONCE_LEN + new_len);
+                rec.resize(new_len + RECORD_OVERHEAD as usize, 0);
+                self.cipher.seal(nf, true, &mut rec);
+                self.put(record_offset(nf), &rec)?;
             }
             self.file.set_len(backing_len(new))?;
-        } else {
-            let nf = new_final.expect("new > old >= 0, so the file has a block");
-            let detached = if old == 0 {
-                None
-            } else if block_count(old) - 1 == nf {
+            return Ok(());
+        }
+        let detached = match old_final {
+            None => None,
+            Some(of) if of == nf => {
                 // Growing inside the final block: one rewrite, still final.
                 let old_len = block_plain_len(old, nf) as usize;
                 let mut rec = self.load_block(nf, old_len, true)?;
                 rec.truncate(NONCE_LEN + old_len);
-                rec.resize(block_plain_len(new, nf) as usize + RECORD_OVERHEAD as usize, 0);
+                rec.resize(new_len + RECORD_OVERHEAD as usize, 0);
                 self.cipher.seal(nf, true, &mut rec);
-                self.put(record_offset(nf), &rec)?;
-                *size = new;
-                return Ok(());
-            } else {
-                Some(self.grow_final_to_full(old)?)
-            };
-            let mut rec = vec![0u8; block_plain_len(new, nf) as usize + RECORD_OVERHEAD as usize];
-            self.cipher.seal(nf, true, &mut rec);
-            self.put(record_offset(nf), &rec)?;
-            if let Some((b, mut rec)) = detached {
-                self.cipher.seal(b, false, &mut rec);
-                self.put(record_offset(b), &rec)?;
+                return self.put(record_offset(nf), &rec);
             }
+            Some(of) => {
+                self.reserve(record_offset(of), BLOCK_SIZE + RECORD_OVERHEAD)?;
+                Some(self.grow_final_to_full(old)?)
+            }
+        };
+        let mut rec = vec![0u8; new_len + RECORD_OVERHEAD as usize];
+        self.cipher.seal(nf, true, &mut rec);
+        self.put(record_offset(nf), &rec)?;
+        if let Some((b, mut rec)) = detached {
+            self.cipher.seal(b, false, &mut rec);
+            self.put(record_offset(b), &rec)?;
         }
-        *size = new;
         Ok(())
     }
 
@@ -287,16 +315,17 @@ impl ContentFile {
         })
     }
 
-    /// Writes sealed records at `off` after reserving their space, so a full disk fails the
-    /// whole write up front instead of leaving a torn record.
+    /// Allocates backing space for `len` bytes at `off` without changing the file size, so
+    /// that a full disk fails before a record is touched (not supported everywhere: then
+    /// the write itself reports ENOSPC).
+    fn reserve(&self, off: u64, len: u64) -> FsResult<()> {
+        sys::fallocate(self.file.as_raw_fd(), sys::FALLOC_KEEP_SIZE, off, len)?;
+        Ok(())
+    }
+
+    /// Writes sealed records at `off` (space already reserved).
     fn put(&self, off: u64, records: &[u8]) -> FsResult<()> {
         debug_assert!(off >= HEADER_LEN);
-        sys::fallocate(
-            self.file.as_raw_fd(),
-            sys::FALLOC_KEEP_SIZE,
-            off,
-            records.len() as u64,
-        )?;
         self.file.write_all_at(records, off)?;
         Ok(())
     }
