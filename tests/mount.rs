@@ -566,3 +566,17 @@ fn a_full_disk_fails_the_write_and_loses_nothing() {
     std::fs::write(mnt.join("after"), b"room again").unwrap();
     assert_eq!(std::fs::read(mnt.join("after")).unwrap(), b"room again");
 }
+
+#[test]
+fn the_kernel_sends_one_mebibyte_requests() {
+    let mut v = Volume::new();
+    v.mount_with_env(&[], &[("KMSFS_LOG", "info,kmsfs::fuse=trace")]);
+    let data = pseudo_random(4 << 20, 11);
+    let mut f = File::create(v.m("big")).unwrap();
+    f.write_all(&data).unwrap();
+    drop(f);
+    v.unmount();
+    let log = v.log_text();
+    let big_writes = log.matches("write 1048576 bytes").count();
+    assert_eq!(big_writes, 4, "expected four 1 MiB write requests; log:\n{log}");
+}

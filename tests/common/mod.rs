@@ -80,9 +80,21 @@ impl Volume {
     }
 
     pub fn mount(&mut self, options: &[&str]) {
-        let args = self.mount_args(options);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        run_ok(&args);
+        self.mount_with_env(options, &[]);
+    }
+
+    /// Mounts with extra environment for the daemon (e.g. a log level).
+    pub fn mount_with_env(&mut self, options: &[&str], env: &[(&str, &str)]) {
+        let out = kmsfs()
+            .args(self.mount_args(options))
+            .envs(env.iter().copied())
+            .output()
+            .expect("run kmsfs mount");
+        assert!(
+            out.status.success(),
+            "mount failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         self.mounted = true;
     }
 
