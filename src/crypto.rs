@@ -51,8 +51,13 @@ impl SecretKey {
 
     /// Copies key bytes from a slice; `None` unless it is exactly [`KEY_LEN`] long.
     pub fn from_slice(bytes: &[u8]) -> Option<Self> {
-        let arr: [u8; KEY_LEN] = bytes.try_into().ok()?;
-        Some(SecretKey(arr))
+        if bytes.len() != KEY_LEN {
+            return None;
+        }
+        // Copied straight into the wiping type: no stray copy of the key on the stack.
+        let mut k = SecretKey([0u8; KEY_LEN]);
+        k.0.copy_from_slice(bytes);
+        Some(k)
     }
 
     /// The raw key bytes, for wrapping and for the keystore file only.

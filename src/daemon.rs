@@ -1,7 +1,7 @@
 //! The composition root: volume config → KMS → filesystem core → FUSE session. The only module
 //! that knows every layer.
 
-use crate::format::config::{CONFIG_FILE_NAME, KmsConfig, LOCK_FILE_NAME, VolumeConfig};
+use crate::format::config::{CONFIG_FILE_NAME, KmsConfig, LOCK_FILE_NAME, MAX_CONFIG_LEN, VolumeConfig};
 use crate::fs::{Fs, Options};
 use crate::fuse::FuseAdapter;
 use crate::kms::local::LocalKms;
@@ -33,7 +33,7 @@ macro_rules! fatal {
 /// Reads and validates the volume config of a backing directory.
 pub fn load_config(backing: &Path) -> Result<VolumeConfig, Fatal> {
     let path = backing.join(CONFIG_FILE_NAME);
-    let bytes = match std::fs::read(&path) {
+    let bytes = match crate::durable::read_bounded(&path, MAX_CONFIG_LEN as u64) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             if !backing.is_dir() {
@@ -54,6 +54,34 @@ pub fn load_config(backing: &Path) -> Result<VolumeConfig, Fatal> {
 pub fn kms_for(config: &VolumeConfig) -> Kms {
     match &config.kms {
         KmsConfig::Local { keystore, key } => Kms::Local(LocalKms::new(keystore.clone(), key.clone())),
+    }
+}
+
+/// The volume config is stored with the data, so whoever can write the backing directory can
+/// edit it. It must not be able to send new keys somewhere the attacker controls: a local
+/// keystore must live outside the backing directory and belong to the user running kmsfs.
+fn check_kms_location(config: &VolumeConfig, backing: &Path) -> Result<(), Fatal> {
+    match &config.kms {
+        KmsConfig::Local { keystore, .. } => {
+            let real = std::fs::canonicalize(keystore).unwrap_or_else(|_| keystore.clone());
+            if real.starts_with(backing) {
+                return Err(fatal!(
+                    "the volume config points at a keystore inside the backing directory ({}); refusing: \
+                     whoever can write the backing directory could supply their own keys",
+                    keystore.display()
+                ));
+            }
+            if let Ok(meta) = std::fs::metadata(&real)
+                && meta.uid() != sys::geteuid()
+            {
+                return Err(fatal!(
+                    "keystore {} is owned by uid {}, not by the user running kmsfs; refusing it",
+                    keystore.display(),
+                    meta.uid()
+                ));
+            }
+            Ok(())
+        }
     }
 }
 
@@ -207,6 +235,7 @@ pub fn run_mount(req: MountRequest) -> Result<(), Fatal> {
         ));
     }
     let _lock = take_lock(&backing)?;
+    check_kms_location(&config, &backing)?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -36,6 +36,34 @@ pub fn atomic_write(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()>
     result
 }
 
+/// Reads a small regular file whole, refusing anything that is not a regular file or is
+/// longer than `max` bytes. Opened once and checked on the open descriptor, so a file swapped
+/// or grown between a check and the read cannot make us read more.
+pub fn read_bounded(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let f = OpenOptions::new()
+        .read(true)
+        // A FIFO would block the open; we refuse non-regular files below anyway.
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let meta = f.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "not a regular file",
+        ));
+    }
+    let mut buf = Vec::with_capacity(meta.len().min(max) as usize);
+    f.take(max + 1).read_to_end(&mut buf)?;
+    if buf.len() as u64 > max {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("larger than {max} bytes"),
+        ));
+    }
+    Ok(buf)
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::PermissionsExt;
@@ -49,5 +77,16 @@ mod tests {
         assert_eq!(std::fs::read(&p).unwrap(), b"two");
         assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
         assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn bounded_reads_refuse_large_and_special_files() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("f");
+        std::fs::write(&p, b"12345").unwrap();
+        assert_eq!(super::read_bounded(&p, 5).unwrap(), b"12345");
+        assert!(super::read_bounded(&p, 4).is_err());
+        assert!(super::read_bounded(std::path::Path::new("/dev/zero"), 4).is_err());
+        assert!(super::read_bounded(d.path(), 4).is_err());
     }
 }

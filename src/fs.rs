@@ -124,7 +124,7 @@ impl Fs {
 
     fn check_writable(&self) -> FsResult<()> {
         if self.options.read_only {
-            Err(FsError::Io(std::io::Error::from_raw_os_error(libc::EROFS)))
+            Err(FsError::ReadOnly)
         } else {
             Ok(())
         }
@@ -176,12 +176,12 @@ impl Fs {
             if inode.kind != Kind::File {
                 return Err(FsError::InvalidArgument);
             }
-            let content = match fh.map(|fh| self.handle(fh)) {
-                Some(Ok(h)) => match &*h {
+            let content = match fh {
+                Some(fh) => match &*self.handle(fh)? {
                     Handle::File { content, .. } => content.clone(),
                     Handle::Dir { .. } => return Err(FsError::BadHandle),
                 },
-                _ => self.open_content(&inode)?,
+                None => self.open_content(&inode)?,
             };
             let result = content.truncate(size);
             if fh.is_none() {
@@ -317,11 +317,15 @@ impl Fs {
         };
         let attr = self.finish_create(&dir, name, caller)?;
         let inode = self.inodes.get(attr.ino)?;
-        {
+        let content = {
             let mut open = inode.open.lock().unwrap_or_else(|p| p.into_inner());
-            open.content = Some(content.clone());
+            // A fresh file has no content open, unless another create raced us to it (the
+            // kernel serialises creates in one directory, so this is belt and braces).
+            let content = open.content().unwrap_or(content);
+            open.set_content(Some(content.clone()));
             open.handles += 1;
-        }
+            content
+        };
         let write = flags & libc::O_ACCMODE != libc::O_RDONLY;
         let fh = self.add_handle(Handle::File {
             inode,
@@ -356,8 +360,7 @@ impl Fs {
             return Err(FsError::InvalidArgument);
         }
         let mut open = inode.open.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = &open.content {
-            let c = c.clone();
+        if let Some(c) = open.content() {
             open.handles += 1;
             return Ok(c);
         }
@@ -393,7 +396,7 @@ impl Fs {
             ContentCipher::new(&dek, h.file_id),
             writable,
         )?);
-        open.content = Some(content.clone());
+        open.set_content(Some(content.clone()));
         open.handles += 1;
         Ok(content)
     }
@@ -403,7 +406,7 @@ impl Fs {
         let mut open = inode.open.lock().unwrap_or_else(|p| p.into_inner());
         open.handles = open.handles.saturating_sub(1);
         if open.handles == 0 {
-            open.content = None;
+            open.set_content(None);
         }
     }
 
@@ -456,8 +459,7 @@ impl Fs {
         if !write {
             return Err(FsError::NotWritable);
         }
-        let end = offset.checked_add(length).ok_or(FsError::TooBig)?;
-        content.allocate(end)
+        content.allocate(offset, length)
     }
 
     pub fn release(&self, fh: u64) {

@@ -141,3 +141,24 @@ fn a_read_only_mount_refuses_writes() {
         libc::EROFS
     );
 }
+
+#[test]
+fn a_config_pointing_at_a_keystore_inside_the_backing_is_refused() {
+    let v = Volume::new();
+    // An attacker with write access to the backing directory plants a keystore and edits the
+    // config to use it.
+    let planted = v.backing.join("planted.keystore");
+    std::fs::copy(&v.keystore, &planted).unwrap();
+    std::fs::set_permissions(&planted, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let cfg = v.backing.join("kmsfs.json");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace(v.keystore.to_str().unwrap(), planted.to_str().unwrap()),
+    )
+    .unwrap();
+    let args = v.mount_args(&[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let err = run_err(&args);
+    assert!(one_line(&err).contains("inside the backing directory"), "{err}");
+}

@@ -7,8 +7,8 @@
 use super::error::{FsError, FsResult};
 use crate::crypto::NONCE_LEN;
 use crate::format::block::{
-    BLOCK_SIZE, ContentCipher, RECORD_OVERHEAD, backing_len, block_count, block_of, block_plain_len, is_hole,
-    plaintext_size, record_body, record_offset,
+    BLOCK_SIZE, ContentCipher, RECORD_LEN, RECORD_OVERHEAD, SizeError, backing_len, block_count, block_of,
+    block_plain_len, is_hole, plaintext_size, record_body, record_offset,
 };
 use crate::format::header::HEADER_LEN;
 use crate::sys;
@@ -35,13 +35,27 @@ impl ContentFile {
     /// Wraps a backing descriptor whose header has been read and whose key has been unwrapped.
     pub fn new(file: File, cipher: ContentCipher, writable: bool) -> FsResult<Self> {
         let len = file.metadata()?.len();
-        let size = plaintext_size(len).map_err(|e| {
-            log::error!(
-                "file {}: backing length {len} is impossible ({e:?})",
-                cipher.file_id()
-            );
-            FsError::Corrupt
-        })?;
+        let size = match plaintext_size(len) {
+            Ok(size) => size,
+            Err(SizeError::TornRecord) => {
+                // A crash tore the record being appended: keep the intact records. A writable
+                // open cuts the torn bytes off so the file is valid again.
+                let size = (len - HEADER_LEN) / RECORD_LEN * BLOCK_SIZE;
+                log::warn!(
+                    "file {}: ignoring a torn record at the end ({} bytes)",
+                    cipher.file_id(),
+                    len - backing_len(size)
+                );
+                if writable {
+                    file.set_len(backing_len(size))?;
+                }
+                size
+            }
+            Err(SizeError::NoHeader) => {
+                log::error!("file {}: backing file shorter than its header", cipher.file_id());
+                return Err(FsError::Corrupt);
+            }
+        };
         Ok(ContentFile {
             file,
             cipher,
@@ -93,50 +107,57 @@ impl ContentFile {
             return Ok(0);
         }
         if !self.writable {
-            return Err(FsError::NotWritable);
+            return Err(FsError::ReadOnly);
         }
         let end = off
             .checked_add(data.len() as u64)
             .filter(|&e| e <= MAX_FILE_SIZE)
             .ok_or(FsError::TooBig)?;
         let mut size = self.size.write().unwrap_or_else(|p| p.into_inner());
-        let result = self.write_locked(*size, off, end, data);
-        *size = self.settle(*size, &result, end.max(*size));
+        let result = self.write_locked(&mut size, off, end, data);
+        self.settle(*size, &result);
         result.map(|()| data.len())
     }
 
-    /// After a write or truncate: the new size on success; on failure, the size the backing
-    /// file now has (a failed step may have come after a successful one).
-    fn settle(&self, old: u64, result: &FsResult<()>, new: u64) -> u64 {
-        match result {
-            Ok(()) => new,
-            Err(_) => match self.file.metadata() {
-                Ok(m) => plaintext_size(m.len()).unwrap_or(old),
-                Err(_) => old,
-            },
+    /// After a failed write or truncate, cut off whatever a failed step appended beyond the
+    /// size the completed steps reached, so the file stays valid at that size.
+    fn settle(&self, size: u64, result: &FsResult<()>) {
+        if result.is_err()
+            && let Err(e) = self.file.set_len(backing_len(size))
+        {
+            log::error!("file {}: cannot undo a failed write: {e}", self.cipher.file_id());
         }
     }
 
-    fn write_locked(&self, old: u64, off: u64, end: u64, data: &[u8]) -> FsResult<()> {
+    /// The write proper. `size` follows each step as it completes.
+    fn write_locked(&self, size: &mut u64, off: u64, end: u64, data: &[u8]) -> FsResult<()> {
+        let old = *size;
         let new = old.max(end);
         let (first, last) = (block_of(off), block_of(end - 1));
         let new_final = block_count(new) - 1;
         let old_blocks = block_count(old);
-        let detached_block = (old > 0 && old_blocks - 1 < first).then(|| old_blocks - 1);
+        // The old final block, if the write leaves it behind (it must stop being final) or
+        // extends it into later blocks (it must first grow to a full block, still final).
+        let grows_past_final = old > 0 && new_final > old_blocks - 1;
+        let old_final = grows_past_final.then(|| old_blocks - 1);
 
         // Reserve every byte this write will put on disk before changing anything, so a full
         // disk fails it whole.
         let stop = record_offset(last) + block_plain_len(new, last) + RECORD_OVERHEAD;
         self.reserve(record_offset(first), stop - record_offset(first))?;
-        if let Some(b) = detached_block {
+        if let Some(b) = old_final {
             self.reserve(record_offset(b), BLOCK_SIZE + RECORD_OVERHEAD)?;
         }
-        // The old final block lies wholly before this write: it must stop being final.
-        let detached = match detached_block {
-            Some(_) => Some(self.grow_final_to_full(old)?),
+        let detached = match old_final {
+            Some(b) => {
+                let rec = self.grow_final_to_full(old)?;
+                *size = (b + 1) * BLOCK_SIZE;
+                Some((b, rec))
+            }
             None => None,
         };
 
+        let grown = *size;
         let mut buf = Vec::with_capacity(((last - first + 1) * (BLOCK_SIZE + RECORD_OVERHEAD)) as usize);
         for b in first..=last {
             let plain = block_plain_len(new, b) as usize;
@@ -146,19 +167,22 @@ impl ContentFile {
             let body = &mut buf[rec_start + NONCE_LEN..rec_start + NONCE_LEN + plain];
             let (ws, we) = (off.max(bstart), end.min(bstart + plain as u64));
             let covers_all = ws == bstart && we == bstart + plain as u64;
-            if !covers_all && b < old_blocks {
-                let old_plain = block_plain_len(old, b) as usize;
-                let was_final = b == old_blocks - 1;
-                let old_rec = self.load_block(b, old_plain, was_final)?;
-                body[..old_plain].copy_from_slice(&old_rec[record_body(old_rec.len())]);
+            let have = block_count(grown);
+            if !covers_all && b < have {
+                let old_plain = block_plain_len(grown, b) as usize;
+                let rec = self.load_block(b, old_plain, b == have - 1)?;
+                body[..old_plain].copy_from_slice(&rec[record_body(rec.len())]);
             }
             body[(ws - bstart) as usize..(we - bstart) as usize]
                 .copy_from_slice(&data[(ws - off) as usize..(we - off) as usize]);
             self.cipher.seal(b, b == new_final, &mut buf[rec_start..]);
         }
         self.put(record_offset(first), &buf)?;
+        *size = new;
 
-        if let Some((b, mut rec)) = detached {
+        if let Some((b, mut rec)) = detached
+            && b < first
+        {
             self.cipher.seal(b, false, &mut rec);
             self.put(record_offset(b), &rec)?;
         }
@@ -171,20 +195,22 @@ impl ContentFile {
             return Err(FsError::TooBig);
         }
         if !self.writable {
-            return Err(FsError::NotWritable);
+            return Err(FsError::ReadOnly);
         }
         let mut size = self.size.write().unwrap_or_else(|p| p.into_inner());
         if new == *size {
             return Ok(());
         }
-        let result = self.truncate_locked(*size, new);
-        *size = self.settle(*size, &result, new);
+        let result = self.truncate_locked(&mut size, new);
+        self.settle(*size, &result);
         result
     }
 
-    fn truncate_locked(&self, old: u64, new: u64) -> FsResult<()> {
+    fn truncate_locked(&self, size: &mut u64, new: u64) -> FsResult<()> {
+        let old = *size;
         let Some(nf) = block_count(new).checked_sub(1) else {
             self.file.set_len(HEADER_LEN)?;
+            *size = 0;
             return Ok(());
         };
         let new_len = block_plain_len(new, nf) as usize;
@@ -201,6 +227,7 @@ impl ContentFile {
                 self.put(record_offset(nf), &rec)?;
             }
             self.file.set_len(backing_len(new))?;
+            *size = new;
             return Ok(());
         }
         let detached = match old_final {
@@ -212,16 +239,21 @@ impl ContentFile {
                 rec.truncate(NONCE_LEN + old_len);
                 rec.resize(new_len + RECORD_OVERHEAD as usize, 0);
                 self.cipher.seal(nf, true, &mut rec);
-                return self.put(record_offset(nf), &rec);
+                self.put(record_offset(nf), &rec)?;
+                *size = new;
+                return Ok(());
             }
             Some(of) => {
                 self.reserve(record_offset(of), BLOCK_SIZE + RECORD_OVERHEAD)?;
-                Some(self.grow_final_to_full(old)?)
+                let rec = self.grow_final_to_full(old)?;
+                *size = (of + 1) * BLOCK_SIZE;
+                Some((of, rec))
             }
         };
         let mut rec = vec![0u8; new_len + RECORD_OVERHEAD as usize];
         self.cipher.seal(nf, true, &mut rec);
         self.put(record_offset(nf), &rec)?;
+        *size = new;
         if let Some((b, mut rec)) = detached {
             self.cipher.seal(b, false, &mut rec);
             self.put(record_offset(b), &rec)?;
@@ -229,12 +261,29 @@ impl ContentFile {
         Ok(())
     }
 
-    /// Makes sure blocks up to `end` (plaintext) have backing space, for fallocate(2) mode 0.
-    pub fn allocate(&self, end: u64) -> FsResult<()> {
-        if end > self.size() {
-            self.truncate(end)?;
+    /// fallocate(2) mode 0: grows the file to `off + len` if it is shorter, and allocates
+    /// backing space for the whole range so later writes there cannot fail with ENOSPC.
+    pub fn allocate(&self, off: u64, len: u64) -> FsResult<()> {
+        let end = off
+            .checked_add(len)
+            .filter(|&e| e <= MAX_FILE_SIZE)
+            .ok_or(FsError::TooBig)?;
+        if len == 0 {
+            return Err(FsError::InvalidArgument);
         }
-        Ok(())
+        if !self.writable {
+            return Err(FsError::ReadOnly);
+        }
+        let mut size = self.size.write().unwrap_or_else(|p| p.into_inner());
+        if end > *size {
+            let result = self.truncate_locked(&mut size, end);
+            self.settle(*size, &result);
+            result?;
+        }
+        // Allocated zeros in a hole still read as a hole.
+        let (first, last) = (block_of(off), block_of(end - 1));
+        let stop = record_offset(last) + block_plain_len(*size, last) + RECORD_OVERHEAD;
+        self.reserve(record_offset(first), stop - record_offset(first))
     }
 
     pub fn sync(&self, datasync: bool) -> FsResult<()> {
@@ -246,11 +295,11 @@ impl ContentFile {
         Ok(())
     }
 
-    /// First step of growing a file past its final block `b`: that block becomes a full block
-    /// (zero-padded), still sealed as final, so the file is valid if we stop here. Returns the
-    /// full record, whose plaintext the caller reseals as non-final once the new final block
-    /// is on disk.
-    fn grow_final_to_full(&self, old: u64) -> FsResult<(u64, Vec<u8>)> {
+    /// First step of growing a file past its final block: that block becomes a full block
+    /// (zero-padded), still sealed as final, so the file is valid at the block boundary if we
+    /// stop here. Returns the full record with its plaintext, which the caller reseals as
+    /// non-final once the new final block is on disk.
+    fn grow_final_to_full(&self, old: u64) -> FsResult<Vec<u8>> {
         let b = block_count(old) - 1;
         let old_len = block_plain_len(old, b) as usize;
         let mut rec = self.load_block(b, old_len, true)?;
@@ -261,7 +310,7 @@ impl ContentFile {
             self.cipher.seal(b, true, &mut sealed);
             self.put(record_offset(b), &sealed)?;
         }
-        Ok((b, rec))
+        Ok(rec)
     }
 
     /// Reads and opens block `b` of `plain` bytes; returns the record with its plaintext in
@@ -344,6 +393,7 @@ mod tests {
     use crate::crypto::SecretKey;
     use crate::format::FileId;
     use proptest::prelude::*;
+    use std::os::unix::fs::MetadataExt;
 
     /// A content file on a temp file with a zeroed header area (content does not read it).
     fn fresh(dek: &SecretKey, id: FileId) -> (tempfile::NamedTempFile, ContentFile) {
@@ -474,6 +524,46 @@ mod tests {
             .unwrap();
         let c = reopen(&tmp, &dek, id);
         assert!(matches!(c.read(5 * BLOCK_SIZE, 7), Err(FsError::Corrupt)));
+    }
+
+    #[test]
+    fn allocate_grows_but_never_shrinks() {
+        let dek = SecretKey::generate();
+        let (tmp, c) = fresh(&dek, FileId::generate());
+        c.write(0, &[3u8; 200_000]).unwrap();
+        c.allocate(10, 100).unwrap();
+        assert_eq!(c.size(), 200_000);
+        c.allocate(150_000, 200_000).unwrap();
+        assert_eq!(c.size(), 350_000);
+        let data = c.read(0, 400_000).unwrap();
+        assert!(data[..200_000].iter().all(|&b| b == 3) && data[200_000..].iter().all(|&b| b == 0));
+        // The allocated range is backed by real blocks, not holes in the backing file.
+        let blocks = tmp.as_file().metadata().unwrap().blocks() * 512;
+        assert!(
+            blocks >= backing_len(350_000) - 8192,
+            "only {blocks} bytes allocated"
+        );
+    }
+
+    #[test]
+    fn a_torn_tail_is_ignored_and_cut_on_writable_open() {
+        let dek = SecretKey::generate();
+        let id = FileId::generate();
+        let (tmp, c) = fresh(&dek, id);
+        c.write(0, &[9u8; 2 * BLOCK_SIZE as usize]).unwrap();
+        let good = tmp.as_file().metadata().unwrap().len();
+        tmp.as_file().write_all_at(&[0xAA; 20], good).unwrap();
+        let ro = ContentFile::new(tmp.reopen().unwrap(), ContentCipher::new(&dek, id), false).unwrap();
+        assert_eq!(ro.size(), 2 * BLOCK_SIZE);
+        assert_eq!(ro.read(BLOCK_SIZE, 10).unwrap(), vec![9u8; 10]);
+        assert_eq!(
+            tmp.as_file().metadata().unwrap().len(),
+            good + 20,
+            "read-only open changes nothing"
+        );
+        let rw = reopen(&tmp, &dek, id);
+        assert_eq!(rw.size(), 2 * BLOCK_SIZE);
+        assert_eq!(tmp.as_file().metadata().unwrap().len(), good);
     }
 
     const RECORD_LEN_USIZE: usize = (BLOCK_SIZE + RECORD_OVERHEAD) as usize;

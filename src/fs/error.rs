@@ -19,6 +19,8 @@ pub enum FsError {
     BadHandle,
     /// The handle was not opened for writing.
     NotWritable,
+    /// The mount or the backing file is read-only.
+    ReadOnly,
     Unsupported,
     /// No such extended attribute.
     NoAttribute,
@@ -46,6 +48,7 @@ impl FsError {
             FsError::Stale => libc::ESTALE,
             FsError::BadHandle => libc::EBADF,
             FsError::NotWritable => libc::EBADF,
+            FsError::ReadOnly => libc::EROFS,
             FsError::Unsupported => libc::EOPNOTSUPP,
             FsError::NoAttribute => libc::ENODATA,
             FsError::InvalidArgument => libc::EINVAL,

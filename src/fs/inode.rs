@@ -8,7 +8,7 @@ use super::content::ContentFile;
 use super::error::{FsError, FsResult};
 use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 /// The root directory's inode number, fixed by FUSE.
 pub const ROOT_INO: u64 = 1;
@@ -38,11 +38,20 @@ impl Kind {
     }
 }
 
-/// What is open on a regular file: shared by all its handles and hard links.
-#[derive(Default)]
+/// Who uses a regular file's content. Changed only under `Inode::open`.
 pub struct OpenState {
-    pub content: Option<Arc<ContentFile>>,
+    current: Arc<RwLock<Option<Arc<ContentFile>>>>,
     pub handles: usize,
+}
+
+impl OpenState {
+    pub fn content(&self) -> Option<Arc<ContentFile>> {
+        self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn set_content(&mut self, c: Option<Arc<ContentFile>>) {
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = c;
+    }
 }
 
 pub struct Inode {
@@ -50,9 +59,12 @@ pub struct Inode {
     pub kind: Kind,
     fd: OwnedFd,
     key: (u64, u64),
-    /// The open content of a regular file. Taken by open and release; held across the KMS
-    /// unwrap, so concurrent first opens of one file make a single KMS call.
+    /// The open content of a regular file and its users. Taken by open and release; held
+    /// across the KMS unwrap, so concurrent first opens of one file make a single KMS call.
     pub open: Mutex<OpenState>,
+    /// The same content, readable without `open`: stat must not wait behind a KMS call.
+    /// Shared with `OpenState`, written only under `open`.
+    current: Arc<RwLock<Option<Arc<ContentFile>>>>,
 }
 
 impl Inode {
@@ -63,11 +75,22 @@ impl Inode {
 
     /// The open content, if any handle has the file open.
     pub fn content(&self) -> Option<Arc<ContentFile>> {
-        self.open
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .content
-            .clone()
+        self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn new(ino: u64, kind: Kind, fd: OwnedFd, key: (u64, u64)) -> Inode {
+        let current = Arc::new(RwLock::new(None));
+        Inode {
+            ino,
+            kind,
+            fd,
+            key,
+            open: Mutex::new(OpenState {
+                current: current.clone(),
+                handles: 0,
+            }),
+            current,
+        }
     }
 }
 
@@ -91,13 +114,7 @@ pub struct InodeTable {
 impl InodeTable {
     pub fn new(root_fd: OwnedFd, root_stat: &libc::stat) -> Self {
         let key = (root_stat.st_dev, root_stat.st_ino);
-        let root = Arc::new(Inode {
-            ino: ROOT_INO,
-            kind: Kind::Dir,
-            fd: root_fd,
-            key,
-            open: Mutex::new(OpenState::default()),
-        });
+        let root = Arc::new(Inode::new(ROOT_INO, Kind::Dir, root_fd, key));
         let mut by_ino = HashMap::new();
         by_ino.insert(
             ROOT_INO,
@@ -142,13 +159,7 @@ impl InodeTable {
         }
         let ino = t.next_ino;
         t.next_ino += 1;
-        let inode = Arc::new(Inode {
-            ino,
-            kind: Kind::from_mode(st.st_mode),
-            fd,
-            key,
-            open: Mutex::new(OpenState::default()),
-        });
+        let inode = Arc::new(Inode::new(ino, Kind::from_mode(st.st_mode), fd, key));
         t.by_key.insert(key, ino);
         t.by_ino.insert(
             ino,

@@ -117,13 +117,13 @@ impl Keystore {
                 ),
             ));
         }
-        if meta.len() > MAX_KEYSTORE_LEN {
-            return Err(misconfigured(path, "too large to be a keystore"));
-        }
-        let bytes = zeroize::Zeroizing::new(
-            std::fs::read(path)
-                .map_err(|e| KmsError::Unreachable(format!("keystore {}: {e}", path.display())))?,
-        );
+        let bytes =
+            zeroize::Zeroizing::new(crate::durable::read_bounded(path, MAX_KEYSTORE_LEN).map_err(|e| {
+                match e.kind() {
+                    std::io::ErrorKind::InvalidData => misconfigured(path, &e.to_string()),
+                    _ => KmsError::Unreachable(format!("keystore {}: {e}", path.display())),
+                }
+            })?);
         let file: FileKeystore = serde_json::from_slice(&bytes)
             .map_err(|e| misconfigured(path, &format!("does not parse ({e})")))?;
         Self::from_file(file).map_err(|what| misconfigured(path, what))
