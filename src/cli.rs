@@ -1,7 +1,8 @@
 //! Command-line definitions and dispatch.
 
 use crate::daemon::{self, Fatal};
-use crate::format::config::{CONFIG_FILE_NAME, KmsConfig, VolumeConfig};
+use crate::format::config::{CONFIG_FILE_NAME, KmsConfig, NamesConfig, VolumeConfig};
+use crate::kms::KmsBackend;
 use crate::kms::local::Keystore;
 use clap::{Args, Parser, Subcommand};
 use std::io::{BufRead, BufReader, Write};
@@ -34,6 +35,9 @@ enum Cmd {
         /// Name of the key that wraps this volume's file keys.
         #[arg(long, default_value = "default")]
         key: String,
+        /// Keep file names, symlink targets and xattrs in the clear (contents stay encrypted).
+        #[arg(long)]
+        plaintext_names: bool,
     },
     /// Mount a volume; returns once the mount is ready unless --foreground.
     Mount(MountArgs),
@@ -99,7 +103,8 @@ pub fn run(cli: Cli) -> Result<(), Fatal> {
             backing,
             keystore,
             key,
-        } => init(&backing, keystore, &key),
+            plaintext_names,
+        } => init(&backing, keystore, &key, plaintext_names),
         Cmd::Mount(args) => mount(args),
         Cmd::Unmount { mountpoint, lazy } => daemon::unmount(&mountpoint, lazy),
         Cmd::Key(args) => key(args),
@@ -120,7 +125,7 @@ fn default_keystore(backing: &Path) -> Result<PathBuf, Fatal> {
     Ok(backing.with_file_name(file))
 }
 
-fn init(backing: &Path, keystore: Option<PathBuf>, key: &str) -> Result<(), Fatal> {
+fn init(backing: &Path, keystore: Option<PathBuf>, key: &str, plaintext_names: bool) -> Result<(), Fatal> {
     let keystore = match keystore {
         Some(k) => absolute(&k)?,
         None => default_keystore(backing)?,
@@ -166,16 +171,36 @@ fn init(backing: &Path, keystore: Option<PathBuf>, key: &str) -> Result<(), Fata
             .save(&keystore)
             .map_err(|e| Fatal(format!("cannot write keystore {}: {e}", keystore.display())))?;
     }
-    let config = VolumeConfig::new(KmsConfig::Local {
+    let mut config = VolumeConfig::new(KmsConfig::Local {
         keystore: keystore.clone(),
         key: key.into(),
     });
-    // Prove the key works before the volume exists.
-    daemon::block_on(crate::kms::KmsBackend::check_access(&daemon::kms_for(&config)))
-        .map_err(daemon::explain_kms)?;
+    // Prove the key works before the volume exists, and have it wrap the volume name key.
+    let kms = daemon::kms_for(&config);
+    daemon::block_on(kms.check_access()).map_err(daemon::explain_kms)?;
+    if !plaintext_names {
+        let (_name_key, wrapped) =
+            daemon::block_on(kms.generate_dek(&config.volume_id_bytes())).map_err(daemon::explain_kms)?;
+        let mut root_id = [0u8; crate::format::name::DIR_ID_LEN];
+        crate::crypto::fill_random(&mut root_id);
+        config.names = NamesConfig::Encrypted {
+            root_dir_id: crate::hex::encode(&root_id),
+            key_ref: wrapped.key_ref,
+            wrapped_key: crate::hex::encode(&wrapped.blob),
+        };
+    }
     crate::durable::atomic_write(&backing.join(CONFIG_FILE_NAME), &config.encode(), 0o644)
         .map_err(|e| Fatal(format!("cannot write volume config: {e}")))?;
-    println!("initialised volume {} in {}", config.volume_id, backing.display());
+    let names = if plaintext_names {
+        "plaintext names"
+    } else {
+        "encrypted names"
+    };
+    println!(
+        "initialised volume {} in {} ({names})",
+        config.volume_id,
+        backing.display()
+    );
     println!(
         "keystore: {} (key {key:?}{}) — back it up and keep it off the backing storage: without it the data is lost",
         keystore.display(),

@@ -216,7 +216,10 @@ mod tests {
         let mut nonce = [0u8; NONCE_LEN];
         nonce[0] = 3;
         let vectors: [(&[u8], &[u8]); 2] = [
-            (b"", &crate::hex::decode("07f5f4169bbf55a8400cd47ea6fd400f").unwrap()),
+            (
+                b"",
+                &crate::hex::decode("07f5f4169bbf55a8400cd47ea6fd400f").unwrap(),
+            ),
             (
                 &[1, 0, 0, 0, 0, 0, 0, 0],
                 &crate::hex::decode("c2ef328e5c71c83b843122130f7364b761e0b97427e3df28").unwrap(),

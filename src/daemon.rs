@@ -1,11 +1,15 @@
 //! The composition root: volume config → KMS → filesystem core → FUSE session. The only module
 //! that knows every layer.
 
-use crate::format::config::{CONFIG_FILE_NAME, KmsConfig, LOCK_FILE_NAME, MAX_CONFIG_LEN, VolumeConfig};
+use crate::format::config::{
+    CONFIG_FILE_NAME, KmsConfig, LOCK_FILE_NAME, MAX_CONFIG_LEN, NamesConfig, VolumeConfig,
+};
+use crate::format::name::NameCipher;
+use crate::fs::names::Names;
 use crate::fs::{Fs, Options};
 use crate::fuse::FuseAdapter;
 use crate::kms::local::LocalKms;
-use crate::kms::{Kms, KmsBackend, KmsError};
+use crate::kms::{Kms, KmsBackend, KmsError, WrappedDek};
 use crate::sys;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -116,6 +120,32 @@ pub struct MountRequest {
     pub threads: usize,
     /// Called once the mount serves requests.
     pub on_ready: Box<dyn FnOnce() + Send>,
+}
+
+/// Unwraps the volume name key (bound to the volume id) and derives the name ciphers.
+fn open_names(runtime: &tokio::runtime::Runtime, kms: &Kms, config: &VolumeConfig) -> Result<Names, Fatal> {
+    let NamesConfig::Encrypted {
+        root_dir_id,
+        key_ref,
+        wrapped_key,
+    } = &config.names
+    else {
+        return Ok(Names::Plain);
+    };
+    let wrapped = WrappedDek {
+        key_ref: key_ref.clone(),
+        blob: crate::hex::decode(wrapped_key).unwrap_or_default(),
+    };
+    let volume_id = config.volume_id_bytes();
+    let key = runtime
+        .block_on(kms.unwrap_dek(&wrapped, &volume_id))
+        .map_err(explain_kms)?;
+    let mut root = [0u8; crate::format::name::DIR_ID_LEN];
+    root.copy_from_slice(&crate::hex::decode(root_dir_id).unwrap_or_default());
+    Ok(Names::Encrypted {
+        cipher: Box::new(NameCipher::new(&key, &volume_id)),
+        root_dir_id: root,
+    })
 }
 
 /// Holds the backing directory's lock file for as long as the daemon runs.
@@ -253,6 +283,7 @@ pub fn run_mount(req: MountRequest) -> Result<(), Fatal> {
         status.current_version
     );
 
+    let names = open_names(&runtime, &kms, &config)?;
     let root: OwnedFd = File::open(&backing)
         .map_err(|e| fatal!("cannot open {}: {e}", backing.display()))?
         .into();
@@ -260,7 +291,8 @@ pub fn run_mount(req: MountRequest) -> Result<(), Fatal> {
     let options = Options {
         read_only: fuse_config.mount_options.contains(&fuser::MountOption::RO),
     };
-    let fs = Arc::new(Fs::new(root, kms, runtime.handle().clone(), options).map_err(|e| fatal!("{e:?}"))?);
+    let fs =
+        Arc::new(Fs::new(root, kms, runtime.handle().clone(), names, options).map_err(|e| fatal!("{e:?}"))?);
     let adapter = FuseAdapter::new(fs, req.on_ready);
     let mut session = fuser::Session::new(adapter, &req.mountpoint, &fuse_config).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {

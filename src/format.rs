@@ -6,6 +6,7 @@
 pub mod block;
 pub mod config;
 pub mod header;
+pub mod name;
 
 /// The on-disk format version this build writes and reads.
 pub const FORMAT_VERSION: u16 = 1;

@@ -4,12 +4,14 @@
 
 pub mod attr;
 pub mod content;
+mod dir;
 pub mod error;
 pub mod inode;
+pub mod names;
+mod xattr;
 
 use crate::format::FileId;
 use crate::format::block::ContentCipher;
-use crate::format::config::RESERVED_ROOT_NAMES;
 use crate::format::header::{self, HEADER_LEN, KeySlot};
 use crate::kms::{Kms, KmsBackend, WrappedDek};
 use crate::sys;
@@ -17,11 +19,11 @@ use attr::Attr;
 use content::ContentFile;
 use error::{FsError, FsResult};
 use inode::{Inode, InodeTable, Kind, ROOT_INO};
+use names::Names;
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -79,14 +81,9 @@ pub struct Fs {
     runtime: tokio::runtime::Handle,
     /// Root can give created files to their callers; anyone else creates them as itself.
     chown_to_caller: bool,
+    /// How names, symlink targets and xattrs are stored.
+    names: Names,
     options: Options,
-}
-
-fn name_is_reserved(parent: u64, name: &OsStr) -> bool {
-    parent == ROOT_INO
-        && RESERVED_ROOT_NAMES
-            .iter()
-            .any(|r| name.as_bytes() == r.as_bytes())
 }
 
 impl Fs {
@@ -94,6 +91,7 @@ impl Fs {
         backing_root: OwnedFd,
         kms: Arc<Kms>,
         runtime: tokio::runtime::Handle,
+        names: Names,
         options: Options,
     ) -> FsResult<Fs> {
         let st = sys::fstatat(backing_root.as_fd(), OsStr::new(""))?;
@@ -104,6 +102,7 @@ impl Fs {
             kms,
             runtime,
             chown_to_caller: sys::geteuid() == 0,
+            names,
             options,
         })
     }
@@ -132,25 +131,7 @@ impl Fs {
 
     fn attr_of(&self, inode: &Inode) -> FsResult<Attr> {
         let st = sys::fstatat(inode.fd(), OsStr::new(""))?;
-        let open_size = inode.content().map(|c| c.size());
-        Ok(Attr::from_stat(inode.ino, &st, open_size))
-    }
-
-    /// Looks `name` up in `parent` and counts a kernel reference to the result.
-    pub fn lookup(&self, parent: u64, name: &OsStr) -> FsResult<Attr> {
-        if name_is_reserved(parent, name) {
-            return Err(FsError::Io(std::io::Error::from_raw_os_error(libc::ENOENT)));
-        }
-        let dir = self.inodes.get(parent)?;
-        self.lookup_in(&dir, name)
-    }
-
-    fn lookup_in(&self, dir: &Inode, name: &OsStr) -> FsResult<Attr> {
-        let fd = sys::openat(dir.fd(), name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
-        let st = sys::fstatat(fd.as_fd(), OsStr::new(""))?;
-        let inode = self.inodes.lookup(fd, &st);
-        let open_size = inode.content().map(|c| c.size());
-        Ok(Attr::from_stat(inode.ino, &st, open_size))
+        Ok(self.attr_from(inode, &st))
     }
 
     pub fn forget(&self, ino: u64, n: u64) {
@@ -195,97 +176,6 @@ impl Fs {
         self.attr_of(&inode)
     }
 
-    pub fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
-        let inode = self.inodes.get(ino)?;
-        Ok(sys::readlink_fd(inode.fd())?)
-    }
-
-    /// Gives a new entry to its caller (when we run as root) and looks it up.
-    fn finish_create(&self, dir: &Inode, name: &OsStr, caller: Caller) -> FsResult<Attr> {
-        let fd = sys::openat(dir.fd(), name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
-        self.give_to_caller(dir, fd.as_fd(), caller)?;
-        let st = sys::fstatat(fd.as_fd(), OsStr::new(""))?;
-        let inode = self.inodes.lookup(fd, &st);
-        Ok(Attr::from_stat(inode.ino, &st, inode.content().map(|c| c.size())))
-    }
-
-    fn give_to_caller(&self, dir: &Inode, fd: std::os::fd::BorrowedFd<'_>, caller: Caller) -> FsResult<()> {
-        if !self.chown_to_caller {
-            return Ok(());
-        }
-        // In a set-group-id directory the new entry keeps the directory's group, as the
-        // backing filesystem already arranged.
-        let dir_st = sys::fstatat(dir.fd(), OsStr::new(""))?;
-        let gid = if dir_st.st_mode & libc::S_ISGID != 0 {
-            None
-        } else {
-            Some(caller.gid)
-        };
-        sys::chown_fd(fd, Some(caller.uid), gid)?;
-        Ok(())
-    }
-
-    fn prepare_create(&self, parent: u64, name: &OsStr) -> FsResult<Arc<Inode>> {
-        self.check_writable()?;
-        if name_is_reserved(parent, name) {
-            return Err(FsError::Reserved);
-        }
-        self.inodes.get(parent)
-    }
-
-    pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, caller: Caller) -> FsResult<Attr> {
-        let dir = self.prepare_create(parent, name)?;
-        sys::mkdirat(dir.fd(), name, mode & 0o7777)?;
-        self.finish_create(&dir, name, caller)
-    }
-
-    pub fn mknod(&self, parent: u64, name: &OsStr, mode: u32, rdev: u64, caller: Caller) -> FsResult<Attr> {
-        if mode & libc::S_IFMT == libc::S_IFREG || mode & libc::S_IFMT == 0 {
-            let (attr, fh) = self.create(parent, name, mode, libc::O_WRONLY, caller)?;
-            self.release(fh);
-            return Ok(attr);
-        }
-        let dir = self.prepare_create(parent, name)?;
-        sys::mknodat(dir.fd(), name, mode, rdev)?;
-        self.finish_create(&dir, name, caller)
-    }
-
-    pub fn symlink(&self, parent: u64, name: &OsStr, target: &OsStr, caller: Caller) -> FsResult<Attr> {
-        let dir = self.prepare_create(parent, name)?;
-        sys::symlinkat(target, dir.fd(), name)?;
-        self.finish_create(&dir, name, caller)
-    }
-
-    pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> FsResult<Attr> {
-        let dir = self.prepare_create(newparent, newname)?;
-        let inode = self.inodes.get(ino)?;
-        sys::link_fd(inode.fd(), dir.fd(), newname)?;
-        self.lookup_in(&dir, newname)
-    }
-
-    pub fn unlink(&self, parent: u64, name: &OsStr) -> FsResult<()> {
-        let dir = self.prepare_create(parent, name)?;
-        Ok(sys::unlinkat(dir.fd(), name, false)?)
-    }
-
-    pub fn rmdir(&self, parent: u64, name: &OsStr) -> FsResult<()> {
-        let dir = self.prepare_create(parent, name)?;
-        Ok(sys::unlinkat(dir.fd(), name, true)?)
-    }
-
-    pub fn rename(
-        &self,
-        parent: u64,
-        name: &OsStr,
-        newparent: u64,
-        newname: &OsStr,
-        flags: u32,
-    ) -> FsResult<()> {
-        let from = self.prepare_create(parent, name)?;
-        let to = self.prepare_create(newparent, newname)?;
-        Ok(sys::renameat2(from.fd(), name, to.fd(), newname, flags)?)
-    }
-
     /// Creates a regular file with a fresh DEK and returns it open.
     pub fn create(
         &self,
@@ -295,27 +185,28 @@ impl Fs {
         flags: i32,
         caller: Caller,
     ) -> FsResult<(Attr, u64)> {
-        let dir = self.prepare_create(parent, name)?;
-        let fd = sys::openat(
-            dir.fd(),
-            name,
-            libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW,
-            mode & 0o7777,
-        )?;
-        let file = File::from(fd);
-        let content = match self.write_new_header(&file) {
-            Ok(cipher) => ContentFile::new(file, cipher, true),
-            Err(e) => Err(e),
-        };
-        let content = match content {
-            Ok(c) => Arc::new(c),
-            Err(e) => {
+        self.check_writable()?;
+        let dir = self.inodes.get(parent)?;
+        let b = self.backing(&dir, name)?;
+        let content = self.create_entry(&dir, &b, |n| {
+            let fd = sys::openat(
+                dir.fd(),
+                n,
+                libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW,
+                mode & 0o7777,
+            )?;
+            let file = File::from(fd);
+            let made = self
+                .write_new_header(&file)
+                .and_then(|cipher| ContentFile::new(file, cipher, true));
+            if made.is_err() {
                 // Leave nothing half-made behind: a file without a header cannot be opened.
-                let _ = sys::unlinkat(dir.fd(), name, false);
-                return Err(e);
+                let _ = sys::unlinkat(dir.fd(), n, false);
             }
-        };
-        let attr = self.finish_create(&dir, name, caller)?;
+            made
+        })?;
+        let content = Arc::new(content);
+        let attr = self.finish_create(&dir, &b.name, caller)?;
         let inode = self.inodes.get(attr.ino)?;
         let content = {
             let mut open = inode.open.lock().unwrap_or_else(|p| p.into_inner());
@@ -469,94 +360,6 @@ impl Fs {
         {
             self.close_content(inode);
         }
-    }
-
-    pub fn opendir(&self, ino: u64) -> FsResult<u64> {
-        let inode = self.inodes.get(ino)?;
-        let path = sys::proc_fd_path(inode.fd());
-        let path = std::path::Path::new(OsStr::from_bytes(path.as_bytes()));
-        let mut entries = Vec::new();
-        for e in std::fs::read_dir(path)? {
-            let e = e?;
-            let name = e.file_name();
-            if name_is_reserved(ino, &name) {
-                continue;
-            }
-            let ft = e.file_type()?;
-            use std::os::unix::fs::{DirEntryExt, FileTypeExt};
-            let kind = if ft.is_dir() {
-                Kind::Dir
-            } else if ft.is_symlink() {
-                Kind::Symlink
-            } else if ft.is_fifo() {
-                Kind::Fifo
-            } else if ft.is_socket() {
-                Kind::Socket
-            } else if ft.is_char_device() {
-                Kind::CharDevice
-            } else if ft.is_block_device() {
-                Kind::BlockDevice
-            } else {
-                Kind::File
-            };
-            entries.push(DirEntry {
-                ino: e.ino(),
-                kind,
-                name,
-            });
-        }
-        Ok(self.add_handle(Handle::Dir {
-            entries: Arc::new(entries),
-        }))
-    }
-
-    /// The directory's entries after `offset` (entries are numbered from 1; `.` and `..` come
-    /// first).
-    pub fn readdir(&self, ino: u64, fh: u64, offset: u64) -> FsResult<Vec<(u64, DirEntry)>> {
-        let entries = match &*self.handle(fh)? {
-            Handle::Dir { entries } => entries.clone(),
-            Handle::File { .. } => return Err(FsError::BadHandle),
-        };
-        let dots = [
-            DirEntry {
-                ino,
-                kind: Kind::Dir,
-                name: ".".into(),
-            },
-            DirEntry {
-                ino: ROOT_INO,
-                kind: Kind::Dir,
-                name: "..".into(),
-            },
-        ];
-        Ok(dots
-            .into_iter()
-            .chain(entries.iter().cloned())
-            .enumerate()
-            .map(|(i, e)| (i as u64 + 1, e))
-            .skip(offset as usize)
-            .collect())
-    }
-
-    pub fn releasedir(&self, fh: u64) {
-        self.handles().remove(&fh);
-    }
-
-    /// Extended attributes are not stored yet (they arrive with encrypted names, so that no
-    /// value is ever kept in the clear): none exist, and setting one is refused.
-    pub fn getxattr(&self, ino: u64) -> FsResult<Vec<u8>> {
-        self.inodes.get(ino)?;
-        Err(FsError::NoAttribute)
-    }
-
-    pub fn listxattr(&self, ino: u64) -> FsResult<Vec<u8>> {
-        self.inodes.get(ino)?;
-        Ok(Vec::new())
-    }
-
-    pub fn setxattr(&self, ino: u64) -> FsResult<()> {
-        self.inodes.get(ino)?;
-        Err(FsError::Unsupported)
     }
 
     pub fn statfs(&self) -> FsResult<libc::statvfs> {

@@ -37,6 +37,7 @@ impl FuseAdapter {
 }
 
 fn errno(e: &FsError) -> Errno {
+    log::debug!("request failed: {e:?} (errno {})", e.errno());
     Errno::from_i32(e.errno())
 }
 
@@ -345,8 +346,8 @@ impl Filesystem for FuseAdapter {
         reply.ok();
     }
 
-    fn getxattr(&self, _req: &Request, ino: INodeNo, _name: &OsStr, size: u32, reply: ReplyXattr) {
-        match self.fs.getxattr(ino.0) {
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        match self.fs.getxattr(ino.0, name) {
             Ok(v) if size == 0 => reply.size(v.len() as u32),
             Ok(v) if v.len() <= size as usize => reply.data(&v),
             Ok(_) => reply.error(Errno::from_i32(libc::ERANGE)),
@@ -367,17 +368,17 @@ impl Filesystem for FuseAdapter {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _name: &OsStr,
-        _value: &[u8],
-        _flags: i32,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        empty(reply, self.fs.setxattr(ino.0));
+        empty(reply, self.fs.setxattr(ino.0, name, value, flags));
     }
 
-    fn removexattr(&self, _req: &Request, ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        empty(reply, self.fs.getxattr(ino.0).map(drop));
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        empty(reply, self.fs.removexattr(ino.0, name));
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {

@@ -196,6 +196,57 @@ pub fn utimens_fd(fd: BorrowedFd<'_>, atime: TimeSpec, mtime: TimeSpec) -> io::R
     check(unsafe { libc::utimensat(libc::AT_FDCWD, p.as_ptr(), ts.as_ptr(), 0) }).map(drop)
 }
 
+/// fsync of a directory (or any object) given by an O_PATH or ordinary descriptor.
+pub fn fsync_dir(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let f = std::fs::File::from(reopen(fd, libc::O_RDONLY | libc::O_DIRECTORY)?);
+    f.sync_all()
+}
+
+fn path_xattr(fd: BorrowedFd<'_>, f: impl FnOnce(&CStr) -> isize) -> io::Result<usize> {
+    let p = proc_fd_path(fd);
+    let r = f(&p);
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r as usize)
+    }
+}
+
+/// getxattr on the object an O_PATH descriptor refers to; an empty `buf` asks for the size.
+pub fn getxattr_fd(fd: BorrowedFd<'_>, name: &OsStr, buf: &mut [u8]) -> io::Result<usize> {
+    let n = cstr(name)?;
+    path_xattr(fd, |p| {
+        // SAFETY: both strings are NUL-terminated; `buf` is writable for its length.
+        unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) }
+    })
+}
+
+/// listxattr on the object an O_PATH descriptor refers to; an empty `buf` asks for the size.
+pub fn listxattr_fd(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    path_xattr(fd, |p| {
+        // SAFETY: `p` is NUL-terminated; `buf` is writable for its length.
+        unsafe { libc::listxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) }
+    })
+}
+
+pub fn setxattr_fd(fd: BorrowedFd<'_>, name: &OsStr, value: &[u8], flags: i32) -> io::Result<()> {
+    let n = cstr(name)?;
+    path_xattr(fd, |p| {
+        // SAFETY: both strings are NUL-terminated; `value` is readable for its length.
+        unsafe { libc::setxattr(p.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), flags) as isize }
+    })
+    .map(drop)
+}
+
+pub fn removexattr_fd(fd: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
+    let n = cstr(name)?;
+    path_xattr(fd, |p| {
+        // SAFETY: both strings are NUL-terminated.
+        unsafe { libc::removexattr(p.as_ptr(), n.as_ptr()) as isize }
+    })
+    .map(drop)
+}
+
 /// fallocate(2). `Ok(false)` when the backing filesystem does not support it.
 pub fn fallocate(fd: RawFd, mode: i32, offset: u64, len: u64) -> io::Result<bool> {
     if len == 0 {

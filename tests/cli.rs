@@ -78,11 +78,12 @@ fn a_disabled_key_refuses_the_mount() {
 }
 
 #[test]
-fn a_wrong_keystore_fails_opens_not_with_garbage() {
+fn a_wrong_keystore_is_refused_at_mount() {
     let mut v = Volume::mounted();
     std::fs::write(v.m("f"), b"data").unwrap();
     v.unmount();
-    // Replace the keystore with a new one that has a key of the same name.
+    // Replace the keystore with a new one that has a key of the same name: the volume name
+    // key does not unwrap, so the mount is refused before any file is touched.
     std::fs::remove_file(&v.keystore).unwrap();
     run_ok(&[
         "key",
@@ -91,10 +92,50 @@ fn a_wrong_keystore_fails_opens_not_with_garbage() {
         "--keystore",
         v.keystore.to_str().unwrap(),
     ]);
-    v.mount(&[]);
-    let err = std::fs::read(v.m("f")).unwrap_err();
+    let args = v.mount_args(&[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let err = run_err(&args);
+    assert!(one_line(&err).contains("is this the volume's keystore?"), "{err}");
+}
+
+#[test]
+fn a_wrong_keystore_fails_opens_not_with_garbage() {
+    // With plaintext names nothing is unwrapped at mount: the first open finds out.
+    let d = tempfile::tempdir().unwrap();
+    let (backing, mnt, ks) = (d.path().join("vol"), d.path().join("mnt"), d.path().join("ks"));
+    std::fs::create_dir(&mnt).unwrap();
+    let ks_s = ks.to_str().unwrap();
+    run_ok(&[
+        "init",
+        backing.to_str().unwrap(),
+        "--keystore",
+        ks_s,
+        "--plaintext-names",
+    ]);
+    let log = d.path().join("log");
+    let mount = || {
+        run_ok(&[
+            "mount",
+            backing.to_str().unwrap(),
+            mnt.to_str().unwrap(),
+            "--log-file",
+            log.to_str().unwrap(),
+        ])
+    };
+    mount();
+    std::fs::write(mnt.join("f"), b"data").unwrap();
+    run_ok(&["unmount", mnt.to_str().unwrap()]);
+    std::fs::remove_file(&ks).unwrap();
+    run_ok(&["key", "create", "default", "--keystore", ks_s]);
+    mount();
+    let err = std::fs::read(mnt.join("f")).unwrap_err();
+    run_ok(&["unmount", mnt.to_str().unwrap()]);
     assert_eq!(errno_of(&err), libc::EIO);
-    assert!(v.log_text().contains("cannot unwrap its key"), "{}", v.log_text());
+    assert!(
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .contains("cannot unwrap its key")
+    );
 }
 
 #[test]

@@ -55,14 +55,14 @@ fn backing_holds_only_ciphertext() {
     for _ in 0..5000 {
         content.extend_from_slice(marker);
     }
-    std::fs::write(v.m("doc"), &content).unwrap();
+    let doc = v.backing_of_new(|| std::fs::write(v.m("doc"), &content).unwrap());
     std::fs::create_dir(v.m("sub")).unwrap();
     std::fs::write(v.m("sub/small"), marker).unwrap();
     assert_eq!(std::fs::read(v.m("sub/small")).unwrap(), marker);
     assert!(!tree_contains(&v.backing, marker));
     assert!(!tree_contains(&v.backing, &marker[..12]));
     // Sizes translate: header + records.
-    let b = std::fs::metadata(v.b("doc")).unwrap().len();
+    let b = std::fs::metadata(&doc).unwrap().len();
     assert_eq!(std::fs::metadata(v.m("doc")).unwrap().len(), content.len() as u64);
     assert!(b > content.len() as u64);
 }
@@ -286,28 +286,41 @@ fn namespace_operations() {
         .set_modified(t)
         .unwrap();
     assert_eq!(std::fs::metadata(v.m("d2/link")).unwrap().modified().unwrap(), t);
-    // the volume's own files cannot be reached or replaced through the mount
+    // the volume's own files cannot be reached or replaced through the mount: a file of the
+    // same name is just a file (its backing name is encrypted)
     assert!(std::fs::read(v.m("kmsfs.json")).is_err());
-    assert!(std::fs::write(v.m("kmsfs.json"), b"x").is_err());
+    std::fs::write(v.m("kmsfs.json"), b"x").unwrap();
+    assert_eq!(std::fs::read(v.m("kmsfs.json")).unwrap(), b"x");
+    assert!(
+        std::fs::read_to_string(v.backing.join("kmsfs.json"))
+            .unwrap()
+            .contains("format_version")
+    );
 }
 
 #[test]
 fn sparse_files_and_truncate() {
     let mut v = Volume::mounted();
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(v.m("sparse"))
-        .unwrap();
+    let mut opened = None;
+    let sparse = v.backing_of_new(|| {
+        opened = Some(
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(v.m("sparse"))
+                .unwrap(),
+        )
+    });
+    let f = opened.unwrap();
     f.write_all_at(b"end", 10 * BLOCK + 5).unwrap();
     assert_eq!(f.metadata().unwrap().len(), 10 * BLOCK + 8);
     let data = std::fs::read(v.m("sparse")).unwrap();
     assert!(data[..(10 * BLOCK + 5) as usize].iter().all(|&b| b == 0));
     assert_eq!(&data[(10 * BLOCK + 5) as usize..], b"end");
     // the hole is not allocated in the backing file
-    let backing = std::fs::metadata(v.b("sparse")).unwrap();
+    let backing = std::fs::metadata(&sparse).unwrap();
     assert!(
         backing.blocks() * 512 < 4 * BLOCK,
         "backing file is not sparse: {} blocks",
@@ -382,14 +395,10 @@ fn mmap_fill(f: &File, len: usize, byte: u8) {
 fn a_flipped_byte_fails_exactly_its_block() {
     let mut v = Volume::mounted();
     let data = pseudo_random(3 * BLOCK as usize, 9);
-    std::fs::write(v.m("victim"), &data).unwrap();
+    let victim = v.backing_of_new(|| std::fs::write(v.m("victim"), &data).unwrap());
     v.unmount();
     // Flip one ciphertext byte in block 1: header 4096 + record 0 (65564) + nonce + 100.
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(v.b("victim"))
-        .unwrap();
+    let f = OpenOptions::new().read(true).write(true).open(&victim).unwrap();
     let pos = 4096 + 65564 + 12 + 100;
     let mut b = [0u8; 1];
     f.read_exact_at(&mut b, pos).unwrap();
@@ -418,9 +427,10 @@ fn a_flipped_byte_fails_exactly_its_block() {
 #[test]
 fn a_file_cut_at_a_block_boundary_reads_eio_at_its_end() {
     let mut v = Volume::mounted();
-    std::fs::write(v.m("long"), pseudo_random(4 * BLOCK as usize, 3)).unwrap();
+    let long =
+        v.backing_of_new(|| std::fs::write(v.m("long"), pseudo_random(4 * BLOCK as usize, 3)).unwrap());
     v.unmount();
-    let f = OpenOptions::new().write(true).open(v.b("long")).unwrap();
+    let f = OpenOptions::new().write(true).open(&long).unwrap();
     f.set_len(4096 + 2 * 65564).unwrap();
     drop(f);
     v.mount(&[]);
@@ -434,11 +444,11 @@ fn a_file_cut_at_a_block_boundary_reads_eio_at_its_end() {
 #[test]
 fn a_header_copied_from_another_file_does_not_open() {
     let mut v = Volume::mounted();
-    std::fs::write(v.m("a"), b"secret a").unwrap();
-    std::fs::write(v.m("b"), b"secret b").unwrap();
+    let a = v.backing_of_new(|| std::fs::write(v.m("a"), b"secret a").unwrap());
+    let b = v.backing_of_new(|| std::fs::write(v.m("b"), b"secret b").unwrap());
     v.unmount();
-    let header_a = std::fs::read(v.b("a")).unwrap()[..4096].to_vec();
-    let f = OpenOptions::new().write(true).open(v.b("b")).unwrap();
+    let header_a = std::fs::read(&a).unwrap()[..4096].to_vec();
+    let f = OpenOptions::new().write(true).open(&b).unwrap();
     f.write_all_at(&header_a, 0).unwrap();
     drop(f);
     v.mount(&[]);
@@ -447,7 +457,7 @@ fn a_header_copied_from_another_file_does_not_open() {
     assert_eq!(errno_of(&err), libc::EIO);
     assert_eq!(std::fs::read(v.m("a")).unwrap(), b"secret a");
     // A garbled header is a clean EIO at open.
-    let f = OpenOptions::new().write(true).open(v.b("a")).unwrap();
+    let f = OpenOptions::new().write(true).open(&a).unwrap();
     f.write_all_at(b"garbage!", 0).unwrap();
     let err = File::open(v.m("a")).unwrap_err();
     assert_eq!(errno_of(&err), libc::EIO);

@@ -26,6 +26,24 @@ pub struct VolumeConfig {
     pub volume_id: String,
     pub block_size: u64,
     pub kms: KmsConfig,
+    pub names: NamesConfig,
+}
+
+/// How entry names, symlink targets and xattrs are stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "mode", rename_all = "lowercase", deny_unknown_fields)]
+pub enum NamesConfig {
+    /// In the clear (`kmsfs init --plaintext-names`).
+    Plaintext,
+    /// Encrypted under the volume name key, which the KMS wraps bound to the volume id.
+    Encrypted {
+        /// The root directory's id (other directories keep theirs in an id file), hex.
+        root_dir_id: String,
+        /// The KMS key that wrapped the name key.
+        key_ref: String,
+        /// The wrapped volume name key, hex.
+        wrapped_key: String,
+    },
 }
 
 /// Which KMS wraps this volume's keys, and its non-secret parameters.
@@ -63,6 +81,8 @@ impl std::fmt::Display for ConfigError {
 }
 
 impl VolumeConfig {
+    /// A new config with a fresh volume id; `names` is filled in by the caller once the KMS
+    /// has wrapped the name key for that id.
     pub fn new(kms: KmsConfig) -> Self {
         let mut id = [0u8; VOLUME_ID_LEN];
         crate::crypto::fill_random(&mut id);
@@ -71,7 +91,13 @@ impl VolumeConfig {
             volume_id: crate::hex::encode(&id),
             block_size: BLOCK_SIZE,
             kms,
+            names: NamesConfig::Plaintext,
         }
+    }
+
+    /// The volume id's bytes (validated at decode).
+    pub fn volume_id_bytes(&self) -> Vec<u8> {
+        crate::hex::decode(&self.volume_id).unwrap_or_default()
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -101,6 +127,28 @@ impl VolumeConfig {
             Some(id) if id.len() == VOLUME_ID_LEN => {}
             _ => return Err(ConfigError::Invalid("volume_id must be 32 hex digits")),
         }
+        if let NamesConfig::Encrypted {
+            root_dir_id,
+            key_ref,
+            wrapped_key,
+        } = &self.names
+        {
+            match crate::hex::decode(root_dir_id) {
+                Some(id) if id.len() == super::name::DIR_ID_LEN => {}
+                _ => return Err(ConfigError::Invalid("root_dir_id must be 32 hex digits")),
+            }
+            if key_ref.is_empty() || key_ref.len() > super::header::MAX_KEY_REF_LEN {
+                return Err(ConfigError::Invalid("names key_ref must be 1 to 256 bytes"));
+            }
+            match crate::hex::decode(wrapped_key) {
+                Some(w) if !w.is_empty() && w.len() <= super::header::MAX_WRAPPED_LEN => {}
+                _ => {
+                    return Err(ConfigError::Invalid(
+                        "names wrapped_key must be 1 to 1024 bytes of hex",
+                    ));
+                }
+            }
+        }
         match &self.kms {
             KmsConfig::Local { keystore, key } => {
                 if !keystore.is_absolute() {
@@ -120,10 +168,16 @@ mod tests {
     use super::*;
 
     fn sample() -> VolumeConfig {
-        VolumeConfig::new(KmsConfig::Local {
+        let mut c = VolumeConfig::new(KmsConfig::Local {
             keystore: "/etc/kmsfs/vol.keystore".into(),
             key: "default".into(),
-        })
+        });
+        c.names = NamesConfig::Encrypted {
+            root_dir_id: "00112233445566778899aabbccddeeff".into(),
+            key_ref: "default".into(),
+            wrapped_key: "abcd".into(),
+        };
+        c
     }
 
     #[test]
@@ -143,6 +197,9 @@ mod tests {
             good.replace("\"key\"", "\"kee\""),
             good.replace("/etc/kmsfs", "relative"),
             good.replace("\"local\"", "\"nope\""),
+            good.replace("00112233445566778899aabbccddeeff", "0011"),
+            good.replace("\"abcd\"", "\"xyz\""),
+            good.replace("\"encrypted\"", "\"rot13\""),
             good[..good.len() / 2].to_string(),
         ] {
             assert!(VolumeConfig::decode(bad.as_bytes()).is_err(), "{bad}");

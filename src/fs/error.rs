@@ -27,6 +27,8 @@ pub enum FsError {
     InvalidArgument,
     /// Past the largest file size the format allows.
     TooBig,
+    /// A name longer than 255 bytes, or a symlink target too long once encrypted.
+    NameTooLong,
     /// The mount is locked: keys are gone.
     Locked,
 }
@@ -53,6 +55,7 @@ impl FsError {
             FsError::NoAttribute => libc::ENODATA,
             FsError::InvalidArgument => libc::EINVAL,
             FsError::TooBig => libc::EFBIG,
+            FsError::NameTooLong => libc::ENAMETOOLONG,
             FsError::Locked => libc::ENOKEY,
         }
     }

@@ -6,9 +6,10 @@
 
 use super::content::ContentFile;
 use super::error::{FsError, FsResult};
+use crate::format::name::DirId;
 use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 /// The root directory's inode number, fixed by FUSE.
 pub const ROOT_INO: u64 = 1;
@@ -62,6 +63,8 @@ pub struct Inode {
     /// The open content of a regular file and its users. Taken by open and release; held
     /// across the KMS unwrap, so concurrent first opens of one file make a single KMS call.
     pub open: Mutex<OpenState>,
+    /// A directory's id (names in it are bound to it), read from its id file on first use.
+    pub dir_id: OnceLock<DirId>,
     /// The same content, readable without `open`: stat must not wait behind a KMS call.
     /// Shared with `OpenState`, written only under `open`.
     current: Arc<RwLock<Option<Arc<ContentFile>>>>,
@@ -89,6 +92,7 @@ impl Inode {
                 current: current.clone(),
                 handles: 0,
             }),
+            dir_id: OnceLock::new(),
             current,
         }
     }

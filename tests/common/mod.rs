@@ -113,9 +113,40 @@ impl Volume {
         self.mnt.join(rel)
     }
 
-    /// Path of the backing file for `rel` (names are stored in the clear in this version).
-    pub fn b(&self, rel: &str) -> PathBuf {
-        self.backing.join(rel)
+    /// Every regular backing file that holds file content (not kmsfs's own files).
+    pub fn backing_files(&self) -> Vec<PathBuf> {
+        fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+            for e in std::fs::read_dir(dir).unwrap() {
+                let e = e.unwrap();
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.starts_with('.') || name == "kmsfs.json" || name.ends_with(".name") {
+                    continue;
+                }
+                let ft = e.file_type().unwrap();
+                if ft.is_dir() {
+                    walk(&e.path(), out);
+                } else if ft.is_file() {
+                    out.push(e.path());
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(&self.backing, &mut out);
+        out
+    }
+
+    /// Runs `f`, which must create exactly one file through the mount, and returns the
+    /// backing file it created (names are encrypted, so this is how a test finds it).
+    pub fn backing_of_new(&self, f: impl FnOnce()) -> PathBuf {
+        let before = self.backing_files();
+        f();
+        let mut new: Vec<_> = self
+            .backing_files()
+            .into_iter()
+            .filter(|p| !before.contains(p))
+            .collect();
+        assert_eq!(new.len(), 1, "expected one new backing file, got {new:?}");
+        new.pop().unwrap()
     }
 
     pub fn log_text(&self) -> String {

@@ -1,0 +1,330 @@
+//! Encrypted names: how an entry name, a symlink target and an xattr are stored in the
+//! backing directory. Pure: encodings, lengths, and the names kmsfs keeps for itself.
+//!
+//! ```text
+//! backing name  = base64url(AES-256-GCM-SIV_det(name key, AAD = version ‖ "kmsfs v1 name" ‖ parent dir id, name))
+//!                 if that is at most MAX_BACKING_NAME_LEN bytes, else
+//!                 LONG_NAME_PREFIX ‖ base64url(SHA-256(full encoded name)), with the full encoded name
+//!                 in the sidecar file <that> ‖ LONG_NAME_SIDECAR_SUFFIX
+//! symlink       = base64url(nonce ‖ AES-256-GCM-SIV(symlink key, AAD = version ‖ "kmsfs v1 symlink", target) ‖ tag)
+//! ```
+
+use super::FORMAT_VERSION;
+use crate::crypto::{Aead, NONCE_LEN, SecretKey, TAG_LEN};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use sha2::{Digest, Sha256};
+
+/// Length of a directory id.
+pub const DIR_ID_LEN: usize = 16;
+/// File holding a directory's id, inside that directory.
+pub const DIR_ID_FILE: &str = ".kmsfs.dirid";
+/// Prefix of a directory being created (made, given its id, then renamed into place).
+pub const TEMP_PREFIX: &str = ".kmsfs.tmp.";
+/// Prefix of an entry whose encrypted name is too long to be a backing name.
+pub const LONG_NAME_PREFIX: &str = "kmsfs.long.";
+/// Suffix of the sidecar file that holds a long entry's full encrypted name.
+pub const LONG_NAME_SIDECAR_SUFFIX: &str = ".name";
+/// Longest plaintext name (Linux NAME_MAX).
+pub const MAX_NAME_LEN: usize = 255;
+/// Longest backing name most filesystems accept.
+pub const MAX_BACKING_NAME_LEN: usize = 255;
+/// Longest name that still fits a short backing name: base64url(name + 16) <= 255.
+pub const MAX_SHORT_NAME_LEN: usize = MAX_BACKING_NAME_LEN * 3 / 4 - TAG_LEN;
+/// Largest sidecar we read: the encoding of a 255-byte name.
+pub const MAX_SIDECAR_LEN: usize = (MAX_NAME_LEN + TAG_LEN).div_ceil(3) * 4;
+
+/// HKDF info strings for the subkeys of the volume name key (salt: the volume id).
+pub const NAME_KEY_INFO: &[u8] = b"kmsfs v1 name key";
+pub const SYMLINK_KEY_INFO: &[u8] = b"kmsfs v1 symlink key";
+pub const XATTR_NAME_KEY_INFO: &[u8] = b"kmsfs v1 xattr name key";
+pub const XATTR_VALUE_KEY_INFO: &[u8] = b"kmsfs v1 xattr value key";
+
+/// Associated-data labels.
+const NAME_AAD: &[u8] = b"kmsfs v1 name";
+const SYMLINK_AAD: &[u8] = b"kmsfs v1 symlink";
+const XATTR_NAME_AAD: &[u8] = b"kmsfs v1 xattr name";
+const XATTR_VALUE_AAD: &[u8] = b"kmsfs v1 xattr value";
+
+/// The `user.` xattr namespace, the only one whose names and values are stored (encrypted).
+pub const XATTR_USER_PREFIX: &str = "user.";
+
+/// A directory's random id: the associated data of every name in it.
+pub type DirId = [u8; DIR_ID_LEN];
+
+/// What a backing directory entry is.
+#[derive(Debug, PartialEq, Eq)]
+pub enum BackingEntry<'a> {
+    /// kmsfs's own (directory id, temporary directory, lock, config, sidecar): never listed.
+    Internal,
+    /// A long-name entry; its full encrypted name is in the sidecar.
+    Long(&'a str),
+    /// A short encrypted name.
+    Short(&'a str),
+}
+
+/// Sorts a backing name into internal, long or short.
+pub fn classify(backing: &[u8]) -> BackingEntry<'_> {
+    let Ok(s) = std::str::from_utf8(backing) else {
+        return BackingEntry::Short("");
+    };
+    // base64url never contains '.', so no encrypted name can look like one of ours.
+    if s.starts_with('.') || s == super::config::CONFIG_FILE_NAME {
+        return BackingEntry::Internal;
+    }
+    if let Some(rest) = s.strip_prefix(LONG_NAME_PREFIX) {
+        if rest.ends_with(LONG_NAME_SIDECAR_SUFFIX) {
+            return BackingEntry::Internal;
+        }
+        return BackingEntry::Long(s);
+    }
+    BackingEntry::Short(s)
+}
+
+/// The backing name for an encoded encrypted name, and whether it needs a sidecar.
+pub fn backing_name_for(encoded: &str) -> (String, bool) {
+    if encoded.len() <= MAX_BACKING_NAME_LEN {
+        (encoded.to_owned(), false)
+    } else {
+        (long_name_of(encoded), true)
+    }
+}
+
+/// The fixed-length name a long encoded name is stored under.
+pub fn long_name_of(encoded: &str) -> String {
+    let digest = Sha256::digest(encoded.as_bytes());
+    format!("{LONG_NAME_PREFIX}{}", B64.encode(digest))
+}
+
+/// The sidecar of a long-name entry.
+pub fn sidecar_of(long_name: &str) -> String {
+    format!("{long_name}{LONG_NAME_SIDECAR_SUFFIX}")
+}
+
+/// Plaintext length of a symlink target stored as `encoded_len` base64url characters.
+pub const fn symlink_plain_len(encoded_len: u64) -> u64 {
+    (encoded_len * 3 / 4).saturating_sub((NONCE_LEN + TAG_LEN) as u64)
+}
+
+/// Why a stored name or value does not decode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NameError {
+    Encoding,
+    Auth,
+    TooLong,
+    Invalid,
+}
+
+/// The per-purpose ciphers derived from the volume name key.
+pub struct NameCipher {
+    names: Aead,
+    symlinks: Aead,
+    xattr_names: Aead,
+    xattr_values: Aead,
+}
+
+impl std::fmt::Debug for NameCipher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NameCipher(..)")
+    }
+}
+
+fn name_aad(label: &[u8], dir_id: &DirId) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(2 + label.len() + DIR_ID_LEN);
+    aad.extend_from_slice(&FORMAT_VERSION.to_be_bytes());
+    aad.extend_from_slice(label);
+    aad.extend_from_slice(dir_id);
+    aad
+}
+
+fn label_aad(label: &[u8]) -> Vec<u8> {
+    let mut aad = FORMAT_VERSION.to_be_bytes().to_vec();
+    aad.extend_from_slice(label);
+    aad
+}
+
+/// A valid entry name: 1 to 255 bytes, no NUL, no '/', not "." or "..".
+pub fn check_name(name: &[u8]) -> Result<(), NameError> {
+    if name.len() > MAX_NAME_LEN {
+        return Err(NameError::TooLong);
+    }
+    if name.is_empty() || name == b"." || name == b".." || name.iter().any(|&b| b == 0 || b == b'/') {
+        return Err(NameError::Invalid);
+    }
+    Ok(())
+}
+
+impl NameCipher {
+    pub fn new(volume_name_key: &SecretKey, volume_id: &[u8]) -> Self {
+        let sub = |info| Aead::new(&volume_name_key.derive(volume_id, info));
+        NameCipher {
+            names: sub(NAME_KEY_INFO),
+            symlinks: sub(SYMLINK_KEY_INFO),
+            xattr_names: sub(XATTR_NAME_KEY_INFO),
+            xattr_values: sub(XATTR_VALUE_KEY_INFO),
+        }
+    }
+
+    /// The encoded encrypted form of entry `name` in the directory `dir_id`.
+    pub fn encrypt_name(&self, dir_id: &DirId, name: &[u8]) -> Result<String, NameError> {
+        check_name(name)?;
+        Ok(B64.encode(self.names.seal_deterministic(&name_aad(NAME_AAD, dir_id), name)))
+    }
+
+    /// The plaintext of an encoded encrypted name from directory `dir_id`.
+    pub fn decrypt_name(&self, dir_id: &DirId, encoded: &str) -> Result<Vec<u8>, NameError> {
+        if encoded.len() > MAX_SIDECAR_LEN {
+            return Err(NameError::TooLong);
+        }
+        let sealed = B64.decode(encoded).map_err(|_| NameError::Encoding)?;
+        let name = self
+            .names
+            .open_deterministic(&name_aad(NAME_AAD, dir_id), &sealed)
+            .map_err(|_| NameError::Auth)?;
+        check_name(&name)?;
+        Ok(name)
+    }
+
+    pub fn encrypt_symlink(&self, target: &[u8]) -> String {
+        B64.encode(self.symlinks.seal(&label_aad(SYMLINK_AAD), target))
+    }
+
+    pub fn decrypt_symlink(&self, stored: &[u8]) -> Result<Vec<u8>, NameError> {
+        let sealed = B64.decode(stored).map_err(|_| NameError::Encoding)?;
+        let target = self
+            .symlinks
+            .open(&label_aad(SYMLINK_AAD), &sealed)
+            .map_err(|_| NameError::Auth)?;
+        Ok(target.to_vec())
+    }
+
+    /// `user.NAME` → `user.<encoded encrypted NAME>`.
+    pub fn encrypt_xattr_name(&self, name: &[u8]) -> String {
+        let sealed = self
+            .xattr_names
+            .seal_deterministic(&label_aad(XATTR_NAME_AAD), name);
+        format!("{XATTR_USER_PREFIX}{}", B64.encode(sealed))
+    }
+
+    /// The plaintext name (without `user.`) of a stored `user.<encoded>` xattr name.
+    pub fn decrypt_xattr_name(&self, stored: &[u8]) -> Result<Vec<u8>, NameError> {
+        let enc = stored
+            .strip_prefix(XATTR_USER_PREFIX.as_bytes())
+            .ok_or(NameError::Invalid)?;
+        let sealed = B64.decode(enc).map_err(|_| NameError::Encoding)?;
+        self.xattr_names
+            .open_deterministic(&label_aad(XATTR_NAME_AAD), &sealed)
+            .map_err(|_| NameError::Auth)
+    }
+
+    /// A value, bound to the (encrypted) attribute name it is stored under.
+    pub fn encrypt_xattr_value(&self, stored_name: &str, value: &[u8]) -> Vec<u8> {
+        let mut aad = label_aad(XATTR_VALUE_AAD);
+        aad.extend_from_slice(stored_name.as_bytes());
+        self.xattr_values.seal(&aad, value)
+    }
+
+    pub fn decrypt_xattr_value(&self, stored_name: &str, stored: &[u8]) -> Result<Vec<u8>, NameError> {
+        let mut aad = label_aad(XATTR_VALUE_AAD);
+        aad.extend_from_slice(stored_name.as_bytes());
+        let v = self
+            .xattr_values
+            .open(&aad, stored)
+            .map_err(|_| NameError::Auth)?;
+        Ok(v.to_vec())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cipher() -> NameCipher {
+        NameCipher::new(&SecretKey::generate(), b"volume")
+    }
+
+    #[test]
+    fn names_round_trip_at_every_length_and_switch_to_long_at_176() {
+        let c = cipher();
+        let dir = [7u8; DIR_ID_LEN];
+        for len in 1..=MAX_NAME_LEN {
+            let name: Vec<u8> = (0..len).map(|i| b'a' + (i % 26) as u8).collect();
+            let enc = c.encrypt_name(&dir, &name).unwrap();
+            let (backing, long) = backing_name_for(&enc);
+            assert_eq!(long, len > MAX_SHORT_NAME_LEN, "len {len}");
+            assert!(backing.len() <= MAX_BACKING_NAME_LEN);
+            assert_eq!(c.decrypt_name(&dir, &enc).unwrap(), name);
+            let expected = if long {
+                BackingEntry::Long(&backing)
+            } else {
+                BackingEntry::Short(&backing)
+            };
+            assert_eq!(classify(backing.as_bytes()), expected);
+        }
+        assert_eq!(MAX_SHORT_NAME_LEN, 175);
+    }
+
+    #[test]
+    fn a_name_is_bound_to_its_directory() {
+        let c = cipher();
+        let enc = c
+            .encrypt_name(&[1; DIR_ID_LEN], b"interview_jane_doe.mp4")
+            .unwrap();
+        assert_ne!(
+            enc,
+            c.encrypt_name(&[2; DIR_ID_LEN], b"interview_jane_doe.mp4")
+                .unwrap()
+        );
+        assert_eq!(c.decrypt_name(&[2; DIR_ID_LEN], &enc), Err(NameError::Auth));
+        assert_eq!(c.decrypt_name(&[1; DIR_ID_LEN], "!!"), Err(NameError::Encoding));
+    }
+
+    #[test]
+    fn invalid_names_are_refused() {
+        let c = cipher();
+        let d = [0; DIR_ID_LEN];
+        assert_eq!(c.encrypt_name(&d, &[b'x'; 256]), Err(NameError::TooLong));
+        for bad in [&b""[..], b".", b"..", b"a/b", b"a\0b"] {
+            assert_eq!(c.encrypt_name(&d, bad), Err(NameError::Invalid));
+        }
+    }
+
+    #[test]
+    fn internal_names_never_look_like_encrypted_ones() {
+        for internal in [
+            DIR_ID_FILE,
+            ".kmsfs.lock",
+            "kmsfs.json",
+            ".kmsfs.tmp.abc",
+            "kmsfs.long.xyz.name",
+        ] {
+            assert_eq!(
+                classify(internal.as_bytes()),
+                BackingEntry::Internal,
+                "{internal}"
+            );
+        }
+    }
+
+    #[test]
+    fn symlinks_and_xattrs_round_trip() {
+        let c = cipher();
+        let s = c.encrypt_symlink(b"../plates/AB-123-CD.jpg");
+        assert_eq!(symlink_plain_len(s.len() as u64), 23);
+        assert_eq!(
+            c.decrypt_symlink(s.as_bytes()).unwrap(),
+            b"../plates/AB-123-CD.jpg"
+        );
+        assert_ne!(
+            s,
+            c.encrypt_symlink(b"../plates/AB-123-CD.jpg"),
+            "random nonce per target"
+        );
+        let n = c.encrypt_xattr_name(b"comment");
+        assert!(n.starts_with("user."));
+        assert_eq!(c.decrypt_xattr_name(n.as_bytes()).unwrap(), b"comment");
+        let v = c.encrypt_xattr_value(&n, b"face at 00:13");
+        assert_eq!(c.decrypt_xattr_value(&n, &v).unwrap(), b"face at 00:13");
+        assert!(c.decrypt_xattr_value("user.other", &v).is_err());
+    }
+}

@@ -1,0 +1,432 @@
+//! Namespace operations: lookup, create, remove, rename, link, symlinks and listings, with
+//! names translated through `names` (encrypted under the parent directory's id).
+//!
+//! Crash ordering, so that no entry is ever unreachable (docs/format.md, "Names"):
+//! - a directory is made under a hidden temporary name, given its id file (fsynced), then
+//!   renamed into place;
+//! - a long name's sidecar is written (and fsynced) before its entry, and removed after it.
+
+use super::attr::Attr;
+use super::error::{FsError, FsResult};
+use super::inode::{Inode, Kind, ROOT_INO};
+use super::names::{self, BackingName, Names};
+use super::{Caller, DirEntry, Fs, Handle};
+use crate::format::name::{DIR_ID_FILE, DIR_ID_LEN, DirId, symlink_plain_len};
+use crate::sys;
+use std::ffi::{OsStr, OsString};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+
+impl Fs {
+    /// The id names in `dir` are bound to (`None` with plaintext names).
+    pub(super) fn dir_id(&self, dir: &Inode) -> FsResult<Option<DirId>> {
+        let Names::Encrypted { root_dir_id, .. } = &self.names else {
+            return Ok(None);
+        };
+        if dir.ino == ROOT_INO {
+            return Ok(Some(*root_dir_id));
+        }
+        if let Some(id) = dir.dir_id.get() {
+            return Ok(Some(*id));
+        }
+        let id = names::read_dir_id(dir.fd()).map_err(|e| {
+            log::error!("directory inode {}: missing or damaged id file ({e})", dir.ino);
+            FsError::Corrupt
+        })?;
+        Ok(Some(*dir.dir_id.get_or_init(|| id)))
+    }
+
+    pub(super) fn backing(&self, dir: &Inode, name: &OsStr) -> FsResult<BackingName> {
+        let id = self.dir_id(dir)?;
+        self.names.to_backing(id.as_ref(), dir.ino == ROOT_INO, name)
+    }
+
+    /// Attributes as the mount shows them.
+    pub(super) fn attr_from(&self, inode: &Inode, st: &libc::stat) -> Attr {
+        let mut attr = Attr::from_stat(inode.ino, st, inode.content().map(|c| c.size()));
+        if inode.kind == Kind::Symlink && self.names.encrypted() {
+            attr.size = symlink_plain_len(attr.size);
+        }
+        attr
+    }
+
+    /// Looks `name` up in `parent` and counts a kernel reference to the result.
+    pub fn lookup(&self, parent: u64, name: &OsStr) -> FsResult<Attr> {
+        let dir = self.inodes.get(parent)?;
+        let b = match self.backing(&dir, name) {
+            Err(FsError::Reserved) => {
+                return Err(FsError::Io(std::io::Error::from_raw_os_error(libc::ENOENT)));
+            }
+            other => other?,
+        };
+        self.lookup_backing(&dir, &b.name)
+    }
+
+    fn lookup_backing(&self, dir: &Inode, backing: &OsStr) -> FsResult<Attr> {
+        let fd = sys::openat(dir.fd(), backing, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
+        let st = sys::fstatat(fd.as_fd(), OsStr::new(""))?;
+        let inode = self.inodes.lookup(fd, &st);
+        Ok(self.attr_from(&inode, &st))
+    }
+
+    /// The parent inode for a change to its entries, and the backing name of `name` in it.
+    fn prepare_change(&self, parent: u64, name: &OsStr) -> FsResult<(Arc<Inode>, BackingName)> {
+        self.check_writable()?;
+        let dir = self.inodes.get(parent)?;
+        let b = self.backing(&dir, name)?;
+        Ok((dir, b))
+    }
+
+    /// Creates an entry with `make`, writing a long name's sidecar first and removing it again
+    /// if `make` fails.
+    pub(super) fn create_entry<T>(
+        &self,
+        dir: &Inode,
+        b: &BackingName,
+        make: impl FnOnce(&OsStr) -> FsResult<T>,
+    ) -> FsResult<T> {
+        let wrote_sidecar = match &b.sidecar {
+            Some((_, encoded)) => names::write_sidecar(dir.fd(), &b.name, encoded)?,
+            None => false,
+        };
+        let result = make(&b.name);
+        if result.is_err()
+            && wrote_sidecar
+            && let Some((sidecar, _)) = &b.sidecar
+        {
+            let _ = sys::unlinkat(dir.fd(), sidecar, false);
+        }
+        result
+    }
+
+    /// Removes a long name's sidecar once its entry is gone.
+    fn remove_sidecar(&self, dir: &Inode, b: &BackingName) {
+        if let Some((sidecar, _)) = &b.sidecar
+            && let Err(e) = sys::unlinkat(dir.fd(), sidecar, false)
+            && e.raw_os_error() != Some(libc::ENOENT)
+        {
+            log::warn!(
+                "directory inode {}: cannot remove a long-name sidecar: {e}",
+                dir.ino
+            );
+        }
+    }
+
+    /// Gives a new entry to its caller (when we run as root) and looks it up.
+    pub(super) fn finish_create(&self, dir: &Inode, backing: &OsStr, caller: Caller) -> FsResult<Attr> {
+        let fd = sys::openat(dir.fd(), backing, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
+        self.give_to_caller(dir, fd.as_fd(), caller)?;
+        let st = sys::fstatat(fd.as_fd(), OsStr::new(""))?;
+        let inode = self.inodes.lookup(fd, &st);
+        Ok(self.attr_from(&inode, &st))
+    }
+
+    fn give_to_caller(&self, dir: &Inode, fd: BorrowedFd<'_>, caller: Caller) -> FsResult<()> {
+        if !self.chown_to_caller {
+            return Ok(());
+        }
+        // In a set-group-id directory the new entry keeps the directory's group, as the
+        // backing filesystem already arranged.
+        let dir_st = sys::fstatat(dir.fd(), OsStr::new(""))?;
+        let gid = (dir_st.st_mode & libc::S_ISGID == 0).then_some(caller.gid);
+        sys::chown_fd(fd, Some(caller.uid), gid)?;
+        Ok(())
+    }
+
+    pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, caller: Caller) -> FsResult<Attr> {
+        let (dir, b) = self.prepare_change(parent, name)?;
+        if !self.names.encrypted() {
+            sys::mkdirat(dir.fd(), &b.name, mode & 0o7777)?;
+            return self.finish_create(&dir, &b.name, caller);
+        }
+        // Made under a hidden name and given its id before it can be seen: a directory
+        // without an id would hold names nobody can decrypt.
+        let tmp = names::temp_name();
+        sys::mkdirat(dir.fd(), &tmp, 0o700)?;
+        let made = (|| -> FsResult<()> {
+            let tfd = sys::openat(
+                dir.fd(),
+                &tmp,
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+                0,
+            )?;
+            let mut id = [0u8; DIR_ID_LEN];
+            crate::crypto::fill_random(&mut id);
+            names::write_dir_id(tfd.as_fd(), &id)?;
+            // Asked-for mode only now that the id file is in. A set-group-id parent passes its
+            // bit on, as mkdir(2) would have.
+            let parent_st = sys::fstatat(dir.fd(), OsStr::new(""))?;
+            let inherit = parent_st.st_mode & libc::S_ISGID;
+            sys::chmod_fd(tfd.as_fd(), (mode & 0o7777) | inherit)?;
+            self.create_entry(&dir, &b, |final_name| {
+                Ok(sys::renameat2(
+                    dir.fd(),
+                    &tmp,
+                    dir.fd(),
+                    final_name,
+                    libc::RENAME_NOREPLACE,
+                )?)
+            })
+        })();
+        if let Err(e) = made {
+            let _ = remove_temp_dir(dir.fd(), &tmp);
+            return Err(e);
+        }
+        self.finish_create(&dir, &b.name, caller)
+    }
+
+    pub fn mknod(&self, parent: u64, name: &OsStr, mode: u32, rdev: u64, caller: Caller) -> FsResult<Attr> {
+        if mode & libc::S_IFMT == libc::S_IFREG || mode & libc::S_IFMT == 0 {
+            let (attr, fh) = self.create(parent, name, mode, libc::O_WRONLY, caller)?;
+            self.release(fh);
+            return Ok(attr);
+        }
+        let (dir, b) = self.prepare_change(parent, name)?;
+        self.create_entry(&dir, &b, |n| Ok(sys::mknodat(dir.fd(), n, mode, rdev)?))?;
+        self.finish_create(&dir, &b.name, caller)
+    }
+
+    pub fn symlink(&self, parent: u64, name: &OsStr, target: &OsStr, caller: Caller) -> FsResult<Attr> {
+        let (dir, b) = self.prepare_change(parent, name)?;
+        let stored: OsString = match self.names.cipher() {
+            Some(c) => c.encrypt_symlink(target.as_bytes()).into(),
+            None => target.to_os_string(),
+        };
+        if stored.len() >= libc::PATH_MAX as usize {
+            return Err(FsError::NameTooLong);
+        }
+        self.create_entry(&dir, &b, |n| Ok(sys::symlinkat(&stored, dir.fd(), n)?))?;
+        self.finish_create(&dir, &b.name, caller)
+    }
+
+    pub fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
+        let inode = self.inodes.get(ino)?;
+        let stored = sys::readlink_fd(inode.fd())?;
+        match self.names.cipher() {
+            None => Ok(stored),
+            Some(c) => c.decrypt_symlink(&stored).map_err(|_| {
+                log::error!("symlink inode {ino}: target does not decrypt");
+                FsError::Corrupt
+            }),
+        }
+    }
+
+    pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> FsResult<Attr> {
+        let (dir, b) = self.prepare_change(newparent, newname)?;
+        let inode = self.inodes.get(ino)?;
+        self.create_entry(&dir, &b, |n| Ok(sys::link_fd(inode.fd(), dir.fd(), n)?))?;
+        self.lookup_backing(&dir, &b.name)
+    }
+
+    pub fn unlink(&self, parent: u64, name: &OsStr) -> FsResult<()> {
+        let (dir, b) = self.prepare_change(parent, name)?;
+        sys::unlinkat(dir.fd(), &b.name, false)?;
+        self.remove_sidecar(&dir, &b);
+        Ok(())
+    }
+
+    pub fn rmdir(&self, parent: u64, name: &OsStr) -> FsResult<()> {
+        let (dir, b) = self.prepare_change(parent, name)?;
+        if self.names.encrypted() {
+            let sub = sys::openat(
+                dir.fd(),
+                &b.name,
+                libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+                0,
+            )?;
+            // Only the id file may remain; it goes first (and comes back if rmdir fails).
+            let id = names::read_dir_id(sub.as_fd()).ok();
+            if list_backing(sub.as_fd())?
+                .iter()
+                .any(|n| n.as_bytes() != DIR_ID_FILE.as_bytes())
+            {
+                return Err(FsError::Io(std::io::Error::from_raw_os_error(libc::ENOTEMPTY)));
+            }
+            if id.is_some() {
+                sys::unlinkat(sub.as_fd(), OsStr::new(DIR_ID_FILE), false)?;
+            }
+            if let Err(e) = sys::unlinkat(dir.fd(), &b.name, true) {
+                if let Some(id) = id {
+                    let _ = names::write_dir_id(sub.as_fd(), &id);
+                }
+                return Err(e.into());
+            }
+        } else {
+            sys::unlinkat(dir.fd(), &b.name, true)?;
+        }
+        self.remove_sidecar(&dir, &b);
+        Ok(())
+    }
+
+    pub fn rename(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        newparent: u64,
+        newname: &OsStr,
+        flags: u32,
+    ) -> FsResult<()> {
+        if flags & !(libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE) != 0 {
+            return Err(FsError::InvalidArgument);
+        }
+        let (from_dir, from) = self.prepare_change(parent, name)?;
+        let (to_dir, to) = self.prepare_change(newparent, newname)?;
+        // Replacing an empty directory: its id file must go first (and comes back if the
+        // rename fails), or the backing rename sees a non-empty directory.
+        let same_entry = from_dir.ino == to_dir.ino && from.name == to.name;
+        let replaced = match flags {
+            0 if !same_entry => self.take_empty_dir_id(&to_dir, &to.name)?,
+            _ => None,
+        };
+        // The new name (re-encrypted under the new parent's id) gets its sidecar first; a
+        // directory keeps its id, so everything below it stays readable.
+        let result = self.create_entry(&to_dir, &to, |n| {
+            Ok(sys::renameat2(from_dir.fd(), &from.name, to_dir.fd(), n, flags)?)
+        });
+        if let Err(e) = result {
+            if let Some((fd, id)) = replaced {
+                let _ = names::write_dir_id(fd.as_fd(), &id);
+            }
+            return Err(e);
+        }
+        if flags & libc::RENAME_EXCHANGE == 0 && !same_entry {
+            self.remove_sidecar(&from_dir, &from);
+        }
+        Ok(())
+    }
+
+    /// If `backing` in `dir` is a directory holding nothing but its id file, removes the id
+    /// file and returns the directory and its id (to restore on failure). A non-empty
+    /// directory is left alone: the rename then fails with ENOTEMPTY, as it should.
+    fn take_empty_dir_id(
+        &self,
+        dir: &Inode,
+        backing: &OsStr,
+    ) -> FsResult<Option<(std::os::fd::OwnedFd, DirId)>> {
+        if !self.names.encrypted() {
+            return Ok(None);
+        }
+        let Ok(sub) = sys::openat(
+            dir.fd(),
+            backing,
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+            0,
+        ) else {
+            return Ok(None);
+        };
+        let Ok(id) = names::read_dir_id(sub.as_fd()) else {
+            return Ok(None);
+        };
+        if list_backing(sub.as_fd())?
+            .iter()
+            .any(|n| n.as_bytes() != DIR_ID_FILE.as_bytes())
+        {
+            return Ok(None);
+        }
+        sys::unlinkat(sub.as_fd(), OsStr::new(DIR_ID_FILE), false)?;
+        Ok(Some((sub, id)))
+    }
+
+    pub fn opendir(&self, ino: u64) -> FsResult<u64> {
+        let inode = self.inodes.get(ino)?;
+        let id = self.dir_id(&inode)?;
+        let path = sys::proc_fd_path(inode.fd());
+        let mut entries = Vec::new();
+        let mut undecryptable = 0usize;
+        for e in std::fs::read_dir(std::path::Path::new(OsStr::from_bytes(path.as_bytes())))? {
+            let e = e?;
+            let name = match self
+                .names
+                .from_backing(inode.fd(), id.as_ref(), ino == ROOT_INO, &e.file_name())
+            {
+                None => continue,
+                Some(Ok(name)) => name,
+                Some(Err(_)) => {
+                    undecryptable += 1;
+                    continue;
+                }
+            };
+            use std::os::unix::fs::DirEntryExt;
+            entries.push(DirEntry {
+                ino: e.ino(),
+                kind: kind_of(&e.file_type()?),
+                name,
+            });
+        }
+        if undecryptable > 0 {
+            log::warn!(
+                "directory inode {ino}: skipped {undecryptable} entries whose names do not decrypt \
+                 (altered, or not written by this volume)"
+            );
+        }
+        Ok(self.add_handle(Handle::Dir {
+            entries: Arc::new(entries),
+        }))
+    }
+
+    /// The directory's entries after `offset` (entries are numbered from 1; `.` and `..` come
+    /// first).
+    pub fn readdir(&self, ino: u64, fh: u64, offset: u64) -> FsResult<Vec<(u64, DirEntry)>> {
+        let entries = match &*self.handle(fh)? {
+            Handle::Dir { entries } => entries.clone(),
+            Handle::File { .. } => return Err(FsError::BadHandle),
+        };
+        let dot = |name: &str, ino| DirEntry {
+            ino,
+            kind: Kind::Dir,
+            name: name.into(),
+        };
+        Ok([dot(".", ino), dot("..", ROOT_INO)]
+            .into_iter()
+            .chain(entries.iter().cloned())
+            .enumerate()
+            .map(|(i, e)| (i as u64 + 1, e))
+            .skip(offset as usize)
+            .collect())
+    }
+
+    pub fn releasedir(&self, fh: u64) {
+        self.handles().remove(&fh);
+    }
+}
+
+fn kind_of(ft: &std::fs::FileType) -> Kind {
+    use std::os::unix::fs::FileTypeExt;
+    if ft.is_dir() {
+        Kind::Dir
+    } else if ft.is_symlink() {
+        Kind::Symlink
+    } else if ft.is_fifo() {
+        Kind::Fifo
+    } else if ft.is_socket() {
+        Kind::Socket
+    } else if ft.is_char_device() {
+        Kind::CharDevice
+    } else if ft.is_block_device() {
+        Kind::BlockDevice
+    } else {
+        Kind::File
+    }
+}
+
+/// Every backing name in a directory.
+fn list_backing(dir: BorrowedFd<'_>) -> std::io::Result<Vec<OsString>> {
+    let path = sys::proc_fd_path(dir);
+    std::fs::read_dir(std::path::Path::new(OsStr::from_bytes(path.as_bytes())))?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect()
+}
+
+/// Removes a half-made directory (its id file, then itself).
+fn remove_temp_dir(parent: BorrowedFd<'_>, tmp: &OsStr) -> std::io::Result<()> {
+    if let Ok(fd) = sys::openat(
+        parent,
+        tmp,
+        libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+        0,
+    ) {
+        let _ = sys::unlinkat(fd.as_fd(), OsStr::new(DIR_ID_FILE), false);
+    }
+    sys::unlinkat(parent, tmp, true)
+}
