@@ -18,7 +18,10 @@ pub enum Names {
     /// Names, symlink targets and xattrs in the clear (`kmsfs init --plaintext-names`).
     Plain,
     /// Encrypted names; the root directory's id comes from the volume config.
-    Encrypted { cipher: Box<NameCipher>, root_dir_id: DirId },
+    Encrypted {
+        cipher: Box<NameCipher>,
+        root_dir_id: DirId,
+    },
 }
 
 /// Where an entry lives in its backing directory.
