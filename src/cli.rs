@@ -32,15 +32,34 @@ enum Cmd {
         /// Keystore file for the local KMS (default: BACKING's sibling `NAME.keystore`).
         #[arg(long)]
         keystore: Option<PathBuf>,
-        /// Name of the key that wraps this volume's file keys.
+        /// Name of the local keystore key that wraps this volume's file keys.
         #[arg(long, default_value = "default")]
         key: String,
+        /// The KMS: `local` (embedded keystore), or `openbao` / `vault` (Transit).
+        #[arg(long, default_value = "local", value_parser = ["local", "openbao", "vault"])]
+        kms: String,
+        /// OpenBao/Vault address(es), comma-separated (default: $BAO_ADDR or $VAULT_ADDR).
+        #[arg(long)]
+        kms_addr: Option<String>,
+        /// The Transit key (must be created with derived=true).
+        #[arg(long)]
+        kms_key: Option<String>,
+        /// The Transit mount path.
+        #[arg(long, default_value = "transit")]
+        kms_mount: String,
         /// Keep file names, symlink targets and xattrs in the clear (contents stay encrypted).
         #[arg(long)]
         plaintext_names: bool,
     },
     /// Mount a volume; returns once the mount is ready unless --foreground.
     Mount(MountArgs),
+    /// Re-wrap every file key (and the name key) under the KMS key's newest version.
+    Rewrap {
+        backing: PathBuf,
+        /// Only count files per key version.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Unmount a volume and wait for its daemon to exit.
     Unmount {
         mountpoint: PathBuf,
@@ -104,7 +123,26 @@ pub fn run(cli: Cli) -> Result<(), Fatal> {
             keystore,
             key,
             plaintext_names,
-        } => init(&backing, keystore, &key, plaintext_names),
+            kms,
+            kms_addr,
+            kms_key,
+            kms_mount,
+        } => {
+            let kms = match kms.as_str() {
+                "local" => InitKms::Local { keystore, key },
+                _ => InitKms::OpenBao {
+                    addrs: kms_addr
+                        .or_else(|| std::env::var("BAO_ADDR").ok())
+                        .or_else(|| std::env::var("VAULT_ADDR").ok())
+                        .ok_or_else(|| Fatal("give --kms-addr URL (or set BAO_ADDR)".into()))?,
+                    key: kms_key
+                        .ok_or_else(|| Fatal("give --kms-key NAME: the Transit key to use".into()))?,
+                    mount: kms_mount,
+                },
+            };
+            init(&backing, kms, plaintext_names)
+        }
+        Cmd::Rewrap { backing, dry_run } => crate::rewrap::run(&backing, dry_run),
         Cmd::Mount(args) => mount(args),
         Cmd::Unmount { mountpoint, lazy } => daemon::unmount(&mountpoint, lazy),
         Cmd::Key(args) => key(args),
@@ -125,11 +163,19 @@ fn default_keystore(backing: &Path) -> Result<PathBuf, Fatal> {
     Ok(backing.with_file_name(file))
 }
 
-fn init(backing: &Path, keystore: Option<PathBuf>, key: &str, plaintext_names: bool) -> Result<(), Fatal> {
-    let keystore = match keystore {
-        Some(k) => absolute(&k)?,
-        None => default_keystore(backing)?,
-    };
+enum InitKms {
+    Local {
+        keystore: Option<PathBuf>,
+        key: String,
+    },
+    OpenBao {
+        addrs: String,
+        key: String,
+        mount: String,
+    },
+}
+
+fn init(backing: &Path, kms: InitKms, plaintext_names: bool) -> Result<(), Fatal> {
     if backing.join(CONFIG_FILE_NAME).exists() {
         return Err(Fatal(format!("{} is already a kmsfs volume", backing.display())));
     }
@@ -153,34 +199,55 @@ fn init(backing: &Path, keystore: Option<PathBuf>, key: &str, plaintext_names: b
         Err(e) => return Err(Fatal(format!("{}: {e}", backing.display()))),
     }
     let backing = std::fs::canonicalize(backing).map_err(|e| Fatal(format!("{}: {e}", backing.display())))?;
-    if keystore.starts_with(&backing) {
-        return Err(Fatal(
-            "the keystore must not live inside the backing directory: whoever holds the ciphertext would hold the keys"
-                .into(),
-        ));
-    }
-    let mut store = if keystore.exists() {
-        Keystore::load(&keystore).map_err(daemon::explain_kms)?
-    } else {
-        Keystore::default()
+    let (kms_config, about) = match kms {
+        InitKms::Local { keystore, key } => {
+            let keystore = match keystore {
+                Some(k) => absolute(&k)?,
+                None => default_keystore(&backing)?,
+            };
+            if keystore.starts_with(&backing) {
+                return Err(Fatal(
+                    "the keystore must not live inside the backing directory: whoever holds the ciphertext would hold the keys"
+                        .into(),
+                ));
+            }
+            let mut store = if keystore.exists() {
+                Keystore::load(&keystore).map_err(daemon::explain_kms)?
+            } else {
+                Keystore::default()
+            };
+            let created_key = store.key(&key).is_none();
+            if created_key {
+                store.create_key(&key).map_err(Fatal)?;
+                store
+                    .save(&keystore)
+                    .map_err(|e| Fatal(format!("cannot write keystore {}: {e}", keystore.display())))?;
+            }
+            let about = format!(
+                "keystore: {} (key {key:?}{}) — back it up and keep it off the backing storage: without it the data is lost",
+                keystore.display(),
+                if created_key { ", created" } else { "" }
+            );
+            (KmsConfig::Local { keystore, key }, about)
+        }
+        InitKms::OpenBao { addrs, key, mount } => {
+            let addrs: Vec<String> = addrs
+                .split(',')
+                .map(|a| a.trim().trim_end_matches('/').to_owned())
+                .collect();
+            let about = format!("KMS: OpenBao Transit key {key:?} at {}", addrs.join(", "));
+            (KmsConfig::Openbao { addrs, mount, key }, about)
+        }
     };
-    let created_key = store.key(key).is_none();
-    if created_key {
-        store.create_key(key).map_err(Fatal)?;
-        store
-            .save(&keystore)
-            .map_err(|e| Fatal(format!("cannot write keystore {}: {e}", keystore.display())))?;
-    }
-    let mut config = VolumeConfig::new(KmsConfig::Local {
-        keystore: keystore.clone(),
-        key: key.into(),
-    });
+    let mut config = VolumeConfig::new(kms_config);
     // Prove the key works before the volume exists, and have it wrap the volume name key.
-    let kms = daemon::kms_for(&config);
-    daemon::block_on(kms.check_access()).map_err(daemon::explain_kms)?;
+    let kms = daemon::kms_for(&config)?;
+    let rt = daemon::cli_runtime();
+    rt.block_on(kms.check_access()).map_err(daemon::explain_kms)?;
     if !plaintext_names {
-        let (_name_key, wrapped) =
-            daemon::block_on(kms.generate_dek(&config.volume_id_bytes())).map_err(daemon::explain_kms)?;
+        let (_name_key, wrapped) = rt
+            .block_on(kms.generate_dek(&config.volume_id_bytes()))
+            .map_err(daemon::explain_kms)?;
         let mut root_id = [0u8; crate::format::name::DIR_ID_LEN];
         crate::crypto::fill_random(&mut root_id);
         config.names = NamesConfig::Encrypted {
@@ -201,11 +268,7 @@ fn init(backing: &Path, keystore: Option<PathBuf>, key: &str, plaintext_names: b
         config.volume_id,
         backing.display()
     );
-    println!(
-        "keystore: {} (key {key:?}{}) — back it up and keep it off the backing storage: without it the data is lost",
-        keystore.display(),
-        if created_key { ", created" } else { "" }
-    );
+    println!("{about}");
     Ok(())
 }
 
@@ -315,6 +378,11 @@ fn key(args: KeyArgs) -> Result<(), Fatal> {
         (Some(k), _) => absolute(&k)?,
         (None, Some(v)) => match daemon::load_config(&v)?.kms {
             KmsConfig::Local { keystore, .. } => keystore,
+            KmsConfig::Openbao { key, .. } => {
+                return Err(Fatal(format!(
+                    "this volume's keys live in OpenBao: manage Transit key {key:?} there (e.g. `bao write -f transit/keys/{key}/rotate`)"
+                )));
+            }
         },
         (None, None) => return Err(Fatal("give --keystore PATH or --volume BACKING".into())),
     };

@@ -9,6 +9,7 @@ use crate::fs::names::Names;
 use crate::fs::{Fs, Options};
 use crate::fuse::FuseAdapter;
 use crate::kms::local::LocalKms;
+use crate::kms::openbao::{OpenBaoKms, Settings};
 use crate::kms::{Kms, KmsBackend, KmsError, WrappedDek};
 use crate::sys;
 use std::fs::{File, OpenOptions};
@@ -54,11 +55,15 @@ pub fn load_config(backing: &Path) -> Result<VolumeConfig, Fatal> {
     VolumeConfig::decode(&bytes).map_err(|e| fatal!("{}: {e}", path.display()))
 }
 
-/// The KMS a volume config names.
-pub fn kms_for(config: &VolumeConfig) -> Kms {
-    match &config.kms {
+/// The KMS a volume config names, with the mount's credentials from the environment.
+pub fn kms_for(config: &VolumeConfig) -> Result<Kms, Fatal> {
+    Ok(match &config.kms {
         KmsConfig::Local { keystore, key } => Kms::Local(LocalKms::new(keystore.clone(), key.clone())),
-    }
+        KmsConfig::Openbao { addrs, mount, key } => {
+            let settings = Settings::from_env(addrs, mount, key).map_err(explain_kms)?;
+            Kms::OpenBao(Arc::new(OpenBaoKms::new(settings).map_err(explain_kms)?))
+        }
+    })
 }
 
 /// The volume config is stored with the data, so whoever can write the backing directory can
@@ -66,6 +71,8 @@ pub fn kms_for(config: &VolumeConfig) -> Kms {
 /// keystore must live outside the backing directory and belong to the user running kmsfs.
 fn check_kms_location(config: &VolumeConfig, backing: &Path) -> Result<(), Fatal> {
     match &config.kms {
+        // Its address can be pinned on the mount side with BAO_ADDR.
+        KmsConfig::Openbao { .. } => Ok(()),
         KmsConfig::Local { keystore, .. } => {
             let real = std::fs::canonicalize(keystore).unwrap_or_else(|_| keystore.clone());
             if real.starts_with(backing) {
@@ -103,13 +110,17 @@ pub fn explain_kms(e: KmsError) -> Fatal {
     }
 }
 
-/// A single-threaded runtime for one-off KMS calls from the command line.
-pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+/// A runtime for KMS calls from the command line.
+pub fn cli_runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("tokio runtime")
-        .block_on(f)
+}
+
+/// Runs one KMS call from the command line.
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    cli_runtime().block_on(f)
 }
 
 pub struct MountRequest {
@@ -273,7 +284,11 @@ pub fn run_mount(req: MountRequest) -> Result<(), Fatal> {
         .enable_all()
         .build()
         .map_err(|e| fatal!("cannot start the KMS runtime: {e}"))?;
-    let kms = Arc::new(kms_for(&config));
+    let kms = Arc::new(kms_for(&config)?);
+    {
+        let _in_runtime = runtime.enter();
+        kms.start();
+    }
     let status = runtime.block_on(kms.check_access()).map_err(explain_kms)?;
     log::info!(
         "volume {}: KMS {} key {:?} version {} is usable",
@@ -284,6 +299,7 @@ pub fn run_mount(req: MountRequest) -> Result<(), Fatal> {
     );
 
     let names = open_names(&runtime, &kms, &config)?;
+    let kms_counter = kms.clone();
     let root: OwnedFd = File::open(&backing)
         .map_err(|e| fatal!("cannot open {}: {e}", backing.display()))?
         .into();
@@ -326,6 +342,9 @@ pub fn run_mount(req: MountRequest) -> Result<(), Fatal> {
     });
 
     let result = session.run();
+    if kms_counter.request_count() > 0 {
+        log::info!("KMS requests sent while mounted: {}", kms_counter.request_count());
+    }
     runtime.shutdown_background();
     match result {
         Ok(()) => {

@@ -6,6 +6,7 @@
 //! fails, so a header copied onto another file does not open.
 
 pub mod local;
+pub mod openbao;
 
 use crate::crypto::SecretKey;
 use std::future::Future;
@@ -91,6 +92,37 @@ pub trait KmsBackend: Send + Sync {
         }
     }
 
+    /// Fresh DEKs for many contexts; network backends wrap them in batch requests.
+    fn generate_many(
+        &self,
+        contexts: &[Vec<u8>],
+    ) -> impl Future<Output = Vec<Result<(SecretKey, WrappedDek), KmsError>>> + Send {
+        async move {
+            let mut out = Vec::with_capacity(contexts.len());
+            for c in contexts {
+                out.push(self.generate_dek(c).await);
+            }
+            out
+        }
+    }
+
+    /// Many rewraps at once.
+    fn rewrap_many(
+        &self,
+        items: &[(WrappedDek, Vec<u8>)],
+    ) -> impl Future<Output = Vec<Result<WrappedDek, KmsError>>> + Send {
+        async move {
+            let mut out = Vec::with_capacity(items.len());
+            for (w, ctx) in items {
+                out.push(self.rewrap(w, ctx).await);
+            }
+            out
+        }
+    }
+
+    /// The KEK version a wrapped DEK was made with, if the backend records one.
+    fn version_of(&self, wrapped: &WrappedDek) -> Option<u32>;
+
     /// Re-encrypts `wrapped` under the key's current version without revealing the DEK.
     fn rewrap(
         &self,
@@ -105,36 +137,65 @@ pub trait KmsBackend: Send + Sync {
 /// The backends this build knows, chosen by the volume config.
 pub enum Kms {
     Local(local::LocalKms),
+    OpenBao(std::sync::Arc<openbao::OpenBaoKms>),
+}
+
+impl Kms {
+    /// Starts background work (OpenBao's unwrap batcher); call from inside the runtime.
+    pub fn start(&self) {
+        if let Kms::OpenBao(k) = self {
+            k.start_batcher();
+        }
+    }
+
+    /// Requests sent to a network KMS so far (0 for the local keystore).
+    pub fn request_count(&self) -> u64 {
+        match self {
+            Kms::Local(_) => 0,
+            Kms::OpenBao(k) => k.request_count(),
+        }
+    }
+}
+
+macro_rules! dispatch {
+    ($self:ident, $k:ident => $e:expr) => {
+        match $self {
+            Kms::Local($k) => $e,
+            Kms::OpenBao($k) => $e,
+        }
+    };
 }
 
 impl KmsBackend for Kms {
     async fn generate_dek(&self, context: &[u8]) -> Result<(SecretKey, WrappedDek), KmsError> {
-        match self {
-            Kms::Local(k) => k.generate_dek(context).await,
-        }
+        dispatch!(self, k => k.generate_dek(context).await)
+    }
+
+    async fn generate_many(&self, contexts: &[Vec<u8>]) -> Vec<Result<(SecretKey, WrappedDek), KmsError>> {
+        dispatch!(self, k => k.generate_many(contexts).await)
     }
 
     async fn unwrap_dek(&self, wrapped: &WrappedDek, context: &[u8]) -> Result<SecretKey, KmsError> {
-        match self {
-            Kms::Local(k) => k.unwrap_dek(wrapped, context).await,
-        }
+        dispatch!(self, k => k.unwrap_dek(wrapped, context).await)
     }
 
     async fn unwrap_many(&self, items: &[(WrappedDek, Vec<u8>)]) -> Vec<Result<SecretKey, KmsError>> {
-        match self {
-            Kms::Local(k) => k.unwrap_many(items).await,
-        }
+        dispatch!(self, k => k.unwrap_many(items).await)
     }
 
     async fn rewrap(&self, wrapped: &WrappedDek, context: &[u8]) -> Result<WrappedDek, KmsError> {
-        match self {
-            Kms::Local(k) => k.rewrap(wrapped, context).await,
-        }
+        dispatch!(self, k => k.rewrap(wrapped, context).await)
+    }
+
+    async fn rewrap_many(&self, items: &[(WrappedDek, Vec<u8>)]) -> Vec<Result<WrappedDek, KmsError>> {
+        dispatch!(self, k => k.rewrap_many(items).await)
+    }
+
+    fn version_of(&self, wrapped: &WrappedDek) -> Option<u32> {
+        dispatch!(self, k => k.version_of(wrapped))
     }
 
     async fn check_access(&self) -> Result<KeyStatus, KmsError> {
-        match self {
-            Kms::Local(k) => k.check_access().await,
-        }
+        dispatch!(self, k => k.check_access().await)
     }
 }

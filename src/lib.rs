@@ -13,4 +13,5 @@ pub mod fs;
 pub mod fuse;
 pub mod hex;
 pub mod kms;
+pub mod rewrap;
 pub mod sys;

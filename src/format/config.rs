@@ -57,6 +57,16 @@ pub enum KmsConfig {
         /// Name of the key in the keystore that wraps new DEKs.
         key: String,
     },
+    /// OpenBao or Vault Transit. Credentials come from the mount's environment, never from
+    /// here; `BAO_ADDR` at mount time overrides `addrs`.
+    Openbao {
+        /// Server addresses (`https://host:8200`), tried in order.
+        addrs: Vec<String>,
+        /// The Transit mount path.
+        mount: String,
+        /// The Transit key (created with `derived=true`).
+        key: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -156,6 +166,20 @@ impl VolumeConfig {
                 }
                 if key.is_empty() || key.len() > super::header::MAX_KEY_REF_LEN {
                     return Err(ConfigError::Invalid("key name must be 1 to 256 bytes"));
+                }
+            }
+            KmsConfig::Openbao { addrs, mount, key } => {
+                if addrs.is_empty()
+                    || addrs
+                        .iter()
+                        .any(|a| !a.starts_with("http://") && !a.starts_with("https://"))
+                {
+                    return Err(ConfigError::Invalid(
+                        "OpenBao addresses must be http:// or https:// URLs",
+                    ));
+                }
+                if mount.is_empty() || key.is_empty() || key.len() > super::header::MAX_KEY_REF_LEN {
+                    return Err(ConfigError::Invalid("OpenBao mount and key must be set"));
                 }
             }
         }

@@ -358,6 +358,10 @@ impl KmsBackend for LocalKms {
         store.wrap(&self.key, &dek, context)
     }
 
+    fn version_of(&self, wrapped: &WrappedDek) -> Option<u32> {
+        Some(u32::from_be_bytes(wrapped.blob.get(..4)?.try_into().ok()?))
+    }
+
     async fn check_access(&self) -> Result<KeyStatus, KmsError> {
         let store = self.store()?;
         let key = store.usable_key(&self.key)?;

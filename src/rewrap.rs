@@ -1,0 +1,202 @@
+//! `kmsfs rewrap`: after a KEK rotation, re-wrap every file's DEK (and the volume name key)
+//! under the newest key version. Contents are not touched; each header is rewritten in its
+//! inactive slot (format v1's two-slot scheme), so a crash at any point loses nothing and a
+//! second run picks up where the first stopped. Works on a mounted or unmounted volume: the
+//! daemon reads a header only when it opens a file, and a torn slot falls back to the old one.
+
+use crate::daemon::{self, Fatal};
+use crate::format::config::{CONFIG_FILE_NAME, NamesConfig};
+use crate::format::header::{self, HEADER_LEN, SLOT_LEN, slot_offset};
+use crate::format::name::{BackingEntry, classify};
+use crate::kms::{KmsBackend, WrappedDek};
+use std::collections::{BTreeMap, HashSet};
+use std::fs::{File, OpenOptions};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+/// Files re-wrapped per KMS batch.
+const BATCH: usize = 200;
+
+struct Candidate {
+    path: PathBuf,
+    header: header::Header,
+}
+
+/// Every backing file that holds content (skips kmsfs's own files; follows no symlinks).
+fn content_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        let name = e.file_name();
+        if classify(name.as_bytes()) == BackingEntry::Internal
+            || name.as_bytes() == CONFIG_FILE_NAME.as_bytes()
+        {
+            continue;
+        }
+        let ft = e.file_type()?;
+        if ft.is_dir() {
+            content_files(&e.path(), out)?;
+        } else if ft.is_file() {
+            out.push(e.path());
+        }
+    }
+    Ok(())
+}
+
+pub fn run(backing: &Path, dry_run: bool) -> Result<(), Fatal> {
+    let config = daemon::load_config(backing)?;
+    let rt = daemon::cli_runtime();
+    let kms = daemon::kms_for(&config)?;
+    {
+        let _in = rt.enter();
+        kms.start();
+    }
+    let status = rt.block_on(kms.check_access()).map_err(daemon::explain_kms)?;
+    let latest = status.current_version;
+
+    let mut files = Vec::new();
+    content_files(backing, &mut files)
+        .map_err(|e| Fatal(format!("cannot walk {}: {e}", backing.display())))?;
+    let mut seen = HashSet::new();
+    let mut by_version: BTreeMap<Option<u32>, usize> = BTreeMap::new();
+    let mut todo = Vec::new();
+    let mut unreadable = 0usize;
+    for path in files {
+        let Ok(meta) = std::fs::metadata(&path) else {
+            continue;
+        };
+        if !seen.insert((meta.dev(), meta.ino())) {
+            continue; // another link to a file already counted
+        }
+        let mut buf = vec![0u8; HEADER_LEN as usize];
+        let header = File::open(&path)
+            .and_then(|f| f.read_exact_at(&mut buf, 0))
+            .ok()
+            .and_then(|()| header::decode(&buf).ok());
+        let Some(header) = header else {
+            unreadable += 1;
+            eprintln!(
+                "kmsfs: skipping a file with an unreadable header ({})",
+                path.display()
+            );
+            continue;
+        };
+        let w = WrappedDek {
+            key_ref: header.slot.key_ref.clone(),
+            blob: header.slot.wrapped.clone(),
+        };
+        let v = kms.version_of(&w);
+        *by_version.entry(v).or_default() += 1;
+        if v.is_none_or(|v| v < latest) {
+            todo.push(Candidate { path, header });
+        }
+    }
+    println!("key {:?} is at version {latest}", status.key_ref);
+    for (v, n) in &by_version {
+        match v {
+            Some(v) => println!("  {n} files wrapped with version {v}"),
+            None => println!("  {n} files with an unknown version"),
+        }
+    }
+    if dry_run {
+        return Ok(());
+    }
+
+    let mut done = 0usize;
+    let mut failed = 0usize;
+    let total = todo.len();
+    for chunk in todo.chunks(BATCH) {
+        let items: Vec<(WrappedDek, Vec<u8>)> = chunk
+            .iter()
+            .map(|c| {
+                (
+                    WrappedDek {
+                        key_ref: c.header.slot.key_ref.clone(),
+                        blob: c.header.slot.wrapped.clone(),
+                    },
+                    c.header.file_id.0.to_vec(),
+                )
+            })
+            .collect();
+        let results = rt.block_on(kms.rewrap_many(&items));
+        for (c, r) in chunk.iter().zip(results) {
+            let result = r
+                .map_err(|e| e.to_string())
+                .and_then(|w| write_slot(&c.path, &c.header, w).map_err(|e| e.to_string()));
+            match result {
+                Ok(()) => done += 1,
+                Err(e) => {
+                    failed += 1;
+                    eprintln!("kmsfs: file {}: {e}", c.header.file_id);
+                }
+            }
+        }
+        if total > BATCH {
+            eprintln!("rewrap: {}/{total}", done + failed);
+        }
+    }
+    let name_key = rewrap_name_key(backing, &rt, &kms, latest)?;
+    println!(
+        "re-wrapped {done} of {total} files to version {latest}{}{}{}",
+        if failed > 0 {
+            format!("; {failed} failed")
+        } else {
+            String::new()
+        },
+        if unreadable > 0 {
+            format!("; {unreadable} unreadable headers skipped")
+        } else {
+            String::new()
+        },
+        if name_key { "; name key re-wrapped" } else { "" },
+    );
+    if failed > 0 {
+        return Err(Fatal(format!(
+            "{failed} files could not be re-wrapped; run `kmsfs rewrap` again"
+        )));
+    }
+    Ok(())
+}
+
+/// Writes the new wrap into the header's inactive slot and syncs it.
+fn write_slot(path: &Path, h: &header::Header, w: WrappedDek) -> std::io::Result<()> {
+    let (index, slot) = h.next_slot(w.key_ref, w.blob);
+    let bytes = header::encode_slot(&h.file_id, &slot)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
+    debug_assert_eq!(bytes.len(), SLOT_LEN);
+    let f = OpenOptions::new().write(true).open(path)?;
+    f.write_all_at(&bytes, slot_offset(index))?;
+    f.sync_data()
+}
+
+/// Re-wraps the volume name key in the config if it is older than `latest`.
+fn rewrap_name_key(
+    backing: &Path,
+    rt: &tokio::runtime::Runtime,
+    kms: &crate::kms::Kms,
+    latest: u32,
+) -> Result<bool, Fatal> {
+    let mut config = daemon::load_config(backing)?;
+    let volume_id = config.volume_id_bytes();
+    let NamesConfig::Encrypted {
+        key_ref, wrapped_key, ..
+    } = &mut config.names
+    else {
+        return Ok(false);
+    };
+    let w = WrappedDek {
+        key_ref: key_ref.clone(),
+        blob: crate::hex::decode(wrapped_key).unwrap_or_default(),
+    };
+    if kms.version_of(&w).is_some_and(|v| v >= latest) {
+        return Ok(false);
+    }
+    let new = rt
+        .block_on(kms.rewrap(&w, &volume_id))
+        .map_err(daemon::explain_kms)?;
+    *key_ref = new.key_ref;
+    *wrapped_key = crate::hex::encode(&new.blob);
+    crate::durable::atomic_write(&backing.join(CONFIG_FILE_NAME), &config.encode(), 0o644)
+        .map_err(|e| Fatal(format!("cannot write volume config: {e}")))?;
+    Ok(true)
+}
