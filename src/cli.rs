@@ -84,8 +84,9 @@ struct MountArgs {
     /// Log file of a daemonised mount (default: /var/log/kmsfs/MOUNTPOINT.log).
     #[arg(long)]
     log_file: Option<PathBuf>,
-    /// FUSE worker threads.
-    #[arg(long, default_value_t = 4)]
+    /// FUSE worker threads. A thread waiting on the KMS blocks only itself, and concurrent
+    /// opens that wait together are sent to the KMS as one batch, so more threads than cores.
+    #[arg(long, default_value_t = 16)]
     threads: usize,
 }
 

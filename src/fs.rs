@@ -10,9 +10,9 @@ pub mod inode;
 pub mod names;
 mod xattr;
 
-use crate::format::FileId;
 use crate::format::block::ContentCipher;
 use crate::format::header::{self, HEADER_LEN, KeySlot};
+use crate::format::{FILE_ID_LEN, FileId};
 use crate::kms::{Kms, KmsBackend, WrappedDek};
 use crate::sys;
 use attr::Attr;
@@ -226,10 +226,11 @@ impl Fs {
         Ok((attr, fh))
     }
 
-    /// Asks the KMS for a new DEK bound to a new file id and writes the header.
+    /// Gets a new file id and its wrapped DEK from the KMS and writes the header.
     fn write_new_header(&self, file: &File) -> FsResult<ContentCipher> {
-        let file_id = FileId::generate();
-        let (dek, wrapped) = self.runtime.block_on(self.kms.generate_dek(&file_id.0))?;
+        let (id, dek, wrapped) = self.runtime.block_on(self.kms.new_file_key(FILE_ID_LEN))?;
+        let mut file_id = FileId([0u8; FILE_ID_LEN]);
+        file_id.0.copy_from_slice(&id);
         let slot = KeySlot {
             sequence: 1,
             key_ref: wrapped.key_ref,

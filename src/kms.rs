@@ -148,6 +148,20 @@ impl Kms {
         }
     }
 
+    /// A new file's id (the wrap context) with its fresh DEK, wrapped. Network backends hand
+    /// these out from a pool refilled in batches.
+    pub async fn new_file_key(&self, id_len: usize) -> Result<(Vec<u8>, SecretKey, WrappedDek), KmsError> {
+        match self {
+            Kms::OpenBao(k) if id_len == 16 => k.new_file_key().await,
+            _ => {
+                let mut ctx = vec![0u8; id_len];
+                crate::crypto::fill_random(&mut ctx);
+                let (dek, w) = self.generate_dek(&ctx).await?;
+                Ok((ctx, dek, w))
+            }
+        }
+    }
+
     /// Requests sent to a network KMS so far (0 for the local keystore).
     pub fn request_count(&self) -> u64 {
         match self {

@@ -1,13 +1,18 @@
 use clap::Parser;
 
-/// Drops fuser's own log records below error level, whatever KMSFS_LOG asks for: its debug
-/// output carries file names, and names must never reach our log.
+/// Drops other crates' log records below error level, whatever KMSFS_LOG asks for: fuser's
+/// debug output carries file names, and names must never reach our log.
 struct NoNames(env_logger::Logger);
 
 impl log::Log for NoNames {
     fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
-        let from_fuser = metadata.target().starts_with("fuser");
-        (!from_fuser || metadata.level() <= log::Level::Error) && self.0.enabled(metadata)
+        let target = metadata.target();
+        // Certificate failures come back to us as errors and are reported in one line.
+        if target.starts_with("rustls") {
+            return false;
+        }
+        let ours = target.starts_with("kmsfs");
+        (ours || metadata.level() <= log::Level::Error) && self.0.enabled(metadata)
     }
 
     fn log(&self, record: &log::Record<'_>) {

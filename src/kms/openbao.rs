@@ -177,7 +177,20 @@ pub struct OpenBaoKms {
     unwrap_rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<Pending>>>,
     /// HTTP requests sent to the server (for status and tests).
     requests: AtomicU64,
+    /// Pre-wrapped keys for new files: (file id, DEK, wrapped DEK), each used once.
+    pool: std::sync::Mutex<std::collections::VecDeque<(Vec<u8>, SecretKey, WrappedDek)>>,
+    /// A background refill of `pool` is under way.
+    refilling: std::sync::atomic::AtomicBool,
+    /// Coalescing and pooling can be turned off to measure what they save.
+    batching: bool,
 }
+
+/// Refill the pool when it falls below this many keys …
+const POOL_LOW: usize = 32;
+/// … with one batch of this many.
+const POOL_BATCH: usize = 128;
+/// Length of the contexts (file ids) the pool makes.
+const POOL_CONTEXT_LEN: usize = 16;
 
 /// What an HTTP exchange came to.
 enum Answer {
@@ -267,6 +280,9 @@ impl OpenBaoKms {
             unwrap_queue: tx,
             unwrap_rx: std::sync::Mutex::new(Some(rx)),
             requests: AtomicU64::new(0),
+            pool: std::sync::Mutex::new(std::collections::VecDeque::new()),
+            refilling: std::sync::atomic::AtomicBool::new(false),
+            batching: std::env::var_os("KMSFS_NO_BATCHING").is_none(),
         })
     }
 
@@ -278,11 +294,69 @@ impl OpenBaoKms {
     /// Starts the task that coalesces concurrent unwraps into batch requests. Call once,
     /// from inside the runtime, with the backend in an `Arc`.
     pub fn start_batcher(self: &std::sync::Arc<Self>) {
+        if !self.batching {
+            log::warn!("KMSFS_NO_BATCHING is set: one KMS request per unwrap and per new file");
+            return;
+        }
         let rx = self.unwrap_rx.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(rx) = rx {
             let me = std::sync::Arc::downgrade(self);
             tokio::spawn(run_batcher(me, rx));
         }
+    }
+
+    /// A fresh (file id, DEK, wrapped DEK) for a new file, from the pool when it has one. The
+    /// pool is refilled in the background with one batch request; no key is handed out twice.
+    pub async fn new_file_key(
+        self: &std::sync::Arc<Self>,
+    ) -> Result<(Vec<u8>, SecretKey, WrappedDek), KmsError> {
+        if !self.batching {
+            return self.one_new_key().await;
+        }
+        let (taken, left) = {
+            let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+            (pool.pop_front(), pool.len())
+        };
+        if left < POOL_LOW && !self.refilling.swap(true, Ordering::AcqRel) {
+            let me = self.clone();
+            tokio::spawn(async move {
+                let contexts: Vec<Vec<u8>> = (0..POOL_BATCH)
+                    .map(|_| {
+                        let mut c = vec![0u8; POOL_CONTEXT_LEN];
+                        fill_random(&mut c);
+                        c
+                    })
+                    .collect();
+                let made = me.generate_many(&contexts).await;
+                let mut pool = me.pool.lock().unwrap_or_else(|p| p.into_inner());
+                for (ctx, r) in contexts.into_iter().zip(made) {
+                    match r {
+                        Ok((dek, w)) => pool.push_back((ctx, dek, w)),
+                        Err(e) => {
+                            log::warn!("could not refill the pool of new-file keys: {e}");
+                            break;
+                        }
+                    }
+                }
+                me.refilling.store(false, Ordering::Release);
+            });
+        }
+        match taken {
+            Some(k) => Ok(k),
+            None => self.one_new_key().await,
+        }
+    }
+
+    async fn one_new_key(&self) -> Result<(Vec<u8>, SecretKey, WrappedDek), KmsError> {
+        let mut ctx = vec![0u8; POOL_CONTEXT_LEN];
+        fill_random(&mut ctx);
+        let (dek, w) = self.generate_dek(&ctx).await?;
+        Ok((ctx, dek, w))
+    }
+
+    /// Drops every pooled key (they are wiped as they drop).
+    pub fn clear_pool(&self) {
+        self.pool.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
     fn transit(&self, op: &str) -> String {
@@ -309,6 +383,13 @@ impl OpenBaoKms {
             }
             self.requests.fetch_add(1, Ordering::Relaxed);
             match req.send().await {
+                Err(e) if is_certificate_error(&e) => {
+                    return Err(KmsError::Misconfigured(format!(
+                        "{}: the server's TLS certificate is not trusted ({}); set BAO_CACERT to its CA bundle",
+                        self.addrs[idx],
+                        describe(&e)
+                    )));
+                }
                 Err(e) => last = format!("{}: {}", self.addrs[idx], describe(&e)),
                 Ok(resp) => {
                     let status = resp.status().as_u16();
@@ -532,6 +613,12 @@ fn session_from(token: Zeroizing<String>, lease_secs: u64, renewable: bool) -> S
     }
 }
 
+/// A TLS failure that retrying cannot fix.
+fn is_certificate_error(e: &reqwest::Error) -> bool {
+    let text = describe(e);
+    text.contains("certificate") || text.contains("UnknownIssuer")
+}
+
 fn describe(e: &reqwest::Error) -> String {
     use std::error::Error;
     let mut s = if e.is_timeout() {
@@ -597,10 +684,15 @@ impl KmsBackend for OpenBaoKms {
 
     async fn unwrap_dek(&self, wrapped: &WrappedDek, context: &[u8]) -> Result<SecretKey, KmsError> {
         let (tx, rx) = oneshot::channel();
-        if self
-            .unwrap_queue
-            .send((wrapped.clone(), context.to_vec(), tx))
-            .is_err()
+        // The batcher takes the receiver when it starts; until then (or with batching off)
+        // ask directly.
+        let batcher_running =
+            self.batching && self.unwrap_rx.lock().unwrap_or_else(|p| p.into_inner()).is_none();
+        if !batcher_running
+            || self
+                .unwrap_queue
+                .send((wrapped.clone(), context.to_vec(), tx))
+                .is_err()
         {
             return self
                 .unwrap_batch(&[(wrapped.clone(), context.to_vec())])

@@ -3,6 +3,8 @@
 //! signal); Drop unmounts even when a test fails.
 #![allow(dead_code)]
 
+pub mod openbao;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -34,18 +36,27 @@ pub struct Volume {
     pub mnt: PathBuf,
     pub keystore: PathBuf,
     pub log: PathBuf,
+    /// Environment for every kmsfs call on this volume (KMS credentials).
+    pub env: Vec<(String, String)>,
     mounted: bool,
 }
 
 impl Volume {
     /// A freshly initialised volume, not mounted.
     pub fn new() -> Volume {
+        Self::init_with(&[], &[])
+    }
+
+    /// A volume initialised with extra `kmsfs init` arguments and environment.
+    pub fn init_with(extra: &[&str], env: &[(&str, &str)]) -> Volume {
         let dir = tempfile::tempdir().expect("tempdir");
         let backing = dir.path().join("vol");
         let mnt = dir.path().join("mnt");
         let keystore = dir.path().join("vol.keystore");
         std::fs::create_dir(&mnt).unwrap();
-        run_ok(&["init", backing.to_str().unwrap()]);
+        let mut args = vec!["init", backing.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        run_env_ok(&args, env);
         let log = dir.path().join("kmsfs.log");
         Volume {
             dir,
@@ -53,6 +64,7 @@ impl Volume {
             mnt,
             keystore,
             log,
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
             mounted: false,
         }
     }
@@ -87,6 +99,7 @@ impl Volume {
     pub fn mount_with_env(&mut self, options: &[&str], env: &[(&str, &str)]) {
         let out = kmsfs()
             .args(self.mount_args(options))
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .envs(env.iter().copied())
             .output()
             .expect("run kmsfs mount");
@@ -101,6 +114,12 @@ impl Volume {
     pub fn unmount(&mut self) {
         run_ok(&["unmount", self.mnt.to_str().unwrap()]);
         self.mounted = false;
+    }
+
+    /// Runs kmsfs with this volume's environment.
+    pub fn run(&self, args: &[&str]) -> Output {
+        let env: Vec<(&str, &str)> = self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        run_env_ok(args, &env)
     }
 
     pub fn remount(&mut self) {
@@ -216,4 +235,19 @@ pub fn tree_contains(dir: &Path, needle: &[u8]) -> bool {
 
 pub fn errno_of(e: &std::io::Error) -> i32 {
     e.raw_os_error().unwrap_or(0)
+}
+
+/// Runs kmsfs with extra environment; panics with stderr if it fails.
+pub fn run_env_ok(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let out = kmsfs()
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("run kmsfs");
+    assert!(
+        out.status.success(),
+        "kmsfs {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
 }

@@ -1,0 +1,232 @@
+//! The OpenBao Transit backend against a real OpenBao server started by the test.
+
+mod common;
+
+use common::openbao::{Bao, ROOT_TOKEN};
+use common::*;
+use std::fs::OpenOptions;
+use std::os::unix::fs::FileExt;
+
+/// A volume on `bao` whose mount uses `token`.
+fn volume(bao: &Bao, token: &str) -> Volume {
+    let env = [("BAO_TOKEN", token)];
+    Volume::init_with(
+        &["--kms", "openbao", "--kms-addr", &bao.addr, "--kms-key", "fs-kek"],
+        &env,
+    )
+}
+
+#[test]
+fn files_round_trip_over_openbao_with_the_minimal_policy() {
+    let bao = Bao::start();
+    bao.minimal_policy("kmsfs", "fs-kek");
+    let token = bao.token(&["kmsfs"]);
+    let mut v = volume(&bao, &token);
+    let cfg = std::fs::read_to_string(v.backing.join("kmsfs.json")).unwrap();
+    assert!(!cfg.contains(&token), "a secret in the volume config");
+    v.mount(&[]);
+    std::fs::create_dir(v.m("d")).unwrap();
+    let data = pseudo_random(300_000, 4);
+    std::fs::write(v.m("d/video.bin"), &data).unwrap();
+    std::fs::write(v.m("small"), b"hello").unwrap();
+    v.remount();
+    assert!(std::fs::read(v.m("d/video.bin")).unwrap() == data);
+    assert_eq!(std::fs::read(v.m("small")).unwrap(), b"hello");
+    // A header copied from one file onto another does not open: the context is enforced.
+    let a = v.backing_of_new(|| std::fs::write(v.m("a"), b"secret a").unwrap());
+    let b = v.backing_of_new(|| std::fs::write(v.m("b"), b"secret b").unwrap());
+    v.unmount();
+    let header_a = std::fs::read(&a).unwrap()[..4096].to_vec();
+    OpenOptions::new()
+        .write(true)
+        .open(&b)
+        .unwrap()
+        .write_all_at(&header_a, 0)
+        .unwrap();
+    v.mount(&[]);
+    assert_eq!(errno_of(&std::fs::read(v.m("b")).unwrap_err()), libc::EIO);
+    assert_eq!(std::fs::read(v.m("a")).unwrap(), b"secret a");
+}
+
+#[test]
+fn a_non_derived_key_is_refused_at_init() {
+    let bao = Bao::start();
+    bao.api("POST", "transit/keys/plain", r#"{"type":"aes256-gcm96"}"#);
+    let d = tempfile::tempdir().unwrap();
+    let out = kmsfs()
+        .args(["init", d.path().join("v").to_str().unwrap(), "--kms", "openbao"])
+        .args(["--kms-addr", &bao.addr, "--kms-key", "plain"])
+        .env("BAO_TOKEN", ROOT_TOKEN)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("derived=true"));
+}
+
+#[test]
+fn a_policy_without_decrypt_fails_opens_with_eacces() {
+    let bao = Bao::start();
+    bao.minimal_policy("kmsfs", "fs-kek");
+    let token = bao.token(&["kmsfs"]);
+    let mut v = volume(&bao, &token);
+    v.mount(&[]);
+    std::fs::write(v.m("f"), b"data").unwrap();
+    // The admin takes decrypt away from the mount's policy: the next open is refused.
+    bao.policy(
+        "kmsfs",
+        "path \"transit/encrypt/fs-kek\" { capabilities = [\"update\"] }\n",
+    );
+    let err = std::fs::read(v.m("f")).unwrap_err();
+    assert_eq!(errno_of(&err), libc::EACCES);
+    v.unmount();
+    assert!(v.log_text().contains("may not decrypt"), "{}", v.log_text());
+}
+
+#[test]
+fn rotation_rewrap_and_min_decryption_version() {
+    let bao = Bao::start();
+    bao.minimal_policy("kmsfs", "fs-kek");
+    let token = bao.token(&["kmsfs"]);
+    let mut v = volume(&bao, &token);
+    v.mount(&[]);
+    for i in 0..20 {
+        std::fs::write(v.m(&format!("f{i}")), format!("file {i}")).unwrap();
+    }
+    v.unmount();
+    bao.api("POST", "transit/keys/fs-kek/rotate", "");
+    let out = v.run(&["rewrap", v.backing.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("re-wrapped 20 of 20 files to version 2"), "{text}");
+    assert!(text.contains("name key re-wrapped"), "{text}");
+    // A second run has nothing to do.
+    let out = v.run(&["rewrap", v.backing.to_str().unwrap(), "--dry-run"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("20 files wrapped with version 2"));
+    // Retire version 1: everything still opens.
+    bao.api(
+        "POST",
+        "transit/keys/fs-kek/config",
+        r#"{"min_decryption_version":2}"#,
+    );
+    v.mount(&[]);
+    for i in 0..20 {
+        assert_eq!(
+            std::fs::read_to_string(v.m(&format!("f{i}"))).unwrap(),
+            format!("file {i}")
+        );
+    }
+}
+
+#[test]
+fn an_unreachable_server_fails_uncached_opens_with_eio_and_says_so() {
+    let mut bao = Bao::start();
+    let mut v = volume(&bao, ROOT_TOKEN);
+    v.mount(&[]);
+    std::fs::write(v.m("f"), b"data").unwrap();
+    bao.kill();
+    let err = std::fs::read(v.m("f")).unwrap_err();
+    assert_eq!(errno_of(&err), libc::EIO);
+    v.unmount();
+    let log = v.log_text();
+    assert!(log.contains("KMS unreachable"), "{log}");
+}
+
+#[test]
+fn approle_login_works() {
+    let bao = Bao::start();
+    bao.minimal_policy("kmsfs", "fs-kek");
+    let (role, secret) = bao.approle("kmsfs");
+    let env = [("BAO_ROLE_ID", role.as_str()), ("BAO_SECRET_ID", secret.as_str())];
+    let mut v = Volume::init_with(
+        &["--kms", "openbao", "--kms-addr", &bao.addr, "--kms-key", "fs-kek"],
+        &env,
+    );
+    v.mount(&[]);
+    std::fs::write(v.m("f"), b"via approle").unwrap();
+    v.remount();
+    assert_eq!(std::fs::read(v.m("f")).unwrap(), b"via approle");
+    v.unmount();
+    assert!(v.log_text().contains("logged in to OpenBao with AppRole"));
+    // A wrong secret id is a clear error at mount.
+    v.env = vec![
+        ("BAO_ROLE_ID".into(), role),
+        ("BAO_SECRET_ID".into(), "wrong".into()),
+    ];
+    let out = kmsfs()
+        .args(v.mount_args(&[]))
+        .env("BAO_ROLE_ID", &v.env[0].1)
+        .env("BAO_SECRET_ID", "wrong")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("AppRole login refused"));
+}
+
+#[test]
+fn tls_server_is_accepted_with_its_ca_and_refused_without() {
+    let bao = Bao::start_tls();
+    let ca = bao.ca_cert.clone().unwrap();
+    let d = tempfile::tempdir().unwrap();
+    let init = |dir: &str, with_ca: bool| {
+        let mut c = kmsfs();
+        c.args(["init", d.path().join(dir).to_str().unwrap(), "--kms", "openbao"])
+            .args(["--kms-addr", &bao.addr, "--kms-key", "fs-kek"])
+            .env("BAO_TOKEN", ROOT_TOKEN);
+        if with_ca {
+            c.env("BAO_CACERT", &ca);
+        }
+        c.output().unwrap()
+    };
+    let refused = init("without", false);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    assert!(err.contains("BAO_CACERT"), "{err}");
+    let ok = init("with", true);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+}
+
+#[test]
+fn concurrent_opens_are_coalesced_into_batches() {
+    let bao = Bao::start();
+    let mut v = volume(&bao, ROOT_TOKEN);
+    v.mount(&[]);
+    let n = 500;
+    for i in 0..n {
+        std::fs::write(v.m(&format!("f{i}")), format!("content {i}")).unwrap();
+    }
+    v.unmount();
+    let created = kms_requests(&v.log_text());
+    assert!(created < n / 4, "creating {n} files took {created} KMS requests");
+    v.mount(&[]);
+    let mnt = v.mnt.clone();
+    let threads: Vec<_> = (0..16)
+        .map(|t| {
+            let mnt = mnt.clone();
+            std::thread::spawn(move || {
+                for i in (t..n).step_by(16) {
+                    let got = std::fs::read_to_string(mnt.join(format!("f{i}"))).unwrap();
+                    assert_eq!(got, format!("content {i}"));
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    v.unmount();
+    let log = v.log_text();
+    let opened = kms_requests(&log[log.rfind("is usable").unwrap()..]);
+    assert!(
+        opened < n / 3,
+        "opening {n} files from 16 threads took {opened} KMS requests"
+    );
+}
+
+/// The last "KMS requests sent while mounted: N" in a log.
+fn kms_requests(log: &str) -> usize {
+    log.lines()
+        .filter_map(|l| l.split("KMS requests sent while mounted: ").nth(1))
+        .last()
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(usize::MAX)
+}
