@@ -225,8 +225,8 @@ fn concurrent_opens_are_coalesced_into_batches() {
 /// The last "KMS requests sent while mounted: N" in a log.
 fn kms_requests(log: &str) -> usize {
     log.lines()
-        .filter_map(|l| l.split("KMS requests sent while mounted: ").nth(1))
-        .last()
+        .rev()
+        .find_map(|l| l.split("KMS requests sent while mounted: ").nth(1))
         .and_then(|n| n.trim().parse().ok())
         .unwrap_or(usize::MAX)
 }
