@@ -230,3 +230,47 @@ fn kms_requests(log: &str) -> usize {
         .and_then(|n| n.trim().parse().ok())
         .unwrap_or(usize::MAX)
 }
+
+#[test]
+fn killing_the_active_node_of_an_ha_cluster_reaches_no_application() {
+    use common::openbao::RaftCluster;
+    let mut cluster = RaftCluster::start();
+    let all = cluster.addrs.join(",");
+    let token = cluster.root_token.clone();
+    let env = [("BAO_ADDR", all.as_str()), ("BAO_TOKEN", token.as_str())];
+    let mut v = Volume::init_with(&["--kms", "openbao", "--kms-key", "fs-kek"], &env);
+    v.mount(&[]);
+    let n = 300;
+    for i in 0..n {
+        std::fs::write(v.m(&format!("f{i}")), format!("content {i}")).unwrap();
+    }
+    v.remount();
+    // Readers open uncached files (each open unwraps a key) while the active node dies.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let readers: Vec<_> = (0..4)
+        .map(|t| {
+            let mnt = v.mnt.clone();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut opened = 0;
+                for i in (t..n).step_by(4).cycle() {
+                    let got = std::fs::read_to_string(mnt.join(format!("f{i}")));
+                    assert_eq!(got.unwrap(), format!("content {i}"), "file {i}");
+                    opened += 1;
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) && opened > n / 4 {
+                        return opened;
+                    }
+                }
+                unreachable!()
+            })
+        })
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let active = cluster.active().expect("an active node");
+    cluster.kill(active);
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for r in readers {
+        assert!(r.join().expect("no reader saw an error") > 0);
+    }
+}

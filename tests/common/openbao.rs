@@ -233,3 +233,149 @@ impl Drop for Bao {
         self.kill();
     }
 }
+
+fn json_of(body: &str) -> serde_json::Value {
+    serde_json::from_str(body).unwrap_or(serde_json::Value::Null)
+}
+
+/// A 3-node OpenBao cluster with integrated (Raft) storage on loopback ports: node 0 is
+/// initialised and becomes active, nodes 1 and 2 join it and unseal as standbys.
+pub struct RaftCluster {
+    nodes: Vec<Option<Child>>,
+    pub addrs: Vec<String>,
+    pub root_token: String,
+    pub dir: tempfile::TempDir,
+}
+
+impl RaftCluster {
+    pub fn start() -> RaftCluster {
+        let bin = bao_binary();
+        let dir = tempfile::tempdir().unwrap();
+        let ports: Vec<u16> = (0..3).map(|_| free_port_pair()).collect();
+        let addrs: Vec<String> = ports.iter().map(|p| format!("http://127.0.0.1:{p}")).collect();
+        let mut nodes = Vec::new();
+        for (i, port) in ports.iter().enumerate() {
+            let ndir = dir.path().join(format!("n{i}"));
+            std::fs::create_dir_all(ndir.join("data")).unwrap();
+            let join = if i == 0 {
+                String::new()
+            } else {
+                format!("  retry_join {{\n    leader_api_addr = \"{}\"\n  }}\n", addrs[0])
+            };
+            // performance_multiplier = 1: elections in seconds, not tens of seconds.
+            let config = format!(
+                "storage \"raft\" {{\n  path = \"{data}\"\n  node_id = \"n{i}\"\n  performance_multiplier = 1\n{join}}}\n\
+                 listener \"tcp\" {{\n  address = \"127.0.0.1:{port}\"\n  cluster_address = \"127.0.0.1:{cport}\"\n  tls_disable = true\n}}\n\
+                 api_addr = \"http://127.0.0.1:{port}\"\ncluster_addr = \"https://127.0.0.1:{cport}\"\n",
+                data = ndir.join("data").display(),
+                cport = port + 1,
+            );
+            std::fs::write(ndir.join("config.hcl"), config).unwrap();
+            let log = std::fs::File::create(ndir.join("server.log")).unwrap();
+            let child = Command::new(&bin)
+                .arg("server")
+                .arg(format!("-config={}", ndir.join("config.hcl").display()))
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap();
+            nodes.push(Some(child));
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+        let wait = |what: &str, f: &dyn Fn() -> bool| {
+            while !f() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "raft cluster: timed out waiting for {what}"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        };
+        wait("node 0 to answer", &|| {
+            curl(&addrs[0], "GET", "sys/health", None, None).0 == 501
+        });
+        let (_, init) = curl(
+            &addrs[0],
+            "POST",
+            "sys/init",
+            None,
+            Some(r#"{"secret_shares":3,"secret_threshold":2}"#),
+        );
+        let init = json_of(&init);
+        let keys: Vec<String> = init["keys_base64"]
+            .as_array()
+            .expect("init keys")
+            .iter()
+            .map(|k| k.as_str().unwrap().to_owned())
+            .collect();
+        let root_token = init["root_token"].as_str().unwrap().to_owned();
+        let unseal = |addr: &str, key: &str| {
+            curl(
+                addr,
+                "POST",
+                "sys/unseal",
+                None,
+                Some(&format!("{{\"key\":\"{key}\"}}")),
+            );
+        };
+        unseal(&addrs[0], &keys[0]);
+        unseal(&addrs[0], &keys[1]);
+        wait("node 0 to become active", &|| {
+            curl(&addrs[0], "GET", "sys/health", None, None).0 == 200
+        });
+        for addr in &addrs[1..] {
+            // Keys given before the follower has fetched the join challenge are lost: give them
+            // again until it reports itself a standby.
+            wait("a follower to join", &|| {
+                let (_, s) = curl(addr, "GET", "sys/seal-status", None, None);
+                let s = json_of(&s);
+                if s["initialized"] == true && s["sealed"] == true && s["progress"] == 0 && s["t"] == 2 {
+                    unseal(addr, &keys[0]);
+                    unseal(addr, &keys[1]);
+                }
+                curl(addr, "GET", "sys/health", None, None).0 == 429
+            });
+        }
+        let c = RaftCluster {
+            nodes,
+            addrs,
+            root_token,
+            dir,
+        };
+        let admin = |method: &str, path: &str, body: &str| {
+            let (code, out) = curl(&c.addrs[0], method, path, Some(&c.root_token), Some(body));
+            assert!((200..300).contains(&code), "{method} {path} -> {code} {out}");
+        };
+        admin("POST", "sys/mounts/transit", r#"{"type":"transit"}"#);
+        admin(
+            "POST",
+            "transit/keys/fs-kek",
+            r#"{"type":"aes256-gcm96","derived":true}"#,
+        );
+        c
+    }
+
+    /// The index of the active node.
+    pub fn active(&self) -> Option<usize> {
+        (0..self.addrs.len()).find(|&i| {
+            self.nodes[i].is_some() && curl(&self.addrs[i], "GET", "sys/health", None, None).0 == 200
+        })
+    }
+
+    /// SIGKILLs node `i`.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for RaftCluster {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill(i);
+        }
+    }
+}
