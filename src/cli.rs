@@ -67,6 +67,15 @@ enum Cmd {
         #[arg(long)]
         lazy: bool,
     },
+    /// Show a mount's state: KMS, keys cached, counters (all mounts if none is given).
+    Status {
+        mountpoint: Option<PathBuf>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Lock a mount now: drop every key, fail all I/O with ENOKEY, unmount.
+    Lock { mountpoint: PathBuf },
     /// Manage keys in a local keystore: list, create, rotate, disable, enable.
     Key(KeyArgs),
 }
@@ -88,6 +97,24 @@ struct MountArgs {
     /// opens that wait together are sent to the KMS as one batch, so more threads than cores.
     #[arg(long, default_value_t = 16)]
     threads: usize,
+    /// Seconds between checks that the KMS still grants access.
+    #[arg(long, default_value_t = 30)]
+    check_interval: u64,
+    /// Seconds an unreachable KMS is tolerated before the mount locks (default: the key TTL).
+    #[arg(long)]
+    grace: Option<u64>,
+    /// Seconds an unwrapped key stays cached after the KMS gave it.
+    #[arg(long, default_value_t = 300)]
+    key_ttl: u64,
+    /// Most unwrapped keys kept cached.
+    #[arg(long, default_value_t = 4096)]
+    key_cache: usize,
+    /// Refuse to mount if memory cannot be locked against swapping.
+    #[arg(long)]
+    require_mlock: bool,
+    /// Append JSON-lines audit events of key operations to this file (also logged).
+    #[arg(long)]
+    audit_log: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -146,6 +173,8 @@ pub fn run(cli: Cli) -> Result<(), Fatal> {
         Cmd::Rewrap { backing, dry_run } => crate::rewrap::run(&backing, dry_run),
         Cmd::Mount(args) => mount(args),
         Cmd::Unmount { mountpoint, lazy } => daemon::unmount(&mountpoint, lazy),
+        Cmd::Status { mountpoint, json } => status(mountpoint, json),
+        Cmd::Lock { mountpoint } => lock(&mountpoint),
         Cmd::Key(args) => key(args),
     }
 }
@@ -312,7 +341,22 @@ fn mount(args: MountArgs) -> Result<(), Fatal> {
         .arg(absolute(&args.mountpoint)?)
         .arg("--foreground")
         .arg("--threads")
-        .arg(args.threads.to_string());
+        .arg(args.threads.to_string())
+        .arg("--check-interval")
+        .arg(args.check_interval.to_string())
+        .arg("--key-ttl")
+        .arg(args.key_ttl.to_string())
+        .arg("--key-cache")
+        .arg(args.key_cache.to_string());
+    if let Some(g) = args.grace {
+        cmd.arg("--grace").arg(g.to_string());
+    }
+    if args.require_mlock {
+        cmd.arg("--require-mlock");
+    }
+    if let Some(a) = &args.audit_log {
+        cmd.arg("--audit-log").arg(absolute(a)?);
+    }
     for o in &args.options {
         cmd.arg("-o").arg(o);
     }
@@ -360,18 +404,113 @@ fn mount_foreground(args: MountArgs) -> Result<(), Fatal> {
             }
         }
     });
+    let secs = std::time::Duration::from_secs;
     let req = daemon::MountRequest {
         backing: args.backing,
         mountpoint: args.mountpoint,
         options: args.options,
         threads: args.threads,
         on_ready,
+        check_interval: secs(args.check_interval.max(1)),
+        grace: args.grace.map(secs),
+        key_cache_ttl: secs(args.key_ttl),
+        key_cache_entries: args.key_cache,
+        require_mlock: args.require_mlock,
+        audit_log: args.audit_log,
     };
-    daemon::run_mount(req).inspect_err(|e| {
-        if notify {
-            println!("ERROR: {e}");
+    match daemon::run_mount(req) {
+        Ok(daemon::Ended::Unmounted) => Ok(()),
+        Ok(daemon::Ended::Locked(why)) => {
+            eprintln!("kmsfs: locked: {why}");
+            std::process::exit(daemon::EXIT_LOCKED);
         }
-    })
+        Err(e) => {
+            if notify {
+                println!("ERROR: {e}");
+            }
+            Err(e)
+        }
+    }
+}
+
+fn status(mountpoint: Option<PathBuf>, as_json: bool) -> Result<(), Fatal> {
+    let mounts: Vec<PathBuf> = match mountpoint {
+        Some(m) => vec![std::fs::canonicalize(&m).map_err(|e| Fatal(format!("{}: {e}", m.display())))?],
+        None => kmsfs_mounts(),
+    };
+    if mounts.is_empty() {
+        return Err(Fatal("no kmsfs mounts".into()));
+    }
+    let mut all = Vec::new();
+    for m in &mounts {
+        let v = crate::control::request(m, "status").map_err(|e| {
+            Fatal(format!(
+                "{}: no answer from the daemon's control socket ({e})",
+                m.display()
+            ))
+        })?;
+        all.push(v);
+    }
+    if as_json {
+        println!("{}", serde_json::Value::Array(all));
+        return Ok(());
+    }
+    for v in all {
+        let c = &v["counters"];
+        println!("{}", v["mountpoint"].as_str().unwrap_or("?"));
+        println!(
+            "  volume      {} ({})",
+            v["volume_id"].as_str().unwrap_or("?"),
+            v["backing"].as_str().unwrap_or("?")
+        );
+        println!(
+            "  KMS         {} key {} version {} — {}",
+            v["backend"], v["key"], v["key_version"], v["kms_health"]
+        );
+        println!("  locked      {}", v["locked"].as_str().unwrap_or("no"));
+        println!("  uptime      {} s", v["uptime_secs"]);
+        println!("  keys cached {}", v["cached_keys"]);
+        println!(
+            "  KMS calls {} (requests {}), cache hits {} / misses {}, read {} B, written {} B, auth failures {}",
+            c["kms_calls"],
+            c["kms_requests"],
+            c["cache_hits"],
+            c["cache_misses"],
+            c["bytes_read"],
+            c["bytes_written"],
+            c["auth_failures"]
+        );
+    }
+    Ok(())
+}
+
+/// Mountpoints of live kmsfs mounts (those with a control socket).
+fn kmsfs_mounts() -> Vec<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    info.lines()
+        .filter_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            let mp = left.split(' ').nth(4)?;
+            right.starts_with("fuse ").then(|| PathBuf::from(mp))
+        })
+        .filter(|m| crate::control::socket_path(m).exists())
+        .collect()
+}
+
+fn lock(mountpoint: &Path) -> Result<(), Fatal> {
+    let mp =
+        std::fs::canonicalize(mountpoint).map_err(|e| Fatal(format!("{}: {e}", mountpoint.display())))?;
+    let backing = daemon::backing_of_mount(&mp)
+        .ok_or_else(|| Fatal(format!("{} is not a kmsfs mount", mp.display())))?;
+    crate::control::request(&mp, "lock").map_err(|e| {
+        Fatal(format!(
+            "{}: no answer from the daemon's control socket ({e})",
+            mp.display()
+        ))
+    })?;
+    daemon::wait_for_daemon_exit(&backing);
+    println!("{} locked: keys dropped, mount gone", mp.display());
+    Ok(())
 }
 
 fn key(args: KeyArgs) -> Result<(), Fatal> {

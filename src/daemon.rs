@@ -11,6 +11,7 @@ use crate::fuse::FuseAdapter;
 use crate::kms::local::LocalKms;
 use crate::kms::openbao::{OpenBaoKms, Settings};
 use crate::kms::{Kms, KmsBackend, KmsError, WrappedDek};
+use crate::revocation::{MountState, Signal, Signals, WatchSettings, watch};
 use crate::sys;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -131,7 +132,29 @@ pub struct MountRequest {
     pub threads: usize,
     /// Called once the mount serves requests.
     pub on_ready: Box<dyn FnOnce() + Send>,
+    /// How often to prove access to the KMS.
+    pub check_interval: std::time::Duration,
+    /// How long an unreachable KMS is tolerated (default: the key cache TTL).
+    pub grace: Option<std::time::Duration>,
+    pub key_cache_ttl: std::time::Duration,
+    pub key_cache_entries: usize,
+    /// Refuse to run if memory cannot be locked.
+    pub require_mlock: bool,
+    /// JSON-lines audit file.
+    pub audit_log: Option<PathBuf>,
 }
+
+/// How a mount ended.
+#[derive(Debug)]
+pub enum Ended {
+    Unmounted,
+    /// Locked by revocation or `kmsfs lock`; the daemon exits with [`EXIT_LOCKED`].
+    Locked(String),
+}
+
+/// Exit status of a daemon whose mount was locked: systemd units list it in
+/// `RestartPreventExitStatus=` so a revoked server is not remounted in a loop.
+pub const EXIT_LOCKED: i32 = 75;
 
 /// Unwraps the volume name key (bound to the volume id) and derives the name ciphers.
 fn open_names(runtime: &tokio::runtime::Runtime, kms: &Kms, config: &VolumeConfig) -> Result<Names, Fatal> {
@@ -257,17 +280,29 @@ fn fuser_config(req: &MountRequest, backing: &Path) -> Result<fuser::Config, Fat
     Ok(config)
 }
 
-/// Mounts a volume and serves it until it is unmounted or the daemon is told to stop.
-pub fn run_mount(req: MountRequest) -> Result<(), Fatal> {
+/// Mounts a volume and serves it until it is unmounted, locked, or the daemon is told to stop.
+pub fn run_mount(req: MountRequest) -> Result<Ended, Fatal> {
     if let Err(e) = sys::disable_core_dumps() {
         log::warn!("cannot disable core dumps: {e}");
+    }
+    if let Err(e) = sys::lock_memory() {
+        if req.require_mlock {
+            return Err(fatal!(
+                "cannot lock memory ({e}); raise RLIMIT_MEMLOCK (LimitMEMLOCK=infinity in the unit) or drop --require-mlock"
+            ));
+        }
+        log::warn!("cannot lock memory ({e}): unwrapped keys could be swapped to disk; raise RLIMIT_MEMLOCK");
     }
     // Modes of created files come from the caller's request, already masked by the kernel.
     sys::set_umask(0);
     sys::raise_nofile_limit();
+    if let Some(p) = &req.audit_log {
+        crate::audit::open(p).map_err(|e| fatal!("cannot open audit log {}: {e}", p.display()))?;
+    }
 
     let backing = std::fs::canonicalize(&req.backing)
         .map_err(|e| fatal!("backing directory {}: {e}", req.backing.display()))?;
+    let mountpoint = std::fs::canonicalize(&req.mountpoint).unwrap_or_else(|_| req.mountpoint.clone());
     let config = load_config(&backing)?;
     check_mountpoint(&req.mountpoint)?;
     if !Path::new("/dev/fuse").exists() {
@@ -289,6 +324,7 @@ pub fn run_mount(req: MountRequest) -> Result<(), Fatal> {
         let _in_runtime = runtime.enter();
         kms.start();
     }
+    // Prove access before mounting at all.
     let status = runtime.block_on(kms.check_access()).map_err(explain_kms)?;
     log::info!(
         "volume {}: KMS {} key {:?} version {} is usable",
@@ -299,16 +335,42 @@ pub fn run_mount(req: MountRequest) -> Result<(), Fatal> {
     );
 
     let names = open_names(&runtime, &kms, &config)?;
-    let kms_counter = kms.clone();
     let root: OwnedFd = File::open(&backing)
         .map_err(|e| fatal!("cannot open {}: {e}", backing.display()))?
         .into();
     let fuse_config = fuser_config(&req, &backing)?;
     let options = Options {
         read_only: fuse_config.mount_options.contains(&fuser::MountOption::RO),
+        key_cache_entries: req.key_cache_entries,
+        key_cache_ttl: req.key_cache_ttl,
     };
-    let fs =
-        Arc::new(Fs::new(root, kms, runtime.handle().clone(), names, options).map_err(|e| fatal!("{e:?}"))?);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let signals = Arc::new(Signals(std::sync::Mutex::new(tx.clone())));
+    let fs = Arc::new(
+        Fs::new(
+            root,
+            kms.clone(),
+            runtime.handle().clone(),
+            names,
+            options,
+            signals,
+        )
+        .map_err(|e| fatal!("{e:?}"))?,
+    );
+    let state = Arc::new(MountState {
+        fs: fs.clone(),
+        kms: kms.clone(),
+        mountpoint: mountpoint.clone(),
+        backing: backing.clone(),
+        volume_id: config.volume_id.clone(),
+        key_ref: status.key_ref.clone(),
+        key_version: std::sync::Mutex::new(status.current_version),
+        notifier: std::sync::OnceLock::new(),
+        started: std::time::Instant::now(),
+        health: std::sync::Mutex::new("ok".into()),
+        locked: std::sync::Mutex::new(None),
+        session_ended: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+    });
     let adapter = FuseAdapter::new(fs, req.on_ready);
     let mut session = fuser::Session::new(adapter, &req.mountpoint, &fuse_config).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
@@ -317,11 +379,18 @@ pub fn run_mount(req: MountRequest) -> Result<(), Fatal> {
             fatal!("cannot mount {}: {e}", req.mountpoint.display())
         }
     })?;
-    log::info!(
-        "volume {} mounted at {}",
-        config.volume_id,
-        req.mountpoint.display()
+    let _ = state.notifier.set(session.notifier());
+    log::info!("volume {} mounted at {}", config.volume_id, mountpoint.display());
+    crate::audit::event(
+        "mounted",
+        serde_json::json!({"volume_id": config.volume_id, "backend": status.backend,
+                           "key": status.key_ref, "version": status.current_version}),
     );
+    let socket = crate::control::serve(&mountpoint, state.clone())
+        .inspect_err(|e| {
+            log::warn!("no control socket ({e}): `kmsfs status` and `kmsfs lock` will not reach this mount")
+        })
+        .ok();
 
     // SIGTERM/SIGINT unmount gracefully: the session loop then ends and every key is dropped.
     let mut unmounter = session.unmount_callable();
@@ -340,16 +409,50 @@ pub fn run_mount(req: MountRequest) -> Result<(), Fatal> {
             log::error!("unmount failed: {e}");
         }
     });
+    let watcher = {
+        let state = state.clone();
+        let handle = runtime.handle().clone();
+        let settings = WatchSettings {
+            interval: req.check_interval,
+            grace: req.grace.unwrap_or(req.key_cache_ttl),
+        };
+        std::thread::Builder::new()
+            .name("kmsfs-watch".into())
+            .spawn(move || watch(state, rx, handle, settings))
+            .map_err(|e| fatal!("cannot start the revocation watcher: {e}"))?
+    };
 
     let result = session.run();
-    if kms_counter.request_count() > 0 {
-        log::info!("KMS requests sent while mounted: {}", kms_counter.request_count());
+    state
+        .session_ended
+        .store(true, std::sync::atomic::Ordering::Release);
+    let _ = tx.send(Signal::Stop);
+    let _ = watcher.join();
+    // Every key goes now, whatever ended the session.
+    state.fs.lock();
+    if let Some(p) = socket {
+        let _ = std::fs::remove_file(p);
+    }
+    if kms.request_count() > 0 {
+        log::info!("KMS requests sent while mounted: {}", kms.request_count());
     }
     runtime.shutdown_background();
+    if let Some(why) = state.locked_reason() {
+        log::warn!("volume {} locked and unmounted: {why}", config.volume_id);
+        crate::audit::event(
+            "unmounted",
+            serde_json::json!({"volume_id": config.volume_id, "outcome": "locked"}),
+        );
+        return Ok(Ended::Locked(why));
+    }
+    crate::audit::event(
+        "unmounted",
+        serde_json::json!({"volume_id": config.volume_id, "outcome": "ok"}),
+    );
     match result {
         Ok(()) => {
             log::info!("volume {} unmounted", config.volume_id);
-            Ok(())
+            Ok(Ended::Unmounted)
         }
         Err(e) => Err(fatal!("FUSE session ended with an error: {e}")),
     }

@@ -13,7 +13,8 @@ mod xattr;
 use crate::format::block::ContentCipher;
 use crate::format::header::{self, HEADER_LEN, KeySlot};
 use crate::format::{FILE_ID_LEN, FileId};
-use crate::kms::{Kms, KmsBackend, WrappedDek};
+use crate::keycache::KeyCache;
+use crate::kms::{Kms, KmsBackend, KmsError, WrappedDek};
 use crate::sys;
 use attr::Attr;
 use content::ContentFile;
@@ -25,7 +26,7 @@ use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Who is asking: the caller's credentials, for ownership of what they create.
@@ -66,9 +67,42 @@ enum Handle {
 }
 
 /// Settings the daemon chooses.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy)]
 pub struct Options {
     pub read_only: bool,
+    /// Unwrapped keys kept after their file closes: at most this many …
+    pub key_cache_entries: usize,
+    /// … for at most this long after the KMS unwrapped them.
+    pub key_cache_ttl: std::time::Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            read_only: false,
+            key_cache_entries: 4096,
+            key_cache_ttl: std::time::Duration::from_secs(300),
+        }
+    }
+}
+
+/// What the filesystem tells the daemon about the KMS as it uses it.
+pub trait KmsEvents: Send + Sync {
+    /// The KMS refused a key: access has been revoked.
+    fn denied(&self, why: &str);
+    /// The KMS could not be reached for a key.
+    fn unreachable(&self, why: &str);
+}
+
+/// Counters for `kmsfs status`.
+#[derive(Default)]
+pub struct Stats {
+    pub kms_calls: AtomicU64,
+    pub cache_hits: AtomicU64,
+    pub cache_misses: AtomicU64,
+    pub bytes_read: AtomicU64,
+    pub bytes_written: AtomicU64,
+    pub auth_failures: AtomicU64,
 }
 
 pub struct Fs {
@@ -84,6 +118,12 @@ pub struct Fs {
     /// How names, symlink targets and xattrs are stored.
     names: Names,
     options: Options,
+    /// Unwrapped keys of recently opened files.
+    keys: KeyCache,
+    /// Set once by `lock`: every operation then fails with ENOKEY.
+    locked: AtomicBool,
+    events: Arc<dyn KmsEvents>,
+    pub stats: Stats,
 }
 
 impl Fs {
@@ -93,6 +133,7 @@ impl Fs {
         runtime: tokio::runtime::Handle,
         names: Names,
         options: Options,
+        events: Arc<dyn KmsEvents>,
     ) -> FsResult<Fs> {
         let st = sys::fstatat(backing_root.as_fd(), OsStr::new(""))?;
         Ok(Fs {
@@ -103,8 +144,104 @@ impl Fs {
             runtime,
             chown_to_caller: sys::geteuid() == 0,
             names,
+            keys: KeyCache::new(options.key_cache_entries, options.key_cache_ttl),
             options,
+            locked: AtomicBool::new(false),
+            events,
+            stats: Stats::default(),
         })
+    }
+
+    /// Fails every operation once the volume is locked.
+    pub fn guard(&self) -> FsResult<()> {
+        if self.locked.load(Ordering::Acquire) {
+            Err(FsError::Locked)
+        } else {
+            Ok(())
+        }
+    }
+
+    pub fn is_locked(&self) -> bool {
+        self.locked.load(Ordering::Acquire)
+    }
+
+    /// Locks the volume: from now on every operation fails with ENOKEY, and every key this
+    /// filesystem holds is dropped (and so wiped). Returns the inode numbers whose kernel
+    /// caches the caller must invalidate.
+    pub fn lock(&self) -> Vec<u64> {
+        self.locked.store(true, Ordering::Release);
+        let cached = self.keys.clear();
+        let handles = std::mem::take(&mut *self.handles());
+        let inodes = self.inodes.all();
+        for inode in &inodes {
+            inode
+                .open
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .set_content(None);
+        }
+        drop(handles);
+        crate::audit::event("keys_dropped", serde_json::json!({"cached": cached}));
+        inodes.iter().map(|i| i.ino).collect()
+    }
+
+    /// Drops cached keys older than the TTL.
+    pub fn sweep_keys(&self) {
+        for id in self.keys.sweep() {
+            crate::audit::event(
+                "cache_evicted",
+                serde_json::json!({"file_id": id.to_string(), "reason": "ttl"}),
+            );
+        }
+    }
+
+    pub fn cached_keys(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// The content cipher of the file with header `h`: from the cache, or unwrapped by the KMS.
+    fn cipher_for(&self, h: &header::Header) -> FsResult<Arc<ContentCipher>> {
+        if let Some(c) = self.keys.get(&h.file_id) {
+            self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(c);
+        }
+        self.stats.cache_misses.fetch_add(1, Ordering::Relaxed);
+        self.stats.kms_calls.fetch_add(1, Ordering::Relaxed);
+        let wrapped = WrappedDek {
+            key_ref: h.slot.key_ref.clone(),
+            blob: h.slot.wrapped.clone(),
+        };
+        let version = self.kms.version_of(&wrapped);
+        let started = std::time::Instant::now();
+        let result = self.runtime.block_on(self.kms.unwrap_dek(&wrapped, &h.file_id.0));
+        let ms = started.elapsed().as_secs_f64() * 1000.0;
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(KmsError::Denied(_)) => "denied",
+            Err(KmsError::Unreachable(_)) => "unreachable",
+            Err(_) => "failed",
+        };
+        crate::audit::event(
+            "unwrap",
+            serde_json::json!({"file_id": h.file_id.to_string(), "key": wrapped.key_ref, "version": version,
+                               "outcome": outcome, "latency_ms": (ms * 1000.0).round() / 1000.0}),
+        );
+        let dek = result.inspect_err(|e| {
+            log::error!("file {}: cannot unwrap its key: {e}", h.file_id);
+            match e {
+                KmsError::Denied(m) => self.events.denied(m),
+                KmsError::Unreachable(m) => self.events.unreachable(m),
+                _ => {}
+            }
+        })?;
+        let cipher = Arc::new(ContentCipher::new(&dek, h.file_id));
+        if let Some(old) = self.keys.insert(h.file_id, cipher.clone()) {
+            crate::audit::event(
+                "cache_evicted",
+                serde_json::json!({"file_id": old.to_string(), "reason": "lru"}),
+            );
+        }
+        Ok(cipher)
     }
 
     fn handles(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Handle>>> {
@@ -227,10 +364,23 @@ impl Fs {
     }
 
     /// Gets a new file id and its wrapped DEK from the KMS and writes the header.
-    fn write_new_header(&self, file: &File) -> FsResult<ContentCipher> {
-        let (id, dek, wrapped) = self.runtime.block_on(self.kms.new_file_key(FILE_ID_LEN))?;
+    fn write_new_header(&self, file: &File) -> FsResult<Arc<ContentCipher>> {
+        self.stats.kms_calls.fetch_add(1, Ordering::Relaxed);
+        let (id, dek, wrapped) = self
+            .runtime
+            .block_on(self.kms.new_file_key(FILE_ID_LEN))
+            .inspect_err(|e| match e {
+                KmsError::Denied(m) => self.events.denied(m),
+                KmsError::Unreachable(m) => self.events.unreachable(m),
+                _ => {}
+            })?;
         let mut file_id = FileId([0u8; FILE_ID_LEN]);
         file_id.0.copy_from_slice(&id);
+        crate::audit::event(
+            "dek_generated",
+            serde_json::json!({"file_id": file_id.to_string(), "key": wrapped.key_ref,
+                               "version": self.kms.version_of(&wrapped), "outcome": "ok"}),
+        );
         let slot = KeySlot {
             sequence: 1,
             key_ref: wrapped.key_ref,
@@ -242,7 +392,10 @@ impl Fs {
         })?;
         sys::fallocate(std::os::fd::AsRawFd::as_raw_fd(file), 0, 0, HEADER_LEN)?;
         file.write_all_at(&bytes, 0)?;
-        Ok(ContentCipher::new(&dek, file_id))
+        let cipher = Arc::new(ContentCipher::new(&dek, file_id));
+        // Reopening a file just made needs no KMS call.
+        self.keys.insert(file_id, cipher.clone());
+        Ok(cipher)
     }
 
     /// The open content of a regular file, opening it (header + KMS unwrap) if needed, and
@@ -275,19 +428,8 @@ impl Fs {
             log::error!("inode {}: unreadable header: {e}", inode.ino);
             FsError::Corrupt
         })?;
-        let wrapped = WrappedDek {
-            key_ref: h.slot.key_ref.clone(),
-            blob: h.slot.wrapped.clone(),
-        };
-        let dek = self
-            .runtime
-            .block_on(self.kms.unwrap_dek(&wrapped, &h.file_id.0))
-            .inspect_err(|e| log::error!("file {}: cannot unwrap its key: {e}", h.file_id))?;
-        let content = Arc::new(ContentFile::new(
-            file,
-            ContentCipher::new(&dek, h.file_id),
-            writable,
-        )?);
+        let cipher = self.cipher_for(&h)?;
+        let content = Arc::new(ContentFile::new(file, cipher, writable)?);
         open.set_content(Some(content.clone()));
         open.handles += 1;
         Ok(content)
@@ -328,7 +470,13 @@ impl Fs {
     }
 
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
-        self.file_handle(fh)?.0.read(offset, size)
+        let r = self.file_handle(fh)?.0.read(offset, size);
+        match &r {
+            Ok(d) => self.stats.bytes_read.fetch_add(d.len() as u64, Ordering::Relaxed),
+            Err(FsError::Corrupt) => self.stats.auth_failures.fetch_add(1, Ordering::Relaxed),
+            Err(_) => 0,
+        };
+        r
     }
 
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<usize> {
@@ -336,7 +484,9 @@ impl Fs {
         if !write {
             return Err(FsError::NotWritable);
         }
-        content.write(offset, data)
+        let n = content.write(offset, data)?;
+        self.stats.bytes_written.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
     }
 
     pub fn fsync(&self, fh: u64, datasync: bool) -> FsResult<()> {

@@ -98,6 +98,16 @@ fn caller(req: &Request) -> Caller {
     }
 }
 
+/// Replies ENOKEY (through the errno table) once the volume is locked.
+macro_rules! guard {
+    ($self:ident, $reply:ident) => {
+        if let Err(e) = $self.fs.guard() {
+            $reply.error(errno(&e));
+            return;
+        }
+    };
+}
+
 fn entry(reply: ReplyEntry, r: Result<Attr, FsError>) {
     match r {
         Ok(a) => reply.entry(&TTL, &file_attr(&a), Generation(0)),
@@ -124,6 +134,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        guard!(self, reply);
         entry(reply, self.fs.lookup(parent.0, name));
     }
 
@@ -132,6 +143,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        guard!(self, reply);
         match self.fs.getattr(ino.0) {
             Ok(a) => reply.attr(&TTL, &file_attr(&a)),
             Err(e) => reply.error(errno(&e)),
@@ -156,6 +168,7 @@ impl Filesystem for FuseAdapter {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
+        guard!(self, reply);
         let set = SetAttr {
             mode,
             uid,
@@ -171,6 +184,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        guard!(self, reply);
         match self.fs.readlink(ino.0) {
             Ok(t) => reply.data(&t),
             Err(e) => reply.error(errno(&e)),
@@ -187,6 +201,7 @@ impl Filesystem for FuseAdapter {
         rdev: u32,
         reply: ReplyEntry,
     ) {
+        guard!(self, reply);
         entry(
             reply,
             self.fs.mknod(parent.0, name, mode, rdev as u64, caller(req)),
@@ -194,18 +209,22 @@ impl Filesystem for FuseAdapter {
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
+        guard!(self, reply);
         entry(reply, self.fs.mkdir(parent.0, name, mode, caller(req)));
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        guard!(self, reply);
         empty(reply, self.fs.unlink(parent.0, name));
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        guard!(self, reply);
         empty(reply, self.fs.rmdir(parent.0, name));
     }
 
     fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+        guard!(self, reply);
         entry(
             reply,
             self.fs
@@ -223,6 +242,7 @@ impl Filesystem for FuseAdapter {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
+        guard!(self, reply);
         empty(
             reply,
             self.fs.rename(parent.0, name, newparent.0, newname, flags.bits()),
@@ -230,10 +250,12 @@ impl Filesystem for FuseAdapter {
     }
 
     fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+        guard!(self, reply);
         entry(reply, self.fs.link(ino.0, newparent.0, newname));
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        guard!(self, reply);
         match self.fs.open(ino.0, flags.0) {
             // Every write reaches us through this mount, so the kernel's cached pages stay
             // valid across opens.
@@ -253,6 +275,7 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        guard!(self, reply);
         log::trace!("read {size} bytes at {offset}");
         match self.fs.read(fh.0, offset, size) {
             Ok(d) => reply.data(&d),
@@ -272,6 +295,7 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        guard!(self, reply);
         log::trace!("write {} bytes at {offset}", data.len());
         match self.fs.write(fh.0, offset, data) {
             Ok(n) => reply.written(n as u32),
@@ -287,6 +311,7 @@ impl Filesystem for FuseAdapter {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
+        guard!(self, reply);
         // Writes reach the backing file before we reply to them: nothing is buffered here.
         reply.ok();
     }
@@ -306,10 +331,12 @@ impl Filesystem for FuseAdapter {
     }
 
     fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
+        guard!(self, reply);
         empty(reply, self.fs.fsync(fh.0, datasync));
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        guard!(self, reply);
         match self.fs.opendir(ino.0) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(errno(&e)),
@@ -317,6 +344,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        guard!(self, reply);
         match self.fs.readdir(ino.0, fh.0, offset) {
             Ok(entries) => {
                 for (next, e) in entries {
@@ -343,10 +371,12 @@ impl Filesystem for FuseAdapter {
     }
 
     fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        guard!(self, reply);
         reply.ok();
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        guard!(self, reply);
         match self.fs.getxattr(ino.0, name) {
             Ok(v) if size == 0 => reply.size(v.len() as u32),
             Ok(v) if v.len() <= size as usize => reply.data(&v),
@@ -356,6 +386,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        guard!(self, reply);
         match self.fs.listxattr(ino.0) {
             Ok(v) if size == 0 => reply.size(v.len() as u32),
             Ok(v) if v.len() <= size as usize => reply.data(&v),
@@ -374,14 +405,17 @@ impl Filesystem for FuseAdapter {
         _position: u32,
         reply: ReplyEmpty,
     ) {
+        guard!(self, reply);
         empty(reply, self.fs.setxattr(ino.0, name, value, flags));
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        guard!(self, reply);
         empty(reply, self.fs.removexattr(ino.0, name));
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        guard!(self, reply);
         match self.fs.statfs() {
             Ok(s) => reply.statfs(
                 s.f_blocks,
@@ -398,6 +432,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        guard!(self, reply);
         // The mount always uses `default_permissions`: the kernel checks access itself.
         reply.ok();
     }
@@ -412,6 +447,7 @@ impl Filesystem for FuseAdapter {
         flags: i32,
         reply: ReplyCreate,
     ) {
+        guard!(self, reply);
         match self.fs.create(parent.0, name, mode, flags, caller(req)) {
             Ok((a, fh)) => reply.created(
                 &TTL,
@@ -434,6 +470,7 @@ impl Filesystem for FuseAdapter {
         mode: i32,
         reply: ReplyEmpty,
     ) {
+        guard!(self, reply);
         empty(reply, self.fs.fallocate(fh.0, offset, length, mode));
     }
 }

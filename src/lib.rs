@@ -4,7 +4,9 @@
 //! `fuse`; `daemon` wires them together and `cli` parses commands. See docs/design.md.
 #![deny(unsafe_code)]
 
+pub mod audit;
 pub mod cli;
+pub mod control;
 pub mod crypto;
 pub mod daemon;
 pub mod durable;
@@ -12,6 +14,8 @@ pub mod format;
 pub mod fs;
 pub mod fuse;
 pub mod hex;
+pub mod keycache;
 pub mod kms;
+pub mod revocation;
 pub mod rewrap;
 pub mod sys;

@@ -323,6 +323,34 @@ pub fn umount(path: &OsStr, lazy: bool) -> io::Result<()> {
     check(unsafe { libc::umount2(p.as_ptr(), flags) }).map(drop)
 }
 
+/// Locks every page of this process, now and later, into RAM (pages are locked as they are
+/// first touched: MCL_ONFAULT), so unwrapped keys are never written to swap.
+pub fn lock_memory() -> io::Result<()> {
+    // SAFETY: plain integer flags.
+    check(unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE | libc::MCL_ONFAULT) }).map(drop)
+}
+
+/// The pid and uid of the process at the other end of a Unix socket.
+pub fn peer_credentials(sock: &impl AsRawFd) -> io::Result<(i32, u32)> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` is writable for `len` bytes, as getsockopt(SO_PEERCRED) expects.
+    check(unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    })?;
+    Ok((cred.pid, cred.uid))
+}
+
 /// Raises the soft open-file limit to the hard limit: each looked-up inode holds a descriptor.
 pub fn raise_nofile_limit() {
     let mut rl = libc::rlimit {

@@ -464,16 +464,19 @@ fn a_header_copied_from_another_file_does_not_open() {
 }
 
 #[test]
-fn a_disabled_key_fails_open_with_eacces_until_enabled() {
-    let v = Volume::mounted();
+fn a_disabled_key_fails_open_with_eacces_and_locks_the_mount() {
+    let mut v = Volume::mounted();
     std::fs::write(v.m("f"), b"data").unwrap();
+    v.remount(); // no cached key
     v.key("disable");
     let err = File::open(v.m("f")).unwrap_err();
     assert_eq!(errno_of(&err), libc::EACCES);
-    let err = File::create(v.m("new")).unwrap_err();
-    assert_eq!(errno_of(&err), libc::EACCES);
-    v.key("enable");
-    assert_eq!(std::fs::read(v.m("f")).unwrap(), b"data");
+    // A denied key is a revocation: the daemon locks and goes away.
+    assert!(
+        v.wait_daemon_gone(10),
+        "the daemon did not exit after the KMS denied a key"
+    );
+    assert!(!v.is_mounted());
 }
 
 #[test]

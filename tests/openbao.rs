@@ -71,6 +71,7 @@ fn a_policy_without_decrypt_fails_opens_with_eacces() {
     let mut v = volume(&bao, &token);
     v.mount(&[]);
     std::fs::write(v.m("f"), b"data").unwrap();
+    v.remount(); // so the next open needs the KMS
     // The admin takes decrypt away from the mount's policy: the next open is refused.
     bao.policy(
         "kmsfs",
@@ -78,7 +79,7 @@ fn a_policy_without_decrypt_fails_opens_with_eacces() {
     );
     let err = std::fs::read(v.m("f")).unwrap_err();
     assert_eq!(errno_of(&err), libc::EACCES);
-    v.unmount();
+    assert!(v.wait_daemon_gone(10), "a denied unwrap locks the mount");
     assert!(v.log_text().contains("may not decrypt"), "{}", v.log_text());
 }
 

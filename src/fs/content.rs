@@ -15,7 +15,7 @@ use crate::sys;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
 /// Largest plaintext size we accept: keeps every backing offset well inside `i64`.
 pub const MAX_FILE_SIZE: u64 = 1 << 60;
@@ -23,7 +23,7 @@ pub const MAX_FILE_SIZE: u64 = 1 << 60;
 /// One open file's content: the backing descriptor, the file's cipher and its size.
 pub struct ContentFile {
     file: File,
-    cipher: ContentCipher,
+    cipher: Arc<ContentCipher>,
     writable: bool,
     /// Plaintext size, which also guards the content: readers hold it shared, writers and
     /// truncate hold it exclusively, so no reader sees a half-written block and no two
@@ -33,7 +33,7 @@ pub struct ContentFile {
 
 impl ContentFile {
     /// Wraps a backing descriptor whose header has been read and whose key has been unwrapped.
-    pub fn new(file: File, cipher: ContentCipher, writable: bool) -> FsResult<Self> {
+    pub fn new(file: File, cipher: Arc<ContentCipher>, writable: bool) -> FsResult<Self> {
         let len = file.metadata()?.len();
         let size = match plaintext_size(len) {
             Ok(size) => size,
@@ -405,7 +405,7 @@ mod tests {
 
     fn reopen(tmp: &tempfile::NamedTempFile, dek: &SecretKey, id: FileId) -> ContentFile {
         let f = tmp.reopen().unwrap();
-        ContentFile::new(f, ContentCipher::new(dek, id), true).unwrap()
+        ContentFile::new(f, Arc::new(ContentCipher::new(dek, id)), true).unwrap()
     }
 
     #[derive(Debug, Clone)]
@@ -553,7 +553,12 @@ mod tests {
         c.write(0, &[9u8; 2 * BLOCK_SIZE as usize]).unwrap();
         let good = tmp.as_file().metadata().unwrap().len();
         tmp.as_file().write_all_at(&[0xAA; 20], good).unwrap();
-        let ro = ContentFile::new(tmp.reopen().unwrap(), ContentCipher::new(&dek, id), false).unwrap();
+        let ro = ContentFile::new(
+            tmp.reopen().unwrap(),
+            Arc::new(ContentCipher::new(&dek, id)),
+            false,
+        )
+        .unwrap();
         assert_eq!(ro.size(), 2 * BLOCK_SIZE);
         assert_eq!(ro.read(BLOCK_SIZE, 10).unwrap(), vec![9u8; 10]);
         assert_eq!(

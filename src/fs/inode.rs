@@ -193,6 +193,11 @@ impl InodeTable {
         }
     }
 
+    /// Every inode the kernel currently holds.
+    pub fn all(&self) -> Vec<Arc<Inode>> {
+        self.lock().by_ino.values().map(|e| e.inode.clone()).collect()
+    }
+
     pub fn len(&self) -> usize {
         self.lock().by_ino.len()
     }

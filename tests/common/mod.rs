@@ -95,6 +95,54 @@ impl Volume {
         self.mount_with_env(options, &[]);
     }
 
+    /// Mounts with extra `kmsfs mount` arguments (e.g. `--check-interval 1`).
+    pub fn mount_with_args(&mut self, extra: &[&str]) {
+        let mut args = self.mount_args(&[]);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let out = kmsfs()
+            .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .output()
+            .expect("run kmsfs mount");
+        assert!(
+            out.status.success(),
+            "mount failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.mounted = true;
+    }
+
+    /// The daemon's pid (from the lock file it holds).
+    pub fn daemon_pid(&self) -> u32 {
+        std::fs::read_to_string(self.backing.join(".kmsfs.lock"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    /// True while the mountpoint is a mount.
+    pub fn is_mounted(&self) -> bool {
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let mp = std::fs::canonicalize(&self.mnt).unwrap();
+        info.lines().any(|l| l.split(' ').nth(4) == mp.to_str())
+    }
+
+    /// Waits (up to `secs`) for the daemon to let go of the volume; true if it did.
+    pub fn wait_daemon_gone(&mut self, secs: u64) -> bool {
+        let f = std::fs::File::open(self.backing.join(".kmsfs.lock")).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        while std::time::Instant::now() < deadline {
+            if f.try_lock().is_ok() {
+                let _ = f.unlock();
+                self.mounted = false;
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        false
+    }
+
     /// Mounts with extra environment for the daemon (e.g. a log level).
     pub fn mount_with_env(&mut self, options: &[&str], env: &[(&str, &str)]) {
         let out = kmsfs()
@@ -125,6 +173,11 @@ impl Volume {
     pub fn remount(&mut self) {
         self.unmount();
         self.mount(&[]);
+    }
+
+    pub fn remount_with(&mut self, extra: &[&str]) {
+        self.unmount();
+        self.mount_with_args(extra);
     }
 
     /// Path inside the mount.

@@ -182,6 +182,23 @@ impl Bao {
         out
     }
 
+    /// An unauthenticated call (sys/unseal) that must succeed.
+    pub fn api_noauth(&self, method: &str, path: &str, body: &str) -> String {
+        let (code, out) = self.api_raw(method, path, None, Some(body));
+        assert!((200..300).contains(&code), "{method} {path} -> {code} {out}");
+        out
+    }
+
+    /// The dev server's unseal key, from its banner.
+    pub fn unseal_key(&self) -> String {
+        self.log()
+            .lines()
+            .find_map(|l| l.strip_prefix("Unseal Key: "))
+            .expect("unseal key in the dev banner")
+            .trim()
+            .to_owned()
+    }
+
     /// Writes an ACL policy.
     pub fn policy(&self, name: &str, hcl: &str) {
         let body = serde_json::json!({ "policy": hcl }).to_string();

@@ -1,0 +1,93 @@
+//! The per-mount control socket: `kmsfs status` and `kmsfs lock` talk to the daemon here.
+//!
+//! One JSON request line, one JSON answer line. The socket lives in /run/kmsfs (mode 0700),
+//! is mode 0600, and the server also checks the caller's uid (SO_PEERCRED): only the
+//! daemon's own user (root, normally) may ask. The server reaches the mount through the
+//! `Control` trait, so it knows nothing of the filesystem.
+
+use serde_json::{Value, json};
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Where control sockets live.
+pub const SOCKET_DIR: &str = "/run/kmsfs";
+
+/// What the control socket can ask of a mount.
+pub trait Control: Send + Sync {
+    fn status(&self) -> Value;
+    /// Locks the mount; `who` says who asked (for the log).
+    fn lock(&self, who: &str);
+}
+
+/// A mountpoint's name in file names: its absolute path with '/' as '-' (as in systemd).
+pub fn escape(mountpoint: &Path) -> String {
+    mountpoint
+        .to_string_lossy()
+        .trim_start_matches('/')
+        .chars()
+        .map(|c| if c == '/' { '-' } else { c })
+        .collect()
+}
+
+pub fn socket_path(mountpoint: &Path) -> PathBuf {
+    Path::new(SOCKET_DIR).join(format!("{}.sock", escape(mountpoint)))
+}
+
+/// Binds the control socket and serves it on a thread until the process exits.
+pub fn serve(mountpoint: &Path, control: Arc<dyn Control>) -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(SOCKET_DIR)?;
+    let path = socket_path(mountpoint);
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    let me = crate::sys::geteuid();
+    std::thread::Builder::new()
+        .name("kmsfs-control".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                if let Err(e) = answer(conn, &*control, me) {
+                    log::warn!("control socket: {e}");
+                }
+            }
+        })?;
+    Ok(path)
+}
+
+fn answer(mut conn: UnixStream, control: &dyn Control, me: u32) -> std::io::Result<()> {
+    let (pid, uid) = crate::sys::peer_credentials(&conn)?;
+    let mut line = String::new();
+    BufReader::new(&conn).take(4096).read_line(&mut line)?;
+    let req: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+    let reply = if uid != me && uid != 0 {
+        json!({"error": "permission denied"})
+    } else {
+        match req.get("cmd").and_then(Value::as_str) {
+            Some("status") => control.status(),
+            Some("lock") => {
+                control.lock(&format!("uid {uid} pid {pid} (kmsfs lock)"));
+                json!({"locked": true})
+            }
+            _ => json!({"error": "unknown request"}),
+        }
+    };
+    writeln!(conn, "{reply}")
+}
+
+use std::io::Read;
+
+/// Sends one request to the mount at `mountpoint`.
+pub fn request(mountpoint: &Path, cmd: &str) -> std::io::Result<Value> {
+    let path = socket_path(mountpoint);
+    let mut s = UnixStream::connect(&path)?;
+    writeln!(s, "{}", json!({ "cmd": cmd }))?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line)?;
+    serde_json::from_str(&line).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}

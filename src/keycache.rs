@@ -1,0 +1,127 @@
+//! Unwrapped file keys, kept briefly so that a file reopened soon needs no KMS call.
+//!
+//! Bounded by count (LRU) and by age (TTL). An entry is the file's content cipher (the
+//! HKDF-derived key schedule; the DEK itself is dropped as soon as the cipher is made); the
+//! cipher wipes itself when the last reference goes, so eviction, `clear` (on lock) and exit
+//! zeroize. An open file holds its own reference and keeps its key while open, whatever the
+//! cache does. The memory is locked against swapping by the daemon (see `sys::lock_memory`).
+
+use crate::format::FileId;
+use crate::format::block::ContentCipher;
+use lru::LruCache;
+use std::num::NonZeroUsize;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+struct Entry {
+    cipher: Arc<ContentCipher>,
+    /// When the KMS unwrapped this key: the TTL counts from here, not from last use, so a key
+    /// is asked for again at least every TTL while the KMS still agrees.
+    unwrapped: Instant,
+}
+
+pub struct KeyCache {
+    /// The cached keys. Taken briefly by every open and by the periodic sweep.
+    entries: Mutex<LruCache<FileId, Entry>>,
+    ttl: Duration,
+}
+
+impl KeyCache {
+    pub fn new(capacity: usize, ttl: Duration) -> Self {
+        let cap = NonZeroUsize::new(capacity.max(1)).expect("at least 1");
+        KeyCache {
+            entries: Mutex::new(LruCache::new(cap)),
+            ttl,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, LruCache<FileId, Entry>> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// The cached key of `id`, if present and younger than the TTL.
+    pub fn get(&self, id: &FileId) -> Option<Arc<ContentCipher>> {
+        let mut c = self.lock();
+        let fresh = c.get(id).map(|e| e.unwrapped.elapsed() < self.ttl)?;
+        if fresh {
+            c.get(id).map(|e| e.cipher.clone())
+        } else {
+            c.pop(id);
+            None
+        }
+    }
+
+    /// Caches a key just unwrapped; returns the id of an entry the LRU bound pushed out.
+    pub fn insert(&self, id: FileId, cipher: Arc<ContentCipher>) -> Option<FileId> {
+        let evicted = self.lock().push(
+            id,
+            Entry {
+                cipher,
+                unwrapped: Instant::now(),
+            },
+        );
+        evicted.filter(|(old, _)| *old != id).map(|(old, _)| old)
+    }
+
+    /// Drops entries older than the TTL; returns their ids.
+    pub fn sweep(&self) -> Vec<FileId> {
+        let mut c = self.lock();
+        let old: Vec<FileId> = c
+            .iter()
+            .filter(|(_, e)| e.unwrapped.elapsed() >= self.ttl)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &old {
+            c.pop(id);
+        }
+        old
+    }
+
+    /// Drops every key (on lock and at exit).
+    pub fn clear(&self) -> usize {
+        let mut c = self.lock();
+        let n = c.len();
+        c.clear();
+        n
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::SecretKey;
+
+    fn cipher() -> (FileId, Arc<ContentCipher>) {
+        let id = FileId::generate();
+        (id, Arc::new(ContentCipher::new(&SecretKey::generate(), id)))
+    }
+
+    #[test]
+    fn lru_bound_and_ttl() {
+        let c = KeyCache::new(2, Duration::from_millis(200));
+        let (a, ka) = cipher();
+        let (b, kb) = cipher();
+        let (d, kd) = cipher();
+        assert_eq!(c.insert(a, ka), None);
+        assert_eq!(c.insert(b, kb), None);
+        assert!(c.get(&a).is_some()); // a is now the most recent
+        assert_eq!(c.insert(d, kd), Some(b));
+        assert!(c.get(&b).is_none());
+        std::thread::sleep(Duration::from_millis(250));
+        assert!(c.get(&a).is_none(), "expired");
+        assert_eq!(c.sweep(), vec![d]);
+        assert!(c.is_empty());
+    }
+}
