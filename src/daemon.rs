@@ -423,6 +423,7 @@ pub fn run_mount(req: MountRequest) -> Result<Ended, Fatal> {
     };
 
     let result = session.run();
+    crate::notify::notify("STOPPING=1");
     state
         .session_ended
         .store(true, std::sync::atomic::Ordering::Release);

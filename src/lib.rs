@@ -16,6 +16,8 @@ pub mod fuse;
 pub mod hex;
 pub mod keycache;
 pub mod kms;
+pub mod mount_helper;
+pub mod notify;
 pub mod revocation;
 pub mod rewrap;
 pub mod sys;

@@ -84,6 +84,7 @@ impl MountState {
             *l = Some(why.to_owned());
         }
         log::warn!("locking {}: {why}", self.mountpoint.display());
+        crate::notify::notify(&format!("STATUS=locked: {why}"));
         let inodes = self.fs.lock();
         if let Kms::OpenBao(k) = &*self.kms {
             k.clear_pool();
@@ -126,7 +127,11 @@ impl MountState {
     }
 
     fn set_health(&self, h: String) {
-        *self.health.lock().unwrap_or_else(|p| p.into_inner()) = h;
+        let mut cur = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        if *cur != h {
+            crate::notify::notify(&format!("STATUS=KMS {h}"));
+            *cur = h;
+        }
     }
 }
 

@@ -351,6 +351,13 @@ pub fn peer_credentials(sock: &impl AsRawFd) -> io::Result<(i32, u32)> {
     Ok((cred.pid, cred.uid))
 }
 
+/// Sets an environment variable. Only for the single-threaded start of a process (the mount
+/// helper loading its env file): setenv is not safe while other threads read the environment.
+pub fn set_env_single_threaded(key: &str, value: &str) {
+    // SAFETY: callers run before any other thread exists.
+    unsafe { std::env::set_var(key, value) };
+}
+
 /// Raises the soft open-file limit to the hard limit: each looked-up inode holds a descriptor.
 pub fn raise_nofile_limit() {
     let mut rl = libc::rlimit {
