@@ -123,6 +123,7 @@ fn an_unreachable_server_fails_uncached_opens_with_eio_and_says_so() {
     let mut v = volume(&bao, ROOT_TOKEN);
     v.mount(&[]);
     std::fs::write(v.m("f"), b"data").unwrap();
+    v.remount(); // the key of a file just made is cached: start cold
     bao.kill();
     let err = std::fs::read(v.m("f")).unwrap_err();
     assert_eq!(errno_of(&err), libc::EIO);
@@ -245,7 +246,8 @@ fn killing_the_active_node_of_an_ha_cluster_reaches_no_application() {
     for i in 0..n {
         std::fs::write(v.m(&format!("f{i}")), format!("content {i}")).unwrap();
     }
-    v.remount();
+    // No key cache: every open below asks the cluster.
+    v.remount_with(&["--key-ttl", "0", "--grace", "60"]);
     // Readers open uncached files (each open unwraps a key) while the active node dies.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let readers: Vec<_> = (0..4)

@@ -181,7 +181,11 @@ fn an_unavailable_openbao_keeps_cached_files_then_locks_after_the_grace_period()
     );
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     while !v.log_text().contains("KMS reachable again") {
-        assert!(std::time::Instant::now() < deadline, "service did not resume: {}", v.log_text());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "service did not resume: {}",
+            v.log_text()
+        );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     assert!(v.is_mounted(), "locked although the KMS came back in time");
