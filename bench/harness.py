@@ -64,7 +64,7 @@ class Fs:
         n = self.name
         if n == "raw":
             self.mnt.rmdir()
-            self.mnt.symlink_to(self.backing)
+            self.mnt = self.backing
         elif n == "bindfs":
             sh("bindfs", "-o", "big_writes", self.backing, self.mnt)
         elif n == "passthrough_ll":
