@@ -226,7 +226,7 @@ def plot(out, rows, names, stamp):
             label = f"{b}:{m.split(' (')[0].replace(' ', '_')}"
             f.write(label + " " + " ".join(f"{v[n][0] / v['raw'][0]:.3f}" if v["raw"][0] else "0" for n in names) + "\n")
     script = f"""
-set terminal pngcairo size 1400,600 font ",9"
+set terminal pngcairo size 1400,600 font ",9" noenhanced
 set output "{out / 'results.png'}"
 set title "kmsfs and peers, relative to the raw backing directory ({stamp})"
 set style data histograms

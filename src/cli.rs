@@ -282,7 +282,7 @@ fn init(backing: &Path, kms: InitKms, plaintext_names: bool) -> Result<(), Fatal
     };
     let mut config = VolumeConfig::new(kms_config);
     // Prove the key works before the volume exists, and have it wrap the volume name key.
-    let kms = daemon::kms_for(&config)?;
+    let kms = daemon::kms_for(&config, true)?;
     let rt = daemon::cli_runtime();
     rt.block_on(kms.check_access()).map_err(daemon::explain_kms)?;
     if !plaintext_names {
@@ -440,6 +440,11 @@ fn mount_foreground(args: MountArgs) -> Result<(), Fatal> {
             if notify {
                 println!("ERROR: {e}");
             }
+            if e.0.starts_with(daemon::DENIED_PREFIX) {
+                // Revoked before we even mounted: not a failure to retry.
+                eprintln!("kmsfs: {e}");
+                std::process::exit(daemon::EXIT_LOCKED);
+            }
             Err(e)
         }
     }
@@ -578,7 +583,12 @@ fn lock(mountpoint: &Path) -> Result<(), Fatal> {
             mp.display()
         ))
     })?;
-    daemon::wait_for_daemon_exit(&backing);
+    if !daemon::wait_for_daemon_exit(&backing) {
+        return Err(Fatal(format!(
+            "{}: locked, but the daemon has not exited after 30 s",
+            mp.display()
+        )));
+    }
     println!("{} locked: keys dropped, mount gone", mp.display());
     Ok(())
 }

@@ -21,14 +21,22 @@ pub trait Control: Send + Sync {
     fn lock(&self, who: &str);
 }
 
-/// A mountpoint's name in file names: its absolute path with '/' as '-' (as in systemd).
+/// A mountpoint's name in file names, escaped as systemd does: '/' becomes '-', and '-' and
+/// anything but ASCII letters, digits, '_' and '.' become `\xNN`, so two paths never share
+/// a name.
 pub fn escape(mountpoint: &Path) -> String {
-    mountpoint
-        .to_string_lossy()
-        .trim_start_matches('/')
-        .chars()
-        .map(|c| if c == '/' { '-' } else { c })
-        .collect()
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = mountpoint.as_os_str().as_bytes();
+    let trimmed = bytes.strip_prefix(b"/").unwrap_or(bytes);
+    let mut out = String::with_capacity(trimmed.len());
+    for &b in trimmed {
+        match b {
+            b'/' => out.push('-'),
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' | b'.' => out.push(b as char),
+            _ => out.push_str(&format!("\\x{b:02x}")),
+        }
+    }
+    out
 }
 
 pub fn socket_path(mountpoint: &Path) -> PathBuf {
@@ -52,6 +60,9 @@ pub fn serve(mountpoint: &Path, control: Arc<dyn Control>) -> std::io::Result<Pa
         .spawn(move || {
             for conn in listener.incoming() {
                 let Ok(conn) = conn else { continue };
+                // A client that connects and says nothing must not block `kmsfs lock`.
+                let _ = conn.set_read_timeout(Some(std::time::Duration::from_secs(2)));
+                let _ = conn.set_write_timeout(Some(std::time::Duration::from_secs(2)));
                 if let Err(e) = answer(conn, &*control, me) {
                     log::warn!("control socket: {e}");
                 }

@@ -57,11 +57,12 @@ pub fn load_config(backing: &Path) -> Result<VolumeConfig, Fatal> {
 }
 
 /// The KMS a volume config names, with the mount's credentials from the environment.
-pub fn kms_for(config: &VolumeConfig) -> Result<Kms, Fatal> {
+/// `trust_config`: the config was just written by `kmsfs init` (see `Settings::from_env`).
+pub fn kms_for(config: &VolumeConfig, trust_config: bool) -> Result<Kms, Fatal> {
     Ok(match &config.kms {
         KmsConfig::Local { keystore, key } => Kms::Local(LocalKms::new(keystore.clone(), key.clone())),
         KmsConfig::Openbao { addrs, mount, key } => {
-            let settings = Settings::from_env(addrs, mount, key).map_err(explain_kms)?;
+            let settings = Settings::from_env(addrs, mount, key, trust_config).map_err(explain_kms)?;
             Kms::OpenBao(Arc::new(OpenBaoKms::new(settings).map_err(explain_kms)?))
         }
     })
@@ -96,6 +97,10 @@ fn check_kms_location(config: &VolumeConfig, backing: &Path) -> Result<(), Fatal
         }
     }
 }
+
+/// How a *denied* mount-time error begins: the daemon then exits with [`EXIT_LOCKED`], so
+/// systemd does not retry a revoked server in a loop.
+pub const DENIED_PREFIX: &str = "the KMS refuses this volume's key";
 
 /// A KMS error as the admin should read it at mount time.
 pub fn explain_kms(e: KmsError) -> Fatal {
@@ -319,7 +324,7 @@ pub fn run_mount(req: MountRequest) -> Result<Ended, Fatal> {
         .enable_all()
         .build()
         .map_err(|e| fatal!("cannot start the KMS runtime: {e}"))?;
-    let kms = Arc::new(kms_for(&config)?);
+    let kms = Arc::new(kms_for(&config, false)?);
     {
         let _in_runtime = runtime.enter();
         kms.start();
@@ -394,6 +399,7 @@ pub fn run_mount(req: MountRequest) -> Result<Ended, Fatal> {
 
     // SIGTERM/SIGINT unmount gracefully: the session loop then ends and every key is dropped.
     let mut unmounter = session.unmount_callable();
+    let signal_mountpoint = mountpoint.clone();
     runtime.spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
         let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
@@ -401,12 +407,25 @@ pub fn run_mount(req: MountRequest) -> Result<Ended, Fatal> {
             log::warn!("cannot install signal handlers; stop with `kmsfs unmount`");
             return;
         };
-        tokio::select! {
-            _ = term.recv() => log::info!("SIGTERM: unmounting"),
-            _ = int.recv() => log::info!("SIGINT: unmounting"),
-        }
-        if let Err(e) = unmounter.unmount() {
-            log::error!("unmount failed: {e}");
+        let mut lazy = false;
+        loop {
+            tokio::select! {
+                _ = term.recv() => log::info!("SIGTERM: unmounting"),
+                _ = int.recv() => log::info!("SIGINT: unmounting"),
+            }
+            // The first signal unmounts gracefully; if files are busy, the next one detaches.
+            let result = if lazy {
+                sys::umount(signal_mountpoint.as_os_str(), true)
+            } else {
+                unmounter.unmount()
+            };
+            match result {
+                Ok(()) => return,
+                Err(e) => {
+                    log::error!("unmount failed ({e}); send the signal again to detach lazily");
+                    lazy = true;
+                }
+            }
         }
     });
     let watcher = {
@@ -431,6 +450,9 @@ pub fn run_mount(req: MountRequest) -> Result<Ended, Fatal> {
     let _ = watcher.join();
     // Every key goes now, whatever ended the session.
     state.fs.lock();
+    if let Kms::OpenBao(k) = &*kms {
+        k.clear_pool();
+    }
     if let Some(p) = socket {
         let _ = std::fs::remove_file(p);
     }
@@ -523,21 +545,27 @@ pub fn unmount(mountpoint: &Path, lazy: bool) -> Result<(), Fatal> {
             fatal!("cannot unmount {}: {e}", mp.display())
         }
     })?;
-    wait_for_daemon_exit(&backing);
+    if !wait_for_daemon_exit(&backing) {
+        return Err(fatal!(
+            "{} is unmounted but its daemon has not exited after 30 s",
+            mp.display()
+        ));
+    }
     Ok(())
 }
 
-/// Waits (up to 30 s) until no daemon holds the backing directory's lock.
-pub fn wait_for_daemon_exit(backing: &Path) {
+/// Waits (up to 30 s) until no daemon holds the backing directory's lock; false on timeout.
+pub fn wait_for_daemon_exit(backing: &Path) -> bool {
     let Ok(f) = File::open(backing.join(LOCK_FILE_NAME)) else {
-        return;
+        return true;
     };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while std::time::Instant::now() < deadline {
         if let Ok(true) = sys::try_lock_exclusive(f.as_fd()) {
-            return;
+            return true;
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     log::warn!("the daemon for {} has not exited after 30 s", backing.display());
+    false
 }

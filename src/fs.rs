@@ -170,15 +170,13 @@ impl Fs {
     /// caches the caller must invalidate.
     pub fn lock(&self) -> Vec<u64> {
         self.locked.store(true, Ordering::Release);
-        let cached = self.keys.clear();
+        let cached = self.keys.close();
         let handles = std::mem::take(&mut *self.handles());
         let inodes = self.inodes.all();
         for inode in &inodes {
-            inode
-                .open
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .set_content(None);
+            // Not through `inode.open`: an open waiting on a slow KMS holds that lock, and a
+            // lock must not wait for it (that open finds the volume locked when it returns).
+            inode.drop_content();
         }
         drop(handles);
         crate::audit::event("keys_dropped", serde_json::json!({"cached": cached}));
@@ -252,10 +250,14 @@ impl Fs {
         self.handles().get(&fh).cloned().ok_or(FsError::BadHandle)
     }
 
-    fn add_handle(&self, h: Handle) -> u64 {
+    /// Registers a handle; refused once the volume is locked (an open that was waiting on
+    /// the KMS when the lock came must not hand out a key).
+    fn add_handle(&self, h: Handle) -> FsResult<u64> {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.handles().insert(fh, Arc::new(h));
-        fh
+        let mut handles = self.handles();
+        self.guard()?;
+        handles.insert(fh, Arc::new(h));
+        Ok(fh)
     }
 
     fn check_writable(&self) -> FsResult<()> {
@@ -359,7 +361,7 @@ impl Fs {
             inode,
             content,
             write,
-        });
+        })?;
         Ok((attr, fh))
     }
 
@@ -430,6 +432,8 @@ impl Fs {
         })?;
         let cipher = self.cipher_for(&h)?;
         let content = Arc::new(ContentFile::new(file, cipher, writable)?);
+        // A lock that came while we waited on the KMS wins: drop the key, publish nothing.
+        self.guard()?;
         open.set_content(Some(content.clone()));
         open.handles += 1;
         Ok(content)
@@ -455,11 +459,11 @@ impl Fs {
             self.close_content(&inode);
             return Err(FsError::Io(std::io::Error::from_raw_os_error(libc::EACCES)));
         }
-        Ok(self.add_handle(Handle::File {
+        self.add_handle(Handle::File {
             inode,
             content,
             write,
-        }))
+        })
     }
 
     fn file_handle(&self, fh: u64) -> FsResult<(Arc<ContentFile>, bool)> {

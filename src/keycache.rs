@@ -21,8 +21,10 @@ struct Entry {
 }
 
 pub struct KeyCache {
-    /// The cached keys. Taken briefly by every open and by the periodic sweep.
-    entries: Mutex<LruCache<FileId, Entry>>,
+    /// The cached keys, and whether the cache is closed (after a lock nothing is cached
+    /// again, even by an open that was already waiting on the KMS). Taken briefly by every
+    /// open and by the periodic sweep.
+    entries: Mutex<(LruCache<FileId, Entry>, bool)>,
     ttl: Duration,
 }
 
@@ -30,12 +32,12 @@ impl KeyCache {
     pub fn new(capacity: usize, ttl: Duration) -> Self {
         let cap = NonZeroUsize::new(capacity.max(1)).expect("at least 1");
         KeyCache {
-            entries: Mutex::new(LruCache::new(cap)),
+            entries: Mutex::new((LruCache::new(cap), false)),
             ttl,
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, LruCache<FileId, Entry>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (LruCache<FileId, Entry>, bool)> {
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -45,7 +47,8 @@ impl KeyCache {
 
     /// The cached key of `id`, if present and younger than the TTL.
     pub fn get(&self, id: &FileId) -> Option<Arc<ContentCipher>> {
-        let mut c = self.lock();
+        let mut g = self.lock();
+        let c = &mut g.0;
         let fresh = c.get(id).map(|e| e.unwrapped.elapsed() < self.ttl)?;
         if fresh {
             c.get(id).map(|e| e.cipher.clone())
@@ -57,7 +60,11 @@ impl KeyCache {
 
     /// Caches a key just unwrapped; returns the id of an entry the LRU bound pushed out.
     pub fn insert(&self, id: FileId, cipher: Arc<ContentCipher>) -> Option<FileId> {
-        let evicted = self.lock().push(
+        let mut g = self.lock();
+        if g.1 {
+            return None;
+        }
+        let evicted = g.0.push(
             id,
             Entry {
                 cipher,
@@ -69,7 +76,8 @@ impl KeyCache {
 
     /// Drops entries older than the TTL; returns their ids.
     pub fn sweep(&self) -> Vec<FileId> {
-        let mut c = self.lock();
+        let mut g = self.lock();
+        let c = &mut g.0;
         let old: Vec<FileId> = c
             .iter()
             .filter(|(_, e)| e.unwrapped.elapsed() >= self.ttl)
@@ -81,16 +89,17 @@ impl KeyCache {
         old
     }
 
-    /// Drops every key (on lock and at exit).
-    pub fn clear(&self) -> usize {
-        let mut c = self.lock();
-        let n = c.len();
-        c.clear();
+    /// Drops every key and caches nothing from now on (on lock and at exit).
+    pub fn close(&self) -> usize {
+        let mut g = self.lock();
+        g.1 = true;
+        let n = g.0.len();
+        g.0.clear();
         n
     }
 
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().0.len()
     }
 
     pub fn is_empty(&self) -> bool {

@@ -55,6 +55,7 @@ const VALUED: &[(&str, &str)] = &[
 pub fn translate(args: &[String]) -> Result<(Vec<String>, Vec<String>), String> {
     let mut positional = Vec::new();
     let mut options = Vec::new();
+    let mut sloppy = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -65,8 +66,10 @@ pub fn translate(args: &[String]) -> Result<(Vec<String>, Vec<String>), String> 
                     .filter(|s| !s.is_empty())
                     .map(str::to_owned),
             ),
-            // mount(8)'s own flags: no mtab, sloppy, fake, verbose.
-            "-n" | "-s" | "-f" | "-v" => {}
+            // mount(8)'s own flags: no mtab, fake, verbose; sloppy tolerates unknown options.
+            "-n" | "-f" | "-v" => {}
+            "-s" => sloppy = true,
+            "-N" => return Err("mounting in another namespace (-N) is not supported".into()),
             s if s.starts_with("-o") => options.extend(s[2..].split(',').map(str::to_owned)),
             s if s.starts_with('-') => return Err(format!("unknown flag {s}")),
             s => positional.push(s.to_owned()),
@@ -100,6 +103,7 @@ pub fn translate(args: &[String]) -> Result<(Vec<String>, Vec<String>), String> 
                 out.push((*flag).to_owned());
                 out.push(value.to_owned());
             }
+            _ if sloppy => log::warn!("ignoring unknown mount option {opt:?} (sloppy mode)"),
             _ => return Err(format!("unknown mount option {opt:?}")),
         }
     }
@@ -110,8 +114,16 @@ pub fn translate(args: &[String]) -> Result<(Vec<String>, Vec<String>), String> 
     Ok((out, env_files))
 }
 
-/// Loads `NAME=value` lines (comments and blanks skipped) into the environment.
+/// Loads `NAME=value` lines (comments and blanks skipped) into the environment. The file
+/// decides which KMS the mount trusts, so only its owner (root) may be able to change it.
 pub fn load_env_file(path: &str) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).map_err(|e| format!("{path}: {e}"))?;
+    if meta.mode() & 0o022 != 0 || (meta.uid() != 0 && meta.uid() != crate::sys::geteuid()) {
+        return Err(format!(
+            "{path}: must be owned by root and not writable by group or others"
+        ));
+    }
     let text = std::fs::read_to_string(path).map_err(|e| format!("{path}: {e}"))?;
     for line in text
         .lines()

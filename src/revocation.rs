@@ -193,39 +193,42 @@ pub fn watch(
         }
         state.set_health(format!("unreachable: {why}"));
     };
+    // Checks run on a fixed schedule, whatever signals arrive in between.
+    let mut next_check = Instant::now() + s.interval;
     loop {
-        match rx.recv_timeout(s.interval) {
+        let wait = next_check.saturating_duration_since(Instant::now());
+        let check_now = match rx.recv_timeout(wait) {
             Ok(Signal::Stop) | Err(RecvTimeoutError::Disconnected) => return,
-            Ok(Signal::Denied(why)) => {
-                state.set_health(format!("denied: {why}"));
-                crate::audit::event("kms_denied", json!({"outcome": "locking"}));
-                lock_and_exit(&state, &format!("the KMS denied access ({why})"));
-                return;
+            // One refused unwrap might concern one file only (a retired key version): confirm
+            // with an access check before locking the whole mount.
+            Ok(Signal::Denied(_)) => true,
+            Ok(Signal::Unreachable(why)) => {
+                note_unreachable(&state, &mut unreachable_since, &why);
+                false
             }
-            Ok(Signal::Unreachable(why)) => note_unreachable(&state, &mut unreachable_since, &why),
-            Err(RecvTimeoutError::Timeout) => {
-                state.fs.sweep_keys();
-                match runtime.block_on(state.kms.check_access()) {
-                    Ok(st) => {
-                        *state.key_version.lock().unwrap_or_else(|p| p.into_inner()) = st.current_version;
-                        if unreachable_since.take().is_some() {
-                            log::info!("KMS reachable again: service resumes, nothing was locked");
-                            crate::audit::event("kms_reachable", json!({"outcome": "resumed"}));
-                        }
-                        state.set_health("ok".into());
+            Err(RecvTimeoutError::Timeout) => true,
+        };
+        if check_now {
+            next_check = Instant::now() + s.interval;
+            state.fs.sweep_keys();
+            match runtime.block_on(state.kms.check_access()) {
+                Ok(st) => {
+                    *state.key_version.lock().unwrap_or_else(|p| p.into_inner()) = st.current_version;
+                    if unreachable_since.take().is_some() {
+                        log::info!("KMS reachable again: service resumes, nothing was locked");
+                        crate::audit::event("kms_reachable", json!({"outcome": "resumed"}));
                     }
-                    Err(KmsError::Denied(why)) => {
-                        state.set_health(format!("denied: {why}"));
-                        crate::audit::event("kms_denied", json!({"outcome": "locking"}));
-                        lock_and_exit(&state, &format!("the KMS denied access ({why})"));
-                        return;
-                    }
-                    Err(KmsError::Unreachable(why)) => note_unreachable(&state, &mut unreachable_since, &why),
-                    Err(e) => {
-                        log::warn!("KMS access check failed: {e}");
-                        state.set_health(format!("error: {e}"));
-                    }
+                    state.set_health("ok".into());
                 }
+                Err(KmsError::Denied(why)) => {
+                    state.set_health(format!("denied: {why}"));
+                    crate::audit::event("kms_denied", json!({"outcome": "locking"}));
+                    lock_and_exit(&state, &format!("the KMS denied access ({why})"));
+                    return;
+                }
+                // Unreachable, or answering in a way that makes the key unusable (transit
+                // mount gone, server misconfigured): both run out the grace period.
+                Err(e) => note_unreachable(&state, &mut unreachable_since, &e.to_string()),
             }
         }
         if let Some(since) = unreachable_since

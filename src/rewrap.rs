@@ -46,7 +46,7 @@ fn content_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
 pub fn run(backing: &Path, dry_run: bool) -> Result<(), Fatal> {
     let config = daemon::load_config(backing)?;
     let rt = daemon::cli_runtime();
-    let kms = daemon::kms_for(&config)?;
+    let kms = daemon::kms_for(&config, false)?;
     {
         let _in = rt.enter();
         kms.start();

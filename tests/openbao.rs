@@ -9,7 +9,7 @@ use std::os::unix::fs::FileExt;
 
 /// A volume on `bao` whose mount uses `token`.
 fn volume(bao: &Bao, token: &str) -> Volume {
-    let env = [("BAO_TOKEN", token)];
+    let env = [("BAO_TOKEN", token), ("BAO_ADDR", bao.addr.as_str())];
     Volume::init_with(
         &["--kms", "openbao", "--kms-addr", &bao.addr, "--kms-key", "fs-kek"],
         &env,
@@ -137,7 +137,11 @@ fn approle_login_works() {
     let bao = Bao::start();
     bao.minimal_policy("kmsfs", "fs-kek");
     let (role, secret) = bao.approle("kmsfs");
-    let env = [("BAO_ROLE_ID", role.as_str()), ("BAO_SECRET_ID", secret.as_str())];
+    let env = [
+        ("BAO_ROLE_ID", role.as_str()),
+        ("BAO_SECRET_ID", secret.as_str()),
+        ("BAO_ADDR", bao.addr.as_str()),
+    ];
     let mut v = Volume::init_with(
         &["--kms", "openbao", "--kms-addr", &bao.addr, "--kms-key", "fs-kek"],
         &env,
@@ -157,6 +161,7 @@ fn approle_login_works() {
         .args(v.mount_args(&[]))
         .env("BAO_ROLE_ID", &v.env[0].1)
         .env("BAO_SECRET_ID", "wrong")
+        .env("BAO_ADDR", &bao.addr)
         .output()
         .unwrap();
     assert!(!out.status.success());

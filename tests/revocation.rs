@@ -141,7 +141,7 @@ fn a_revoked_openbao_token_locks_the_mount() {
     let token = bao.token(&["kmsfs"]);
     let mut v = Volume::init_with(
         &["--kms", "openbao", "--kms-addr", &bao.addr, "--kms-key", "fs-kek"],
-        &[("BAO_TOKEN", token.as_str())],
+        &[("BAO_TOKEN", token.as_str()), ("BAO_ADDR", bao.addr.as_str())],
     );
     v.mount_with_args(&["--check-interval", "1"]);
     std::fs::write(v.m("f"), b"data").unwrap();
@@ -161,7 +161,7 @@ fn an_unavailable_openbao_keeps_cached_files_then_locks_after_the_grace_period()
     let bao = Bao::start();
     let mut v = Volume::init_with(
         &["--kms", "openbao", "--kms-addr", &bao.addr, "--kms-key", "fs-kek"],
-        &[("BAO_TOKEN", ROOT_TOKEN)],
+        &[("BAO_TOKEN", ROOT_TOKEN), ("BAO_ADDR", bao.addr.as_str())],
     );
     v.mount_with_args(&["--check-interval", "1", "--grace", "12"]);
     std::fs::write(v.m("cached"), b"cached").unwrap();

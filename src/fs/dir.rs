@@ -360,9 +360,9 @@ impl Fs {
                  (altered, or not written by this volume)"
             );
         }
-        Ok(self.add_handle(Handle::Dir {
+        self.add_handle(Handle::Dir {
             entries: Arc::new(entries),
-        }))
+        })
     }
 
     /// The directory's entries after `offset` (entries are numbered from 1; `.` and `..` come

@@ -76,6 +76,11 @@ impl Inode {
         self.fd.as_fd()
     }
 
+    /// Drops the open content (and so its key) without waiting for `open`.
+    pub fn drop_content(&self) {
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
     /// The open content, if any handle has the file open.
     pub fn content(&self) -> Option<Arc<ContentFile>> {
         self.current.read().unwrap_or_else(|p| p.into_inner()).clone()

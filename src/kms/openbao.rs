@@ -58,11 +58,25 @@ fn env_first(names: &[&str]) -> Option<String> {
         .find_map(|n| std::env::var(n).ok().filter(|v| !v.is_empty()))
 }
 
-/// Reads a secret from a file that only its owner may read.
+/// Reads a secret from a file that only its owner may read: opened without following a
+/// symlink, then checked on the open descriptor (owner: us or root; no group/other access).
 pub fn read_secret_file(path: &Path) -> Result<Zeroizing<String>, KmsError> {
-    use std::os::unix::fs::MetadataExt;
-    let meta = std::fs::metadata(path)
-        .map_err(|e| KmsError::Misconfigured(format!("credential file {}: {e}", path.display())))?;
+    use std::io::Read;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let bad = |e: &dyn std::fmt::Display| {
+        KmsError::Misconfigured(format!("credential file {}: {e}", path.display()))
+    };
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| bad(&e))?;
+    let meta = f.metadata().map_err(|e| bad(&e))?;
+    if !meta.is_file() || (meta.uid() != 0 && meta.uid() != crate::sys::geteuid()) {
+        return Err(bad(
+            &"must be a regular file owned by root or by the user running kmsfs",
+        ));
+    }
     if meta.mode() & 0o077 != 0 {
         return Err(KmsError::Misconfigured(format!(
             "credential file {} is readable by group or others; run `chmod 600 {}`",
@@ -70,10 +84,8 @@ pub fn read_secret_file(path: &Path) -> Result<Zeroizing<String>, KmsError> {
             path.display()
         )));
     }
-    let bytes = Zeroizing::new(
-        crate::durable::read_bounded(path, 16 * 1024)
-            .map_err(|e| KmsError::Misconfigured(format!("credential file {}: {e}", path.display())))?,
-    );
+    let mut bytes = Zeroizing::new(Vec::new());
+    f.take(16 * 1024).read_to_end(&mut bytes).map_err(|e| bad(&e))?;
     let s = std::str::from_utf8(&bytes)
         .map_err(|_| KmsError::Misconfigured(format!("credential file {} is not text", path.display())))?;
     Ok(Zeroizing::new(s.trim().to_owned()))
@@ -118,16 +130,37 @@ impl Credentials {
 }
 
 impl Settings {
-    /// Settings for a volume: addresses from BAO_ADDR/VAULT_ADDR if set (the mount's own
-    /// setting wins over the volume config), else the config's; secrets from the environment.
-    pub fn from_env(config_addrs: &[String], mount: &str, key: &str) -> Result<Settings, KmsError> {
-        let addrs = match env_first(&["BAO_ADDR", "VAULT_ADDR"]) {
+    /// Settings for a volume: secrets from the environment, addresses from BAO_ADDR/VAULT_ADDR.
+    /// The config's addresses are used only when `trust_config` (at `kmsfs init`, where the
+    /// admin just typed them): the config lives with the data, and whoever can write it must
+    /// not be able to send our token and new keys to a server of their choosing.
+    pub fn from_env(
+        config_addrs: &[String],
+        mount: &str,
+        key: &str,
+        trust_config: bool,
+    ) -> Result<Settings, KmsError> {
+        let addrs: Vec<String> = match env_first(&["BAO_ADDR", "VAULT_ADDR"]) {
             Some(a) => a
                 .split(',')
                 .map(|s| s.trim().trim_end_matches('/').to_owned())
                 .collect(),
-            None => config_addrs.to_vec(),
+            None if trust_config => config_addrs.to_vec(),
+            None => {
+                return Err(KmsError::Misconfigured(format!(
+                    "set BAO_ADDR (the volume was made with {}): the server address is taken from the mount's \
+                     environment, never from the volume config alone",
+                    config_addrs.join(",")
+                )));
+            }
         };
+        if !trust_config && config_addrs.iter().all(|c| !addrs.contains(c)) {
+            log::warn!(
+                "BAO_ADDR ({}) differs from the addresses the volume was made with ({})",
+                addrs.join(","),
+                config_addrs.join(",")
+            );
+        }
         if addrs.is_empty() {
             return Err(KmsError::Misconfigured("no OpenBao address: set BAO_ADDR".into()));
         }
@@ -181,6 +214,8 @@ pub struct OpenBaoKms {
     pool: std::sync::Mutex<std::collections::VecDeque<(Vec<u8>, SecretKey, WrappedDek)>>,
     /// A background refill of `pool` is under way.
     refilling: std::sync::atomic::AtomicBool,
+    /// Set by `clear_pool` (on lock and unmount): nothing is pooled again.
+    pool_closed: std::sync::atomic::AtomicBool,
     /// Coalescing and pooling can be turned off to measure what they save.
     batching: bool,
 }
@@ -242,7 +277,9 @@ impl OpenBaoKms {
         let mut b = reqwest::Client::builder()
             .timeout(REQUEST_TIMEOUT)
             .connect_timeout(Duration::from_secs(3))
-            .pool_idle_timeout(Duration::from_secs(60));
+            .pool_idle_timeout(Duration::from_secs(60))
+            // A redirect would carry the token (and DEKs in the body) to another host.
+            .redirect(reqwest::redirect::Policy::none());
         if let Some(ca) = &s.ca_cert {
             let pem = std::fs::read(ca)
                 .map_err(|e| KmsError::Misconfigured(format!("CA bundle {}: {e}", ca.display())))?;
@@ -282,6 +319,7 @@ impl OpenBaoKms {
             requests: AtomicU64::new(0),
             pool: std::sync::Mutex::new(std::collections::VecDeque::new()),
             refilling: std::sync::atomic::AtomicBool::new(false),
+            pool_closed: std::sync::atomic::AtomicBool::new(false),
             batching: std::env::var_os("KMSFS_NO_BATCHING").is_none(),
         })
     }
@@ -329,6 +367,9 @@ impl OpenBaoKms {
                     .collect();
                 let made = me.generate_many(&contexts).await;
                 let mut pool = me.pool.lock().unwrap_or_else(|p| p.into_inner());
+                if me.pool_closed.load(Ordering::Acquire) {
+                    return; // locked while we were away: drop (and wipe) what we made
+                }
                 for (ctx, r) in contexts.into_iter().zip(made) {
                     match r {
                         Ok((dek, w)) => pool.push_back((ctx, dek, w)),
@@ -354,9 +395,11 @@ impl OpenBaoKms {
         Ok((ctx, dek, w))
     }
 
-    /// Drops every pooled key (they are wiped as they drop).
+    /// Drops every pooled key (they are wiped as they drop) and pools nothing again.
     pub fn clear_pool(&self) {
-        self.pool.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        self.pool_closed.store(true, Ordering::Release);
+        pool.clear();
     }
 
     fn transit(&self, op: &str) -> String {
@@ -404,7 +447,9 @@ impl OpenBaoKms {
                             self.preferred.store(idx as u64, Ordering::Relaxed);
                             return Ok(Answer::Ok(v));
                         }
-                        429 | 500..=599 => {
+                        // 3xx: a standby pointing at the active node (which may be the one
+                        // that just died): we do not follow it, we try the next address.
+                        300..=399 | 429 | 500..=599 => {
                             last = format!("{}: HTTP {status} {}", self.addrs[idx], error_text(&v));
                         }
                         _ => return Ok(Answer::Refused(status, error_text(&v))),
