@@ -82,8 +82,11 @@ fn answer(mut conn: UnixStream, control: &dyn Control, me: u32) -> std::io::Resu
         match req.get("cmd").and_then(Value::as_str) {
             Some("status") => control.status(),
             Some("lock") => {
+                // Answer first: once locked, the daemon may exit before a late answer is sent.
+                // The client then waits for the daemon to exit.
+                writeln!(conn, "{}", json!({"locking": true}))?;
                 control.lock(&format!("uid {uid} pid {pid} (kmsfs lock)"));
-                json!({"locked": true})
+                return Ok(());
             }
             _ => json!({"error": "unknown request"}),
         }

@@ -576,34 +576,29 @@ impl OpenBaoKms {
         unreachable!("loop returns")
     }
 
-    /// Encrypts many DEKs at once, each bound to its context.
-    async fn wrap_many(&self, items: &[(SecretKey, Vec<u8>)]) -> Vec<Result<WrappedDek, KmsError>> {
+    /// Sends `items` to Transit `op` in batch requests (at most [`MAX_BATCH`] each): `input`
+    /// makes one batch item, `output` reads one result (`None` for a failed item, whose error
+    /// text is then classified).
+    async fn batched<T: Sync, R: Send>(
+        &self,
+        op: &str,
+        items: &[T],
+        input: impl Fn(&T) -> Value + Send + Sync,
+        output: impl Fn(&Value) -> Option<Result<R, KmsError>> + Send + Sync,
+    ) -> Vec<Result<R, KmsError>> {
         let mut out = Vec::with_capacity(items.len());
         for chunk in items.chunks(MAX_BATCH) {
-            let batch: Vec<Value> = chunk
-                .iter()
-                .map(|(dek, ctx)| json!({"plaintext": Zeroizing::new(b64(dek.expose())).as_str(), "context": b64(ctx)}))
-                .collect();
-            match self.call("encrypt", &json!({ "batch_input": batch })).await {
+            let batch: Vec<Value> = chunk.iter().map(&input).collect();
+            match self.call(op, &json!({ "batch_input": batch })).await {
                 Err(e) => out.extend(chunk.iter().map(|_| Err(e.clone()))),
                 Ok(v) => {
                     let results = v.pointer("/data/batch_results").and_then(Value::as_array);
                     for i in 0..chunk.len() {
                         let item = results.and_then(|r| r.get(i));
-                        out.push(
-                            match item.and_then(|it| it.get("ciphertext")).and_then(Value::as_str) {
-                                Some(ct) if !ct.is_empty() => Ok(WrappedDek {
-                                    key_ref: self.key.clone(),
-                                    blob: ct.as_bytes().to_vec(),
-                                }),
-                                _ => Err(classify(
-                                    400,
-                                    item.and_then(|i| i.get("error"))
-                                        .and_then(Value::as_str)
-                                        .unwrap_or("no result"),
-                                )),
-                            },
-                        );
+                        out.push(item.and_then(&output).unwrap_or_else(|| {
+                            let why = item.and_then(|i| i.get("error")).and_then(Value::as_str);
+                            Err(classify(400, why.unwrap_or("no result")))
+                        }));
                     }
                 }
             }
@@ -611,41 +606,48 @@ impl OpenBaoKms {
         out
     }
 
+    /// A wrapped DEK from an encrypt or rewrap result item.
+    fn wrapped_from(&self, item: &Value) -> Option<Result<WrappedDek, KmsError>> {
+        let ct = item
+            .get("ciphertext")
+            .and_then(Value::as_str)
+            .filter(|c| !c.is_empty())?;
+        Some(Ok(WrappedDek {
+            key_ref: self.key.clone(),
+            blob: ct.as_bytes().to_vec(),
+        }))
+    }
+
+    /// Encrypts many DEKs at once, each bound to its context.
+    async fn wrap_many(&self, items: &[(SecretKey, Vec<u8>)]) -> Vec<Result<WrappedDek, KmsError>> {
+        self.batched(
+            "encrypt",
+            items,
+            |(dek, ctx)| json!({"plaintext": Zeroizing::new(b64(dek.expose())).as_str(), "context": b64(ctx)}),
+            |item| self.wrapped_from(item),
+        )
+        .await
+    }
+
     /// Decrypts many wrapped DEKs in batch requests.
     async fn unwrap_batch(&self, items: &[(WrappedDek, Vec<u8>)]) -> Vec<Result<SecretKey, KmsError>> {
-        let mut out = Vec::with_capacity(items.len());
-        for chunk in items.chunks(MAX_BATCH) {
-            let batch: Vec<Value> = chunk
-                .iter()
-                .map(|(w, ctx)| json!({"ciphertext": String::from_utf8_lossy(&w.blob), "context": b64(ctx)}))
-                .collect();
-            match self.call("decrypt", &json!({ "batch_input": batch })).await {
-                Err(e) => out.extend(chunk.iter().map(|_| Err(e.clone()))),
-                Ok(v) => {
-                    let results = v.pointer("/data/batch_results").and_then(Value::as_array);
-                    for i in 0..chunk.len() {
-                        let item = results.and_then(|r| r.get(i));
-                        let pt = item
-                            .and_then(|it| it.get("plaintext"))
-                            .and_then(Value::as_str)
-                            .unwrap_or("");
-                        out.push(if pt.is_empty() {
-                            Err(classify(
-                                400,
-                                item.and_then(|i| i.get("error"))
-                                    .and_then(Value::as_str)
-                                    .unwrap_or("no result"),
-                            ))
-                        } else {
-                            let raw = Zeroizing::new(B64.decode(pt).unwrap_or_default());
-                            SecretKey::from_slice(&raw)
-                                .ok_or_else(|| KmsError::Corrupt("unwrapped key has the wrong length".into()))
-                        });
-                    }
-                }
-            }
-        }
-        out
+        self.batched(
+            "decrypt",
+            items,
+            |(w, ctx)| json!({"ciphertext": String::from_utf8_lossy(&w.blob), "context": b64(ctx)}),
+            |item| {
+                let pt = item
+                    .get("plaintext")
+                    .and_then(Value::as_str)
+                    .filter(|p| !p.is_empty())?;
+                let raw = Zeroizing::new(B64.decode(pt).unwrap_or_default());
+                Some(
+                    SecretKey::from_slice(&raw)
+                        .ok_or_else(|| KmsError::Corrupt("unwrapped key has the wrong length".into())),
+                )
+            },
+        )
+        .await
     }
 }
 
@@ -768,37 +770,13 @@ impl KmsBackend for OpenBaoKms {
     }
 
     async fn rewrap_many(&self, items: &[(WrappedDek, Vec<u8>)]) -> Vec<Result<WrappedDek, KmsError>> {
-        let mut out = Vec::with_capacity(items.len());
-        for chunk in items.chunks(MAX_BATCH) {
-            let batch: Vec<Value> = chunk
-                .iter()
-                .map(|(w, ctx)| json!({"ciphertext": String::from_utf8_lossy(&w.blob), "context": b64(ctx)}))
-                .collect();
-            match self.call("rewrap", &json!({ "batch_input": batch })).await {
-                Err(e) => out.extend(chunk.iter().map(|_| Err(e.clone()))),
-                Ok(v) => {
-                    let results = v.pointer("/data/batch_results").and_then(Value::as_array);
-                    for i in 0..chunk.len() {
-                        let item = results.and_then(|r| r.get(i));
-                        out.push(
-                            match item.and_then(|it| it.get("ciphertext")).and_then(Value::as_str) {
-                                Some(ct) if !ct.is_empty() => Ok(WrappedDek {
-                                    key_ref: self.key.clone(),
-                                    blob: ct.as_bytes().to_vec(),
-                                }),
-                                _ => Err(classify(
-                                    400,
-                                    item.and_then(|i| i.get("error"))
-                                        .and_then(Value::as_str)
-                                        .unwrap_or("no result"),
-                                )),
-                            },
-                        );
-                    }
-                }
-            }
-        }
-        out
+        self.batched(
+            "rewrap",
+            items,
+            |(w, ctx)| json!({"ciphertext": String::from_utf8_lossy(&w.blob), "context": b64(ctx)}),
+            |item| self.wrapped_from(item),
+        )
+        .await
     }
 
     fn version_of(&self, wrapped: &WrappedDek) -> Option<u32> {

@@ -97,19 +97,7 @@ impl Volume {
 
     /// Mounts with extra `kmsfs mount` arguments (e.g. `--check-interval 1`).
     pub fn mount_with_args(&mut self, extra: &[&str]) {
-        let mut args = self.mount_args(&[]);
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let out = kmsfs()
-            .args(args)
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .output()
-            .expect("run kmsfs mount");
-        assert!(
-            out.status.success(),
-            "mount failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        self.mounted = true;
+        self.mount_full(&[], extra, &[]);
     }
 
     /// The daemon's pid (from the lock file it holds).
@@ -145,8 +133,15 @@ impl Volume {
 
     /// Mounts with extra environment for the daemon (e.g. a log level).
     pub fn mount_with_env(&mut self, options: &[&str], env: &[(&str, &str)]) {
+        self.mount_full(options, &[], env);
+    }
+
+    /// Mounts with `-o` options, extra arguments and extra environment; returns once ready.
+    pub fn mount_full(&mut self, options: &[&str], extra: &[&str], env: &[(&str, &str)]) {
+        let mut args = self.mount_args(options);
+        args.extend(extra.iter().map(|s| s.to_string()));
         let out = kmsfs()
-            .args(self.mount_args(options))
+            .args(args)
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .envs(env.iter().copied())
             .output()
