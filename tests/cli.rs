@@ -101,41 +101,22 @@ fn a_wrong_keystore_is_refused_at_mount() {
 #[test]
 fn a_wrong_keystore_fails_opens_not_with_garbage() {
     // With plaintext names nothing is unwrapped at mount: the first open finds out.
-    let d = tempfile::tempdir().unwrap();
-    let (backing, mnt, ks) = (d.path().join("vol"), d.path().join("mnt"), d.path().join("ks"));
-    std::fs::create_dir(&mnt).unwrap();
-    let ks_s = ks.to_str().unwrap();
+    let mut v = Volume::init_with(&["--plaintext-names"], &[]);
+    v.mount(&[]);
+    std::fs::write(v.m("f"), b"data").unwrap();
+    v.unmount();
+    std::fs::remove_file(&v.keystore).unwrap();
     run_ok(&[
-        "init",
-        backing.to_str().unwrap(),
+        "key",
+        "create",
+        "default",
         "--keystore",
-        ks_s,
-        "--plaintext-names",
+        v.keystore.to_str().unwrap(),
     ]);
-    let log = d.path().join("log");
-    let mount = || {
-        run_ok(&[
-            "mount",
-            backing.to_str().unwrap(),
-            mnt.to_str().unwrap(),
-            "--log-file",
-            log.to_str().unwrap(),
-        ])
-    };
-    mount();
-    std::fs::write(mnt.join("f"), b"data").unwrap();
-    run_ok(&["unmount", mnt.to_str().unwrap()]);
-    std::fs::remove_file(&ks).unwrap();
-    run_ok(&["key", "create", "default", "--keystore", ks_s]);
-    mount();
-    let err = std::fs::read(mnt.join("f")).unwrap_err();
-    run_ok(&["unmount", mnt.to_str().unwrap()]);
+    v.mount(&[]);
+    let err = std::fs::read(v.m("f")).unwrap_err();
     assert_eq!(errno_of(&err), libc::EIO);
-    assert!(
-        std::fs::read_to_string(&log)
-            .unwrap()
-            .contains("cannot unwrap its key")
-    );
+    assert!(v.log_text().contains("cannot unwrap its key"), "{}", v.log_text());
 }
 
 #[test]

@@ -284,32 +284,15 @@ fn symlink_targets_and_xattr_values_are_encrypted() {
 
 #[test]
 fn plaintext_names_mode_keeps_names_readable() {
-    let d = tempfile::tempdir().unwrap();
-    let (backing, mnt, ks) = (d.path().join("vol"), d.path().join("mnt"), d.path().join("ks"));
-    std::fs::create_dir(&mnt).unwrap();
-    run_ok(&[
-        "init",
-        backing.to_str().unwrap(),
-        "--keystore",
-        ks.to_str().unwrap(),
-        "--plaintext-names",
-    ]);
-    let log = d.path().join("log");
-    run_ok(&[
-        "mount",
-        backing.to_str().unwrap(),
-        mnt.to_str().unwrap(),
-        "--log-file",
-        log.to_str().unwrap(),
-    ]);
-    std::fs::create_dir(mnt.join("dir")).unwrap();
-    std::fs::write(mnt.join("dir/visible.txt"), b"SECRET-CONTENT").unwrap();
-    let ok = std::fs::read(mnt.join("dir/visible.txt")).unwrap() == b"SECRET-CONTENT";
-    run_ok(&["unmount", mnt.to_str().unwrap()]);
-    assert!(ok);
-    assert!(backing.join("dir/visible.txt").is_file());
-    assert!(!tree_contains(&backing, b"SECRET-CONTENT"));
-    let cfg = std::fs::read_to_string(backing.join("kmsfs.json")).unwrap();
+    let mut v = Volume::init_with(&["--plaintext-names"], &[]);
+    v.mount(&[]);
+    std::fs::create_dir(v.m("dir")).unwrap();
+    std::fs::write(v.m("dir/visible.txt"), b"SECRET-CONTENT").unwrap();
+    assert_eq!(std::fs::read(v.m("dir/visible.txt")).unwrap(), b"SECRET-CONTENT");
+    v.unmount();
+    assert!(v.backing.join("dir/visible.txt").is_file());
+    assert!(!tree_contains(&v.backing, b"SECRET-CONTENT"));
+    let cfg = std::fs::read_to_string(v.backing.join("kmsfs.json")).unwrap();
     assert!(cfg.contains("\"plaintext\""), "{cfg}");
 }
 
