@@ -51,9 +51,7 @@ fn an_uninitialised_backing_directory_says_to_run_init() {
 fn a_keystore_others_can_read_is_refused_with_the_fix() {
     let v = Volume::new();
     std::fs::set_permissions(&v.keystore, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let args = v.mount_args(&[]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let err = run_err(&args);
+    let err = v.mount_err(&[]);
     assert!(one_line(&err).contains("chmod 600"), "{err}");
 }
 
@@ -61,9 +59,7 @@ fn a_keystore_others_can_read_is_refused_with_the_fix() {
 fn a_missing_keystore_is_a_clear_error() {
     let v = Volume::new();
     std::fs::rename(&v.keystore, v.dir.path().join("moved")).unwrap();
-    let args = v.mount_args(&[]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let err = run_err(&args);
+    let err = v.mount_err(&[]);
     assert!(one_line(&err).contains("not found"), "{err}");
 }
 
@@ -71,9 +67,7 @@ fn a_missing_keystore_is_a_clear_error() {
 fn a_disabled_key_refuses_the_mount() {
     let v = Volume::new();
     v.key("disable");
-    let args = v.mount_args(&[]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let err = run_err(&args);
+    let err = v.mount_err(&[]);
     assert!(one_line(&err).contains("disabled"), "{err}");
 }
 
@@ -92,9 +86,7 @@ fn a_wrong_keystore_is_refused_at_mount() {
         "--keystore",
         v.keystore.to_str().unwrap(),
     ]);
-    let args = v.mount_args(&[]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let err = run_err(&args);
+    let err = v.mount_err(&[]);
     assert!(one_line(&err).contains("is this the volume's keystore?"), "{err}");
 }
 
@@ -134,9 +126,7 @@ fn init_refuses_non_empty_directories_and_keystores_inside_the_backing() {
 #[test]
 fn unknown_mount_options_are_refused() {
     let v = Volume::new();
-    let args = v.mount_args(&["frobnicate"]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let err = run_err(&args);
+    let err = v.mount_err(&["frobnicate"]);
     assert!(one_line(&err).contains("unknown mount option"), "{err}");
 }
 
@@ -179,8 +169,6 @@ fn a_config_pointing_at_a_keystore_inside_the_backing_is_refused() {
         text.replace(v.keystore.to_str().unwrap(), planted.to_str().unwrap()),
     )
     .unwrap();
-    let args = v.mount_args(&[]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let err = run_err(&args);
+    let err = v.mount_err(&[]);
     assert!(one_line(&err).contains("inside the backing directory"), "{err}");
 }

@@ -95,6 +95,13 @@ impl Volume {
         self.mount_with_env(options, &[]);
     }
 
+    /// Runs `kmsfs mount` expecting it to fail; returns its stderr.
+    pub fn mount_err(&self, options: &[&str]) -> String {
+        let args = self.mount_args(options);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run_err(&args)
+    }
+
     /// Mounts with extra `kmsfs mount` arguments (e.g. `--check-interval 1`).
     pub fn mount_with_args(&mut self, extra: &[&str]) {
         self.mount_full(&[], extra, &[]);
