@@ -49,7 +49,13 @@ impl Volume {
 
     /// A volume initialised with extra `kmsfs init` arguments and environment.
     pub fn init_with(extra: &[&str], env: &[(&str, &str)]) -> Volume {
-        let dir = tempfile::tempdir().expect("tempdir");
+        Self::init_in(&std::env::temp_dir(), extra, env)
+    }
+
+    /// A volume (backing, mountpoint, keystore) in a new temp directory under `parent`, e.g.
+    /// on tmpfs where a test does many syncs and the disk is not what it tests.
+    pub fn init_in(parent: &Path, extra: &[&str], env: &[(&str, &str)]) -> Volume {
+        let dir = tempfile::tempdir_in(parent).expect("tempdir");
         let backing = dir.path().join("vol");
         let mnt = dir.path().join("mnt");
         let keystore = dir.path().join("vol.keystore");
