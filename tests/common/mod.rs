@@ -108,6 +108,20 @@ impl Volume {
         run_err(&args)
     }
 
+    /// Mounts, or returns kmsfs's stderr if the mount is refused.
+    pub fn try_mount(&mut self) -> Result<(), String> {
+        let out = kmsfs()
+            .args(self.mount_args(&[]))
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .output()
+            .expect("run kmsfs mount");
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        self.mounted = true;
+        Ok(())
+    }
+
     /// Mounts with extra `kmsfs mount` arguments (e.g. `--check-interval 1`).
     pub fn mount_with_args(&mut self, extra: &[&str]) {
         self.mount_full(&[], extra, &[]);
