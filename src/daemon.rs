@@ -71,7 +71,7 @@ pub fn kms_for(config: &VolumeConfig, trust_config: bool) -> Result<Kms, Fatal> 
 /// The volume config is stored with the data, so whoever can write the backing directory can
 /// edit it. It must not be able to send new keys somewhere the attacker controls: a local
 /// keystore must live outside the backing directory and belong to the user running kmsfs.
-fn check_kms_location(config: &VolumeConfig, backing: &Path) -> Result<(), Fatal> {
+pub fn check_kms_location(config: &VolumeConfig, backing: &Path) -> Result<(), Fatal> {
     match &config.kms {
         // Its address can be pinned on the mount side with BAO_ADDR.
         KmsConfig::Openbao { .. } => Ok(()),
@@ -162,7 +162,11 @@ pub enum Ended {
 pub const EXIT_LOCKED: i32 = 75;
 
 /// Unwraps the volume name key (bound to the volume id) and derives the name ciphers.
-fn open_names(runtime: &tokio::runtime::Runtime, kms: &Kms, config: &VolumeConfig) -> Result<Names, Fatal> {
+pub fn open_names(
+    runtime: &tokio::runtime::Runtime,
+    kms: &Kms,
+    config: &VolumeConfig,
+) -> Result<Names, Fatal> {
     let NamesConfig::Encrypted {
         root_dir_id,
         key_ref,

@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod durable;
 pub mod format;
 pub mod fs;
+pub mod fsck;
 pub mod fuse;
 pub mod hex;
 pub mod keycache;

@@ -10,9 +10,12 @@ use std::path::PathBuf;
 pub const CONFIG_FILE_NAME: &str = "kmsfs.json";
 /// File name of the daemon lock in the backing root (held with flock while mounted).
 pub const LOCK_FILE_NAME: &str = ".kmsfs.lock";
+/// Directory in the backing root where `kmsfs fsck --repair` moves the entries it cannot read
+/// (it never deletes them), with a JSON-lines report of what came from where.
+pub const LOST_FOUND_NAME: &str = "kmsfs.lost+found";
 /// Names in the backing root that belong to kmsfs, not to the user: hidden from listings and
 /// refused by lookup and create.
-pub const RESERVED_ROOT_NAMES: &[&str] = &[CONFIG_FILE_NAME, LOCK_FILE_NAME];
+pub const RESERVED_ROOT_NAMES: &[&str] = &[CONFIG_FILE_NAME, LOCK_FILE_NAME, LOST_FOUND_NAME];
 /// A config larger than this is refused before parsing.
 pub const MAX_CONFIG_LEN: usize = 64 * 1024;
 /// Length of a volume id in bytes (hex-encoded in the file).

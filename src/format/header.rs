@@ -148,6 +148,28 @@ pub fn encode(file_id: &FileId, slot: &KeySlot) -> Result<Vec<u8>, HeaderError> 
     Ok(b)
 }
 
+/// What one key slot holds. `decode` needs only the newest valid slot; a checker
+/// (`kmsfs fsck`) also wants to know whether the other one is empty or damaged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SlotState {
+    /// All zero: never written.
+    Empty,
+    Valid(KeySlot),
+    /// Written, but torn or altered: checksum, lengths, padding or key reference wrong.
+    Damaged,
+}
+
+fn slot_state(fixed: &[u8], s: &[u8]) -> SlotState {
+    let body_end = SLOT_LEN - SLOT_CHECKSUM_LEN;
+    if s[..body_end].iter().all(|&b| b == 0) {
+        return SlotState::Empty;
+    }
+    match decode_slot(fixed, s) {
+        Some(slot) => SlotState::Valid(slot),
+        None => SlotState::Damaged,
+    }
+}
+
 fn decode_slot(fixed: &[u8], s: &[u8]) -> Option<KeySlot> {
     let body_end = SLOT_LEN - SLOT_CHECKSUM_LEN;
     if s[..body_end].iter().all(|&b| b == 0) {
@@ -175,8 +197,8 @@ fn decode_slot(fixed: &[u8], s: &[u8]) -> Option<KeySlot> {
     })
 }
 
-/// Parses a header from the first bytes of a backing file.
-pub fn decode(bytes: &[u8]) -> Result<Header, HeaderError> {
+/// Checks the fixed part (length, magic, version, reserved bytes) and returns it.
+fn check_fixed(bytes: &[u8]) -> Result<&[u8], HeaderError> {
     if bytes.len() < HEADER_LEN as usize {
         return Err(HeaderError::Short(bytes.len()));
     }
@@ -191,6 +213,21 @@ pub fn decode(bytes: &[u8]) -> Result<Header, HeaderError> {
     if fixed[10..12] != [0, 0] || fixed[28..32] != [0; 4] {
         return Err(HeaderError::Reserved);
     }
+    Ok(fixed)
+}
+
+/// The state of both slots of a header whose fixed part is sound.
+pub fn slot_states(bytes: &[u8]) -> Result<[SlotState; 2], HeaderError> {
+    let fixed = check_fixed(bytes)?;
+    Ok([0, 1].map(|i| {
+        let off = slot_offset(i) as usize;
+        slot_state(fixed, &bytes[off..off + SLOT_LEN])
+    }))
+}
+
+/// Parses a header from the first bytes of a backing file.
+pub fn decode(bytes: &[u8]) -> Result<Header, HeaderError> {
+    let fixed = check_fixed(bytes)?;
     let mut id = [0u8; FILE_ID_LEN];
     id.copy_from_slice(&fixed[12..12 + FILE_ID_LEN]);
     let slots = [0, 1].map(|i| {
@@ -299,6 +336,24 @@ mod tests {
             ),
             Err(HeaderError::TooLong(_))
         ));
+    }
+
+    #[test]
+    fn slot_states_tell_empty_valid_and_damaged_apart() {
+        let (id, slot) = sample();
+        let mut b = encode(&id, &slot).unwrap();
+        assert_eq!(
+            slot_states(&b).unwrap(),
+            [SlotState::Valid(slot.clone()), SlotState::Empty]
+        );
+        b[slot_offset(1) as usize + 5] = 1; // a torn rewrite of slot B
+        assert_eq!(
+            slot_states(&b).unwrap(),
+            [SlotState::Valid(slot.clone()), SlotState::Damaged]
+        );
+        assert_eq!(decode(&b).unwrap().slot, slot);
+        b[0] ^= 1;
+        assert_eq!(slot_states(&b), Err(HeaderError::BadMagic));
     }
 
     proptest! {

@@ -55,7 +55,8 @@ pub type DirId = [u8; DIR_ID_LEN];
 /// What a backing directory entry is.
 #[derive(Debug, PartialEq, Eq)]
 pub enum BackingEntry<'a> {
-    /// kmsfs's own (directory id, temporary directory, lock, config, sidecar): never listed.
+    /// kmsfs's own (directory id, temporary directory, lock, config, sidecar, fsck's
+    /// lost+found): never listed.
     Internal,
     /// A long-name entry; its full encrypted name is in the sidecar.
     Long(&'a str),
@@ -69,7 +70,7 @@ pub fn classify(backing: &[u8]) -> BackingEntry<'_> {
         return BackingEntry::Short("");
     };
     // base64url never contains '.', so no encrypted name can look like one of ours.
-    if s.starts_with('.') || s == super::config::CONFIG_FILE_NAME {
+    if s.starts_with('.') || s == super::config::CONFIG_FILE_NAME || s == super::config::LOST_FOUND_NAME {
         return BackingEntry::Internal;
     }
     if let Some(rest) = s.strip_prefix(LONG_NAME_PREFIX) {
@@ -297,6 +298,7 @@ mod tests {
             "kmsfs.json",
             ".kmsfs.tmp.abc",
             "kmsfs.long.xyz.name",
+            "kmsfs.lost+found",
         ] {
             assert_eq!(
                 classify(internal.as_bytes()),

@@ -1,0 +1,477 @@
+//! The content half of fsck: every regular file's header (both key slots, a unique file id),
+//! its key (unwrapped through the KMS in batches, as `rewrap` batches), and every block,
+//! opened with the rules the mount reads them by (`fs::content`): a non-final record of zeros
+//! is a hole, a non-final record sealed as final is an interrupted extension and fine, the
+//! last record must open as final.
+//!
+//! This module holds fsck's only KMS requests (`unwrap_many`). A KMS that refuses or cannot
+//! be reached ends the run with one line; so does a key that unwraps no file at all (the
+//! wrong keystore), rather than one line per file.
+
+use super::report::{Kind, Problem, Progress, Summary};
+use super::tree::FileRef;
+use crate::daemon::{self, Fatal};
+use crate::format::FileId;
+use crate::format::block::{
+    BLOCK_SIZE, ContentCipher, RECORD_LEN, RECORD_OVERHEAD, SizeError, backing_len, block_count,
+    block_plain_len, is_hole, plaintext_size, record_offset,
+};
+use crate::format::header::{self, HEADER_LEN, Header, SlotState};
+use crate::kms::{Kms, KmsBackend, KmsError, WrappedDek};
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+/// Files whose keys are unwrapped per KMS batch.
+const BATCH: usize = 200;
+/// Records read per `pread` (1 MiB of plaintext, as the mount reads).
+const RECORDS_PER_READ: u64 = 16;
+
+/// Why a block does not open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// A middle block fails authentication.
+    Auth,
+    /// The last block fails authentication.
+    FinalAuth,
+    /// The last block opens only as a middle block: the file was cut at a block boundary.
+    Cut,
+    /// The last block is all zeros (only a middle block can be a hole).
+    FinalZero,
+}
+
+impl Failure {
+    fn message(self) -> &'static str {
+        match self {
+            Failure::Auth => "fails authentication (altered, torn, or moved from another place)",
+            Failure::FinalAuth => "the last block fails authentication (altered or torn)",
+            Failure::Cut => "the last block was sealed as a middle block: the file was cut short",
+            Failure::FinalZero => "the last block is all zeros (only a middle block can be a hole)",
+        }
+    }
+}
+
+/// The outcome of checking one file's records.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct BlockCheck {
+    /// Plaintext size (of the intact records, if the last one is torn).
+    pub size: u64,
+    pub blocks: u64,
+    pub holes: u64,
+    pub failed: Vec<(u64, Failure)>,
+    /// Bytes of a torn record after the last whole one (`SizeError::TornRecord`).
+    pub torn: Option<u64>,
+}
+
+/// Opens every record of a backing file of `len` bytes.
+pub fn check_blocks(file: &File, len: u64, cipher: &ContentCipher) -> std::io::Result<BlockCheck> {
+    let mut out = BlockCheck::default();
+    out.size = match plaintext_size(len) {
+        Ok(size) => size,
+        Err(SizeError::TornRecord) => {
+            // As the mount does: the intact records are the file, the torn bytes are not.
+            let size = (len - HEADER_LEN) / RECORD_LEN * BLOCK_SIZE;
+            out.torn = Some(len - backing_len(size));
+            size
+        }
+        Err(SizeError::NoHeader) => return Ok(out),
+    };
+    out.blocks = block_count(out.size);
+    let mut buf = Vec::new();
+    let mut scratch = Vec::new();
+    let mut first = 0;
+    while first < out.blocks {
+        let last = (first + RECORDS_PER_READ).min(out.blocks) - 1;
+        let start = record_offset(first);
+        let stop = record_offset(last) + block_plain_len(out.size, last) + RECORD_OVERHEAD;
+        buf.resize((stop - start) as usize, 0);
+        file.read_exact_at(&mut buf, start)?;
+        for b in first..=last {
+            let at = (record_offset(b) - start) as usize;
+            let rec = &buf[at..at + (block_plain_len(out.size, b) + RECORD_OVERHEAD) as usize];
+            match open_block(cipher, b, b + 1 == out.blocks, rec, &mut scratch) {
+                Ok(true) => out.holes += 1,
+                Ok(false) => {}
+                Err(f) => out.failed.push((b, f)),
+            }
+        }
+        first = last + 1;
+    }
+    Ok(out)
+}
+
+/// Opens one record as `fs::content` does; `Ok(true)` for a hole.
+fn open_block(
+    cipher: &ContentCipher,
+    b: u64,
+    is_final: bool,
+    rec: &[u8],
+    scratch: &mut Vec<u8>,
+) -> Result<bool, Failure> {
+    if !is_final && is_hole(rec) {
+        return Ok(true);
+    }
+    // Opening works in place and leaves a failed record scrambled: each try gets a copy.
+    let mut attempt = |as_final: bool| {
+        scratch.clear();
+        scratch.extend_from_slice(rec);
+        cipher.open(b, as_final, scratch).is_ok()
+    };
+    if attempt(is_final) {
+        return Ok(false);
+    }
+    if !is_final {
+        // An old final block whose extension stopped before its last step: readable.
+        return if attempt(true) {
+            Ok(false)
+        } else {
+            Err(Failure::Auth)
+        };
+    }
+    if is_hole(rec) {
+        Err(Failure::FinalZero)
+    } else if attempt(false) {
+        Err(Failure::Cut)
+    } else {
+        Err(Failure::FinalAuth)
+    }
+}
+
+/// Consecutive failed blocks with the same cause, as (first, last, cause).
+fn runs(failed: &[(u64, Failure)]) -> Vec<(u64, u64, Failure)> {
+    let mut out: Vec<(u64, u64, Failure)> = Vec::new();
+    for &(b, f) in failed {
+        match out.last_mut() {
+            Some((_, last, cause)) if *last + 1 == b && *cause == f => *last = b,
+            _ => out.push((b, b, f)),
+        }
+    }
+    out
+}
+
+/// A file whose header parsed, waiting for its key.
+struct Opened<'a> {
+    file_ref: &'a FileRef,
+    file: File,
+    header: Header,
+}
+
+/// Checks every file's header, key and blocks; adds to `summary` and `problems`. Returns the
+/// file id of every backing path whose header parsed.
+pub struct ContentCheck<'a> {
+    pub root: &'a Path,
+    pub kms: &'a Kms,
+    pub rt: &'a tokio::runtime::Runtime,
+    pub summary: &'a mut Summary,
+    pub problems: &'a mut Vec<Problem>,
+    pub progress: &'a mut Progress,
+}
+
+impl ContentCheck<'_> {
+    pub fn run(mut self, files: &[FileRef]) -> Result<HashMap<PathBuf, FileId>, Fatal> {
+        let mut ids: HashMap<FileId, u64> = HashMap::new();
+        let mut by_path = HashMap::new();
+        let (mut unwrapped, mut refused, mut done) = (0u64, 0u64, 0usize);
+        let mut first_refusal = None;
+        for chunk in files.chunks(BATCH) {
+            let mut opened = Vec::with_capacity(chunk.len());
+            for f in chunk {
+                if let Some(o) = self.open(f) {
+                    if let Some(other) = ids.insert(o.header.file_id, f.inode) {
+                        let msg = format!(
+                            "another file (inode {other}) has the same file id: a copy made \
+                             outside the mount, or a header copied onto this file"
+                        );
+                        self.problems.push(with_id(
+                            Problem::new(&f.paths[0], f.inode, Kind::DuplicateId, msg),
+                            &o,
+                        ));
+                    }
+                    for p in &f.paths {
+                        by_path.insert(p.clone(), o.header.file_id);
+                    }
+                    opened.push(o);
+                }
+            }
+            // The one KMS request of each batch.
+            let items: Vec<(WrappedDek, Vec<u8>)> = opened
+                .iter()
+                .map(|o| {
+                    let w = WrappedDek {
+                        key_ref: o.header.slot.key_ref.clone(),
+                        blob: o.header.slot.wrapped.clone(),
+                    };
+                    (w, o.header.file_id.0.to_vec())
+                })
+                .collect();
+            let keys = self.rt.block_on(self.kms.unwrap_many(&items));
+            for (o, key) in opened.iter().zip(keys) {
+                match key {
+                    Ok(dek) => {
+                        unwrapped += 1;
+                        let cipher = ContentCipher::new(&dek, o.header.file_id);
+                        drop(dek);
+                        self.blocks(o, &cipher);
+                    }
+                    Err(KmsError::Corrupt(m)) => {
+                        refused += 1;
+                        first_refusal.get_or_insert(m);
+                        let msg = "the wrapped key does not unwrap under this file's id (header \
+                                   altered or copied from another file)";
+                        let f = o.file_ref;
+                        let p = Problem::new(&f.paths[0], f.inode, Kind::Key, msg);
+                        self.problems.push(with_id(p, o).quarantine(&f.paths[1..]));
+                    }
+                    Err(e) => return Err(daemon::explain_kms(e)),
+                }
+            }
+            done += chunk.len();
+            let (total, bytes) = (files.len(), self.summary.bytes);
+            self.progress.update(|| {
+                format!(
+                    "fsck: {done}/{total} files, {} checked",
+                    super::report::human_bytes(bytes)
+                )
+            });
+        }
+        if unwrapped == 0 && refused > 1 {
+            return Err(Fatal(format!(
+                "none of the {refused} file keys unwraps ({}): is the KMS key in the volume config \
+                 the one this volume was made with (for a local keystore: the right keystore file)? \
+                 Nothing was changed",
+                first_refusal.unwrap_or_default()
+            )));
+        }
+        Ok(by_path)
+    }
+
+    /// Opens a file and parses its header; a problem (and `None`) if that fails.
+    fn open<'f>(&mut self, f: &'f FileRef) -> Option<Opened<'f>> {
+        self.summary.files += 1;
+        let path = &f.paths[0];
+        let file = match OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(self.root.join(path))
+        {
+            Ok(file) => file,
+            Err(e) => {
+                let msg = format!("file cannot be opened ({e})");
+                self.problems
+                    .push(Problem::new(path, f.inode, Kind::Unreadable, msg));
+                return None;
+            }
+        };
+        let mut buf = vec![0u8; HEADER_LEN as usize];
+        let n = match read_up_to(&file, &mut buf) {
+            Ok(n) => n,
+            Err(e) => {
+                let msg = format!("header cannot be read ({e})");
+                self.problems
+                    .push(Problem::new(path, f.inode, Kind::Unreadable, msg));
+                return None;
+            }
+        };
+        let header = match header::decode(&buf[..n]) {
+            Ok(h) => h,
+            Err(e) => {
+                let msg = format!("unreadable header: {e}");
+                let p = Problem::new(path, f.inode, Kind::Header, msg).quarantine(&f.paths[1..]);
+                self.problems.push(p);
+                return None;
+            }
+        };
+        let opened = Opened {
+            file_ref: f,
+            file,
+            header,
+        };
+        if let Ok(states) = header::slot_states(&buf[..n]) {
+            let other = 1 - opened.header.slot_index;
+            if states[other] == SlotState::Damaged {
+                let msg = format!(
+                    "key slot {} is damaged (a torn re-wrap, or altered); the file opens from slot {}",
+                    slot_name(other),
+                    slot_name(opened.header.slot_index)
+                );
+                self.problems
+                    .push(with_id(Problem::new(path, f.inode, Kind::KeySlot, msg), &opened));
+            }
+        }
+        Some(opened)
+    }
+
+    /// Checks a file's blocks. A file that changes meanwhile (written through a live mount)
+    /// is checked once more, then left unjudged.
+    fn blocks(&mut self, o: &Opened<'_>, cipher: &ContentCipher) {
+        let f = o.file_ref;
+        let mut result = None;
+        for _ in 0..2 {
+            let Ok(before) = o.file.metadata().map(|m| stamp(&m)) else {
+                break;
+            };
+            let check = check_blocks(&o.file, before.0, cipher);
+            let after = o.file.metadata().map(|m| stamp(&m)).ok();
+            let eof = matches!(&check, Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof);
+            if after == Some(before) && !eof {
+                result = Some((before.0, check));
+                break;
+            }
+        }
+        let Some((len, check)) = result else {
+            self.summary.in_use += 1;
+            return;
+        };
+        let check = match check {
+            Ok(c) => c,
+            Err(e) => {
+                let msg = format!("content cannot be read ({e})");
+                self.problems.push(with_id(
+                    Problem::new(&f.paths[0], f.inode, Kind::Unreadable, msg),
+                    o,
+                ));
+                return;
+            }
+        };
+        self.summary.blocks += check.blocks;
+        self.summary.holes += check.holes;
+        self.summary.bytes += check.size;
+        if let Some(torn) = check.torn {
+            let msg = format!(
+                "backing length {len} is not a valid size: {torn} bytes of a torn record after the \
+                 last whole block (the mount ignores them; opening the file for writing through the mount cuts them off)"
+            );
+            let mut p = with_id(Problem::new(&f.paths[0], f.inode, Kind::Length, msg), o);
+            p.blocks = Some((check.blocks, check.blocks));
+            self.problems.push(p);
+        }
+        for (first, last, cause) in runs(&check.failed) {
+            let p = Problem::new(&f.paths[0], f.inode, Kind::Block, cause.message());
+            let mut p = with_id(p, o).quarantine(&f.paths[1..]);
+            p.blocks = Some((first, last));
+            self.problems.push(p);
+        }
+    }
+}
+
+fn with_id(mut p: Problem, o: &Opened<'_>) -> Problem {
+    p.file_id = Some(o.header.file_id);
+    p
+}
+
+fn slot_name(index: usize) -> char {
+    if index == 0 { 'A' } else { 'B' }
+}
+
+/// What tells us a file changed while we read it: length, modification and change times.
+fn stamp(m: &std::fs::Metadata) -> (u64, i64, i64, i64, i64) {
+    (m.len(), m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec())
+}
+
+/// Reads from offset 0 until `buf` is full or the file ends; returns the bytes read.
+fn read_up_to(file: &File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::SecretKey;
+    use crate::format::block::record_body;
+
+    /// A backing file of `size` bytes sealed as the mount seals it; `holes` are left zero.
+    fn sealed(cipher: &ContentCipher, size: u64, holes: &[u64]) -> Vec<u8> {
+        let mut out = vec![0u8; HEADER_LEN as usize];
+        let n = block_count(size);
+        for b in 0..n {
+            let plain = block_plain_len(size, b) as usize;
+            let mut rec = vec![0u8; plain + RECORD_OVERHEAD as usize];
+            if !holes.contains(&b) {
+                let len = rec.len();
+                rec[record_body(len)].fill(b as u8 + 1);
+                cipher.seal(b, b + 1 == n, &mut rec);
+            }
+            out.extend_from_slice(&rec);
+        }
+        out
+    }
+
+    fn check(bytes: &[u8], cipher: &ContentCipher) -> BlockCheck {
+        let mut tmp = tempfile::tempfile().unwrap();
+        std::io::Write::write_all(&mut tmp, bytes).unwrap();
+        check_blocks(&tmp, bytes.len() as u64, cipher).unwrap()
+    }
+
+    fn cipher() -> ContentCipher {
+        ContentCipher::new(&SecretKey::generate(), FileId::generate())
+    }
+
+    #[test]
+    fn sound_files_of_every_edge_size_pass() {
+        let c = cipher();
+        for size in [0, 1, 65535, 65536, 65537, 3 * 65536 + 3, 40 * 65536 + 1] {
+            let r = check(&sealed(&c, size, &[]), &c);
+            assert_eq!(r.failed, vec![], "size {size}");
+            assert_eq!((r.size, r.blocks, r.torn), (size, block_count(size), None));
+        }
+        let r = check(&sealed(&c, 3 * 65536 + 3, &[1, 2]), &c);
+        assert_eq!((r.holes, r.failed.len()), (2, 0));
+    }
+
+    #[test]
+    fn every_kind_of_damage_is_found_with_its_block() {
+        let c = cipher();
+        let size = 5 * 65536 + 100;
+        let good = sealed(&c, size, &[]);
+
+        let mut flipped = good.clone();
+        flipped[record_offset(2) as usize + 500] ^= 1;
+        assert_eq!(check(&flipped, &c).failed, vec![(2, Failure::Auth)]);
+
+        // Cut at a block boundary: the new last block was sealed as a middle one.
+        let cut = &good[..record_offset(3) as usize];
+        assert_eq!(check(cut, &c).failed, vec![(2, Failure::Cut)]);
+
+        // Cut inside the last record's overhead: torn, and block 4 is then last but not final.
+        let torn = &good[..record_offset(5) as usize + 10];
+        let r = check(torn, &c);
+        assert_eq!((r.torn, r.failed.clone()), (Some(10), vec![(4, Failure::Cut)]));
+
+        let mut zero_last = good.clone();
+        zero_last[record_offset(5) as usize..].fill(0);
+        assert_eq!(check(&zero_last, &c).failed, vec![(5, Failure::FinalZero)]);
+
+        let mut bad_last = good.clone();
+        let end = bad_last.len() - 1;
+        bad_last[end] ^= 1;
+        assert_eq!(check(&bad_last, &c).failed, vec![(5, Failure::FinalAuth)]);
+
+        // Another file's key opens nothing.
+        let r = check(&good, &cipher());
+        assert_eq!(r.failed.len(), 6);
+        assert_eq!(
+            runs(&r.failed),
+            vec![(0, 4, Failure::Auth), (5, 5, Failure::FinalAuth)]
+        );
+    }
+
+    #[test]
+    fn an_interrupted_extension_is_readable() {
+        // Block 1 still sealed as final, block 2 the new last block: what a crash between
+        // the last two steps of an extension leaves.
+        let c = cipher();
+        let mut bytes = sealed(&c, 2 * 65536, &[]);
+        bytes.extend_from_slice(&sealed(&c, 3 * 65536, &[])[record_offset(2) as usize..]);
+        assert_eq!(check(&bytes, &c).failed, vec![]);
+    }
+}
