@@ -392,11 +392,23 @@ fn every_tampered_byte_class_fails_cleanly() {
         Box::new(|b: &Path| flip(&b.join("kmsfs.json"), 0)),
     );
 
+    let fsck = |v: &Volume| {
+        let out = kmsfs()
+            .args(["fsck", v.backing.to_str().unwrap()])
+            .output()
+            .unwrap();
+        out.status.code().unwrap_or(-1)
+    };
+    assert_eq!(fsck(&v), 0, "fsck of the untouched volume");
     let mut table = Vec::new();
     let mut refused_mounts = 0;
     for (name, tamper) in &cases {
         restore(&pristine, &v.backing);
         tamper(&v.backing);
+        // `kmsfs fsck` must notice every case (1: problems found, 2: cannot check at all).
+        let code = fsck(&v);
+        assert!(code == 1 || code == 2, "{name}: fsck exited {code}");
+        let name = &format!("{name} [fsck {code}]");
         if let Err(err) = v.try_mount() {
             assert!(
                 name.starts_with("config") && err.trim().lines().count() == 1 && err.contains("kmsfs"),
