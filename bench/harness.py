@@ -12,7 +12,7 @@ import argparse, json, os, shutil, subprocess, sys, time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-KMSFS = ROOT / "target/release/kmsfs"
+KMSFS = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target")) / "release/kmsfs"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
