@@ -13,6 +13,8 @@ pub mod durable;
 pub mod format;
 pub mod fs;
 pub mod fuse;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hex;
 pub mod keycache;
 pub mod kms;
