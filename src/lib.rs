@@ -14,6 +14,8 @@ pub mod format;
 pub mod fs;
 pub mod fsck;
 pub mod fuse;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hex;
 pub mod keycache;
 pub mod kms;

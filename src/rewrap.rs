@@ -160,9 +160,10 @@ pub fn run(backing: &Path, dry_run: bool) -> Result<(), Fatal> {
 
 /// Writes the new wrap into the header's inactive slot and syncs it.
 fn write_slot(path: &Path, h: &header::Header, w: WrappedDek) -> std::io::Result<()> {
-    let (index, slot) = h.next_slot(w.key_ref, w.blob);
-    let bytes = header::encode_slot(&h.file_id, &slot)
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
+    let invalid =
+        |e: header::HeaderError| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string());
+    let (index, slot) = h.next_slot(w.key_ref, w.blob).map_err(invalid)?;
+    let bytes = header::encode_slot(&h.file_id, &slot).map_err(invalid)?;
     debug_assert_eq!(bytes.len(), SLOT_LEN);
     let f = OpenOptions::new().write(true).open(path)?;
     f.write_all_at(&bytes, slot_offset(index))?;

@@ -24,8 +24,11 @@ pub const CONTENT_KEY_INFO: &[u8] = b"kmsfs v1 content key";
 pub const BLOCK_AAD_LEN: usize = 2 + FILE_ID_LEN + 8 + 1;
 
 /// Byte offset of record `block` in the backing file.
+///
+/// Saturates at `u64::MAX`, an offset no read or write accepts, for a block no file can reach
+/// (the fs caps files far below): never a wrapped offset back inside the file.
 pub const fn record_offset(block: u64) -> u64 {
-    HEADER_LEN + block * RECORD_LEN
+    HEADER_LEN.saturating_add(block.saturating_mul(RECORD_LEN))
 }
 
 /// The block holding plaintext offset `off`.
@@ -40,7 +43,8 @@ pub const fn block_count(size: u64) -> u64 {
 
 /// Plaintext length of block `block` in a file of `size` bytes (0 if past the end).
 pub const fn block_plain_len(size: u64, block: u64) -> u64 {
-    let start = block * BLOCK_SIZE;
+    // Saturated, a start past u64::MAX is past any size.
+    let start = block.saturating_mul(BLOCK_SIZE);
     if size <= start {
         0
     } else if size - start > BLOCK_SIZE {
@@ -50,12 +54,15 @@ pub const fn block_plain_len(size: u64, block: u64) -> u64 {
     }
 }
 
-/// Backing file length for a file of `size` plaintext bytes.
+/// Backing file length for a file of `size` plaintext bytes; saturates at `u64::MAX` like
+/// [`record_offset`] for sizes whose backing file would be longer.
 pub const fn backing_len(size: u64) -> u64 {
     let full = size / BLOCK_SIZE;
     let rem = size % BLOCK_SIZE;
     let tail = if rem == 0 { 0 } else { rem + RECORD_OVERHEAD };
-    HEADER_LEN + full * RECORD_LEN + tail
+    HEADER_LEN
+        .saturating_add(full.saturating_mul(RECORD_LEN))
+        .saturating_add(tail)
 }
 
 /// Why a backing length cannot be the length of a v1 file.
@@ -202,6 +209,23 @@ mod tests {
         assert!(c.open(3, true, &mut sealed.clone()).is_err());
         let other = ContentCipher::new(&dek, FileId::generate());
         assert!(other.open(3, false, &mut sealed.clone()).is_err());
+    }
+
+    /// Found by the `block` fuzz target: these overflowed (a panic in debug builds, a wrapped
+    /// offset inside the file in release builds) for block indexes and sizes near `u64::MAX`.
+    #[test]
+    fn arithmetic_saturates_instead_of_wrapping() {
+        assert_eq!(record_offset(u64::MAX), u64::MAX);
+        assert_eq!(record_offset(u64::MAX / RECORD_LEN + 1), u64::MAX);
+        assert_eq!(block_plain_len(u64::MAX, u64::MAX), 0);
+        assert_eq!(
+            block_plain_len(u64::MAX, u64::MAX / BLOCK_SIZE),
+            u64::MAX % BLOCK_SIZE
+        );
+        assert_eq!(backing_len(u64::MAX), u64::MAX);
+        let largest = plaintext_size(u64::MAX).unwrap();
+        assert_eq!(backing_len(largest), u64::MAX);
+        assert_eq!(backing_len(largest - 1), u64::MAX - 1);
     }
 
     #[test]

@@ -186,6 +186,11 @@ impl VolumeConfig {
                 }
             }
         }
+        // kmsfs writes the config back pretty-printed (rewrap), which can be longer than a
+        // compact original: accept only what can be written back and read again.
+        if self.encode().len() > MAX_CONFIG_LEN {
+            return Err(ConfigError::Invalid("config is over 64 KiB once written back"));
+        }
         Ok(())
     }
 }
@@ -234,6 +239,25 @@ mod tests {
         assert!(matches!(
             VolumeConfig::decode(&vec![b' '; MAX_CONFIG_LEN + 1]),
             Err(ConfigError::TooLarge(_))
+        ));
+    }
+
+    /// The `config` fuzz target's invariant (what decode accepts, encode writes back to
+    /// something decode accepts) at a size the fuzzer does not reach: a compact config under
+    /// the limit whose pretty-printed form, as `kmsfs rewrap` writes it back, is over it.
+    #[test]
+    fn accepted_configs_stay_under_the_limit_when_rewritten() {
+        let mut c = VolumeConfig::new(KmsConfig::Openbao {
+            addrs: vec!["http://".into(); 6000],
+            mount: "transit".into(),
+            key: "k".into(),
+        });
+        c.names = NamesConfig::Plaintext;
+        let compact = serde_json::to_vec(&c).unwrap();
+        assert!(compact.len() <= MAX_CONFIG_LEN && c.encode().len() > MAX_CONFIG_LEN);
+        assert!(matches!(
+            VolumeConfig::decode(&compact),
+            Err(ConfigError::Invalid(_))
         ));
     }
 }

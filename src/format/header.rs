@@ -86,6 +86,8 @@ pub enum HeaderError {
     NoValidSlot,
     /// A field is too long for its slot.
     TooLong(&'static str),
+    /// The slot's sequence number is `u64::MAX`: there is no next one to re-wrap with.
+    SequenceExhausted,
 }
 
 impl std::fmt::Display for HeaderError {
@@ -99,6 +101,7 @@ impl std::fmt::Display for HeaderError {
             HeaderError::Reserved => f.write_str("header reserved bytes are not zero"),
             HeaderError::NoValidSlot => f.write_str("no intact key slot in header"),
             HeaderError::TooLong(what) => write!(f, "{what} too long for a header slot"),
+            HeaderError::SequenceExhausted => f.write_str("key slot sequence number at its maximum"),
         }
     }
 }
@@ -249,15 +252,23 @@ pub fn decode(bytes: &[u8]) -> Result<Header, HeaderError> {
 
 impl Header {
     /// The slot to write for a re-wrap: the other index, the next sequence number.
-    pub fn next_slot(&self, key_ref: String, wrapped: Vec<u8>) -> (usize, KeySlot) {
-        (
+    ///
+    /// Only a crafted header (the checksum is not keyed) can hold the last sequence number;
+    /// wrapping it to 0 would write a slot that reads as never written, and lose the re-wrap.
+    pub fn next_slot(&self, key_ref: String, wrapped: Vec<u8>) -> Result<(usize, KeySlot), HeaderError> {
+        let sequence = self
+            .slot
+            .sequence
+            .checked_add(1)
+            .ok_or(HeaderError::SequenceExhausted)?;
+        Ok((
             1 - self.slot_index,
             KeySlot {
-                sequence: self.slot.sequence + 1,
+                sequence,
                 key_ref,
                 wrapped,
             },
-        )
+        ))
     }
 }
 
@@ -293,7 +304,7 @@ mod tests {
         let (id, slot) = sample();
         let mut b = encode(&id, &slot).unwrap();
         let h = decode(&b).unwrap();
-        let (idx, next) = h.next_slot("default".into(), vec![7; 90]);
+        let (idx, next) = h.next_slot("default".into(), vec![7; 90]).unwrap();
         assert_eq!(idx, 1);
         let off = slot_offset(idx) as usize;
         b[off..off + SLOT_LEN].copy_from_slice(&encode_slot(&id, &next).unwrap());
@@ -304,7 +315,7 @@ mod tests {
         torn[off + 100..off + SLOT_LEN].fill(0xEE);
         assert_eq!(decode(&torn).unwrap().slot, slot);
         // The next rewrite goes back to slot A with sequence 3.
-        let (idx3, s3) = h2.next_slot("k".into(), vec![1]);
+        let (idx3, s3) = h2.next_slot("k".into(), vec![1]).unwrap();
         assert_eq!((idx3, s3.sequence), (0, 3));
     }
 
@@ -354,6 +365,19 @@ mod tests {
         assert_eq!(decode(&b).unwrap().slot, slot);
         b[0] ^= 1;
         assert_eq!(slot_states(&b), Err(HeaderError::BadMagic));
+    }
+
+    /// Found by the `header` fuzz target: `sequence + 1` overflowed on a (crafted) slot whose
+    /// sequence is `u64::MAX`.
+    #[test]
+    fn no_next_slot_after_the_last_sequence_number() {
+        let (id, mut slot) = sample();
+        slot.sequence = u64::MAX;
+        let h = decode(&encode(&id, &slot).unwrap()).unwrap();
+        assert_eq!(
+            h.next_slot("k".into(), vec![1]),
+            Err(HeaderError::SequenceExhausted)
+        );
     }
 
     proptest! {

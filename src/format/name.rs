@@ -104,7 +104,10 @@ pub fn sidecar_of(long_name: &str) -> String {
 
 /// Plaintext length of a symlink target stored as `encoded_len` base64url characters.
 pub const fn symlink_plain_len(encoded_len: u64) -> u64 {
-    (encoded_len * 3 / 4).saturating_sub((NONCE_LEN + TAG_LEN) as u64)
+    // Unpadded base64: 3 bytes per 4 characters, k * 3 / 4 for a last group of k (written so
+    // that it cannot overflow).
+    let bytes = encoded_len / 4 * 3 + encoded_len % 4 * 3 / 4;
+    bytes.saturating_sub((NONCE_LEN + TAG_LEN) as u64)
 }
 
 /// Why a stored name or value does not decode.
@@ -305,6 +308,18 @@ mod tests {
                 BackingEntry::Internal,
                 "{internal}"
             );
+        }
+    }
+
+    /// Found by the `name` fuzz target: `encoded_len * 3` overflowed for lengths over 2^62.
+    #[test]
+    fn symlink_plain_len_never_overflows() {
+        assert_eq!(
+            symlink_plain_len(u64::MAX),
+            (u64::MAX as u128 * 3 / 4) as u64 - 28
+        );
+        for n in 0..100 {
+            assert_eq!(symlink_plain_len(n), (n * 3 / 4).saturating_sub(28));
         }
     }
 

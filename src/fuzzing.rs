@@ -1,0 +1,411 @@
+//! The bodies of the fuzz targets, as plain functions over arbitrary bytes.
+//!
+//! `fuzz/fuzz_targets/*.rs` (cargo-fuzz, nightly) and `tests/fuzz_smoke.rs` (stable, in CI) both
+//! call these, so the invariants are checked even where no nightly toolchain is installed. Each
+//! function panics only when an invariant of the pure format layer breaks; none does I/O.
+//! Not part of kmsfs's interface: hidden from the docs, free to change with the targets.
+
+use crate::crypto::{Aead, NONCE_LEN, SecretKey, TAG_LEN};
+use crate::format::FileId;
+use crate::format::block::{
+    self, BLOCK_SIZE, CONTENT_KEY_INFO, ContentCipher, RECORD_LEN, RECORD_OVERHEAD, SizeError,
+};
+use crate::format::config::{KmsConfig, NamesConfig, VolumeConfig};
+use crate::format::header::{
+    self, HEADER_LEN, Header, HeaderError, KeySlot, MAX_KEY_REF_LEN, MAX_WRAPPED_LEN, SLOT_LEN,
+};
+use crate::format::name::{self, BackingEntry, DirId, NameCipher};
+use std::sync::OnceLock;
+
+/// The targets, named as in `fuzz/fuzz_targets/<name>.rs` and `fuzz/corpus/<name>/`.
+pub const TARGETS: [&str; 4] = ["header", "config", "name", "block"];
+
+/// Runs target `target` on `data`.
+pub fn run(target: &str, data: &[u8]) {
+    match target {
+        "header" => header(data),
+        "config" => config(data),
+        "name" => name(data),
+        "block" => block(data),
+        _ => panic!("no fuzz target {target:?}"),
+    }
+}
+
+/// Fixed keys and ids: the targets must be reproducible, and the seeds are sealed under them.
+const NAME_KEY: [u8; 32] = [0x4b; 32];
+const VOLUME_ID: [u8; 16] = *b"fuzz volume id!!";
+const DIR_ID: DirId = [0x5a; 16];
+const XATTR_STORED_NAME: &str = "user.fuzz";
+const DEK: [u8; 32] = [0x24; 32];
+const FILE_ID: FileId = FileId([0x11; 16]);
+
+/// Reads fields off the front of the input; past its end every field is zero.
+struct Input<'a>(&'a [u8]);
+
+impl<'a> Input<'a> {
+    fn take(&mut self, n: usize) -> &'a [u8] {
+        let (head, tail) = self.0.split_at(n.min(self.0.len()));
+        self.0 = tail;
+        head
+    }
+    fn array<const N: usize>(&mut self) -> [u8; N] {
+        let mut a = [0u8; N];
+        let t = self.take(N);
+        a[..t.len()].copy_from_slice(t);
+        a
+    }
+    fn u8(&mut self) -> u8 {
+        self.array::<1>()[0]
+    }
+    fn u16(&mut self) -> u16 {
+        u16::from_le_bytes(self.array())
+    }
+    fn u64(&mut self) -> u64 {
+        u64::from_le_bytes(self.array())
+    }
+}
+
+/// `header`: [`header::decode`] on arbitrary bytes, then on headers built from fields taken
+/// from the input (random bytes almost never carry a valid SHA-256, so this is how the
+/// fuzzer reaches the slot logic behind the checksum).
+pub fn header(data: &[u8]) {
+    if let Ok(h) = header::decode(data) {
+        // The checksum covers every byte of a slot, so a slot that decodes is exactly what
+        // encode_slot writes for it.
+        let off = header::slot_offset(h.slot_index) as usize;
+        let slot = header::encode_slot(&h.file_id, &h.slot).expect("a decoded slot re-encodes");
+        assert_eq!(slot, data[off..off + SLOT_LEN], "re-encoded slot differs");
+        let fresh = header::decode(&header::encode(&h.file_id, &h.slot).unwrap()).unwrap();
+        assert_eq!(
+            (fresh.file_id, &fresh.slot, fresh.slot_index),
+            (h.file_id, &h.slot, 0)
+        );
+        check_rewrap(&data[..HEADER_LEN as usize], &h, data.len() as u16);
+    }
+
+    let mut input = Input(data);
+    let file_id = FileId(input.array());
+    let sequence = input.u64();
+    let key_len = input.u16() as usize % (MAX_KEY_REF_LEN + 40);
+    let wrapped_len = input.u16() as usize % (MAX_WRAPPED_LEN + 40);
+    let torn_at = input.u16();
+    let slot = KeySlot {
+        sequence,
+        key_ref: String::from_utf8_lossy(input.take(key_len)).into_owned(),
+        wrapped: input.take(wrapped_len).to_vec(),
+    };
+    let too_long = slot.key_ref.len() > MAX_KEY_REF_LEN || slot.wrapped.len() > MAX_WRAPPED_LEN;
+    let bytes = match header::encode(&file_id, &slot) {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            assert!(too_long && matches!(e, HeaderError::TooLong(_)), "encode: {e}");
+            return;
+        }
+    };
+    assert!(!too_long, "an oversized slot encoded");
+    assert_eq!(bytes.len() as u64, HEADER_LEN);
+    match header::decode(&bytes) {
+        Ok(h) => {
+            assert_ne!(sequence, 0, "a slot with sequence 0 decoded");
+            let expected = Header {
+                file_id,
+                slot,
+                slot_index: 0,
+            };
+            assert_eq!(h, expected);
+            check_rewrap(&bytes, &h, torn_at);
+        }
+        Err(e) => assert_eq!((e, sequence), (HeaderError::NoValidSlot, 0)),
+    }
+}
+
+/// A re-wrap into the other slot wins; the same write torn leaves the old slot in force.
+fn check_rewrap(bytes: &[u8], h: &Header, torn_at: u16) {
+    let Ok((index, next)) = h.next_slot("rewrapped".into(), vec![0xA5; 60]) else {
+        assert_eq!(
+            h.slot.sequence,
+            u64::MAX,
+            "no next slot before the last sequence number"
+        );
+        return;
+    };
+    assert_eq!(index, 1 - h.slot_index);
+    let mut b = bytes.to_vec();
+    let off = header::slot_offset(index) as usize;
+    b[off..off + SLOT_LEN].copy_from_slice(&header::encode_slot(&h.file_id, &next).unwrap());
+    let after = header::decode(&b).expect("a re-wrapped header decodes");
+    assert_eq!((after.slot_index, &after.slot), (index, &next));
+    b[off + torn_at as usize % SLOT_LEN] ^= 0x80;
+    let torn = header::decode(&b).expect("a torn re-wrap keeps the old slot");
+    assert_eq!((torn.slot_index, &torn.slot), (h.slot_index, &h.slot));
+}
+
+/// `config`: [`VolumeConfig::decode`] on arbitrary bytes; what it accepts, `encode` writes
+/// back to an equal config.
+pub fn config(data: &[u8]) {
+    if let Ok(c) = VolumeConfig::decode(data) {
+        let again =
+            VolumeConfig::decode(&c.encode()).expect("an accepted config re-encodes to one that decodes");
+        assert_eq!(again, c);
+    }
+}
+
+fn name_cipher() -> &'static NameCipher {
+    static CIPHER: OnceLock<NameCipher> = OnceLock::new();
+    CIPHER.get_or_init(|| NameCipher::new(&SecretKey::from_slice(&NAME_KEY).unwrap(), &VOLUME_ID))
+}
+
+/// `name`: every decoder of stored names, symlinks and xattrs on arbitrary bytes (never a
+/// panic; whatever opens is exactly what encrypting its plaintext gives), then
+/// encrypt → decrypt round trips with the input as the plaintext.
+pub fn name(data: &[u8]) {
+    let c = name_cipher();
+    let _ = name::classify(data);
+    let text = String::from_utf8_lossy(data);
+    if let Ok(n) = c.decrypt_name(&DIR_ID, &text) {
+        assert_eq!(
+            c.encrypt_name(&DIR_ID, &n).unwrap(),
+            text,
+            "a name opened that encryption did not produce"
+        );
+    }
+    if let Ok(target) = c.decrypt_symlink(data) {
+        assert_eq!(name::symlink_plain_len(data.len() as u64), target.len() as u64);
+    }
+    if let Ok(n) = c.decrypt_xattr_name(data) {
+        assert_eq!(c.encrypt_xattr_name(&n).as_bytes(), data);
+    }
+    if let Ok(v) = c.decrypt_xattr_value(XATTR_STORED_NAME, data) {
+        assert_eq!(v.len() + NONCE_LEN + TAG_LEN, data.len());
+    }
+    let n = Input(data).u64();
+    let exact = (n as u128 * 3 / 4).saturating_sub((NONCE_LEN + TAG_LEN) as u128);
+    assert_eq!(name::symlink_plain_len(n) as u128, exact);
+
+    if name::check_name(data).is_ok() {
+        let enc = c.encrypt_name(&DIR_ID, data).unwrap();
+        assert_eq!(c.decrypt_name(&DIR_ID, &enc).unwrap(), data);
+        let (backing, long) = name::backing_name_for(&enc);
+        assert_eq!(long, data.len() > name::MAX_SHORT_NAME_LEN);
+        assert!(backing.len() <= name::MAX_BACKING_NAME_LEN);
+        let expected = if long {
+            assert!(enc.len() <= name::MAX_SIDECAR_LEN);
+            let sidecar = name::sidecar_of(&backing);
+            assert_eq!(name::classify(sidecar.as_bytes()), BackingEntry::Internal);
+            BackingEntry::Long(&backing)
+        } else {
+            BackingEntry::Short(&backing)
+        };
+        assert_eq!(name::classify(backing.as_bytes()), expected);
+    }
+    let s = c.encrypt_symlink(data);
+    assert_eq!(c.decrypt_symlink(s.as_bytes()).unwrap(), data);
+    assert_eq!(name::symlink_plain_len(s.len() as u64), data.len() as u64);
+    let xn = c.encrypt_xattr_name(data);
+    assert_eq!(c.decrypt_xattr_name(xn.as_bytes()).unwrap(), data);
+    let xv = c.encrypt_xattr_value(&xn, data);
+    assert_eq!(c.decrypt_xattr_value(&xn, &xv).unwrap(), data);
+    assert!(
+        c.decrypt_xattr_value(XATTR_STORED_NAME, &xv).is_err(),
+        "a value opened under another name"
+    );
+}
+
+/// The file's content cipher, and the same key as a bare [`Aead`] whose deterministic
+/// sealing is `seal` with an all-zero nonce.
+fn content() -> &'static (ContentCipher, Aead) {
+    static CONTENT: OnceLock<(ContentCipher, Aead)> = OnceLock::new();
+    CONTENT.get_or_init(|| {
+        let dek = SecretKey::from_slice(&DEK).unwrap();
+        let key = dek.derive(&FILE_ID.0, CONTENT_KEY_INFO);
+        (ContentCipher::new(&dek, FILE_ID), Aead::new(&key))
+    })
+}
+
+/// A record as `seal` writes it when its random nonce comes out all zero.
+fn zero_nonce_record(index: u64, is_final: bool, plain: &[u8]) -> Vec<u8> {
+    let (cipher, aead) = content();
+    let mut record = vec![0u8; NONCE_LEN];
+    record.extend(aead.seal_deterministic(&block::block_aad(cipher.file_id(), index, is_final), plain));
+    record
+}
+
+/// `block`: input = flags (u8; bit 0 = final block) ‖ block index (u64 LE) ‖ a size or backing
+/// length (u64 LE) ‖ record. Checks the block and size arithmetic on the two u64s, opens the
+/// record (only seal's output may open: the seeds were sealed with an all-zero nonce, so
+/// anything that opens must be exactly that), and seals the record's bytes as plaintext.
+pub fn block(data: &[u8]) {
+    let mut input = Input(data);
+    let flags = input.u8();
+    let index = input.u64();
+    let size = input.u64();
+    let record = input.0;
+    let is_final = flags & 1 == 1;
+    block_math(size, index);
+
+    let (cipher, _) = content();
+    let mut rec = record.to_vec();
+    if cipher.open(index, is_final, &mut rec).is_ok() {
+        let plain = &rec[block::record_body(rec.len())];
+        assert_eq!(
+            zero_nonce_record(index, is_final, plain),
+            record,
+            "a record opened that seal did not produce"
+        );
+        assert!(cipher.open(index ^ 1, is_final, &mut record.to_vec()).is_err());
+        assert!(cipher.open(index, !is_final, &mut record.to_vec()).is_err());
+    }
+
+    let plain = &record[..record.len().min(BLOCK_SIZE as usize)];
+    let mut sealed = vec![0u8; plain.len() + RECORD_OVERHEAD as usize];
+    let body = block::record_body(sealed.len());
+    sealed[body.clone()].copy_from_slice(plain);
+    cipher.seal(index, is_final, &mut sealed);
+    let mut bad = sealed.clone();
+    cipher
+        .open(index, is_final, &mut sealed)
+        .expect("a sealed record opens");
+    assert_eq!(&sealed[body], plain);
+    let pos = size as usize % bad.len();
+    bad[pos] ^= 1 << (flags >> 5);
+    assert!(
+        cipher.open(index, is_final, &mut bad).is_err(),
+        "a changed record opened"
+    );
+}
+
+/// The block and size arithmetic against a 128-bit model: exact where the result fits in a
+/// u64, saturated at `u64::MAX` (an offset no I/O accepts) where it does not, never wrapped.
+pub fn block_math(size: u64, index: u64) {
+    let fit = |x: u128| u64::try_from(x).unwrap_or(u64::MAX);
+    let (s, i, bs) = (size as u128, index as u128, BLOCK_SIZE as u128);
+    assert_eq!(block::block_of(size) as u128, s / bs);
+    assert_eq!(block::block_count(size) as u128, s.div_ceil(bs));
+    assert_eq!(
+        block::record_offset(index),
+        fit(HEADER_LEN as u128 + i * RECORD_LEN as u128)
+    );
+    assert_eq!(
+        block::block_plain_len(size, index) as u128,
+        s.saturating_sub(i * bs).min(bs)
+    );
+    let tail = if s % bs == 0 {
+        0
+    } else {
+        s % bs + RECORD_OVERHEAD as u128
+    };
+    let backing = HEADER_LEN as u128 + s / bs * RECORD_LEN as u128 + tail;
+    assert_eq!(block::backing_len(size), fit(backing));
+    if backing <= u64::MAX as u128 {
+        assert_eq!(block::plaintext_size(backing as u64), Ok(size));
+    }
+    if size > 0 {
+        let last = block::block_count(size) - 1;
+        assert!((1..=BLOCK_SIZE).contains(&block::block_plain_len(size, last)));
+        assert_eq!(block::block_plain_len(size, last + 1), 0);
+    }
+    // `size` as a backing length: the inverse of backing_len where it is accepted.
+    match block::plaintext_size(size) {
+        Ok(p) => assert_eq!(block::backing_len(p), size),
+        Err(SizeError::NoHeader) => assert!(size < HEADER_LEN),
+        Err(SizeError::TornRecord) => {
+            let rem = (size - HEADER_LEN) % RECORD_LEN;
+            assert!(rem > 0 && rem <= RECORD_OVERHEAD);
+        }
+    }
+}
+
+/// Seed inputs for `target`: valid headers, configs, names and records, sealed under the
+/// targets' fixed keys (`tests/fuzz_smoke.rs` writes them to `fuzz/corpus/<target>/`).
+pub fn seeds(target: &str) -> Vec<(&'static str, Vec<u8>)> {
+    match target {
+        "header" => {
+            let slot = KeySlot {
+                sequence: 1,
+                key_ref: "default".into(),
+                wrapped: (0..60).collect(),
+            };
+            let first = header::encode(&FILE_ID, &slot).unwrap();
+            let h = header::decode(&first).unwrap();
+            let (index, next) = h.next_slot("default".into(), vec![7; 90]).unwrap();
+            let mut rewrapped = first.clone();
+            let off = header::slot_offset(index) as usize;
+            rewrapped[off..off + SLOT_LEN].copy_from_slice(&header::encode_slot(&FILE_ID, &next).unwrap());
+            let mut fields = FILE_ID.0.to_vec();
+            fields.extend(5u64.to_le_bytes());
+            fields.extend(7u16.to_le_bytes());
+            fields.extend(4u16.to_le_bytes());
+            fields.extend(100u16.to_le_bytes());
+            fields.extend(b"default");
+            fields.extend([1, 2, 3, 4]);
+            vec![("new", first), ("rewrapped", rewrapped), ("fields", fields)]
+        }
+        "config" => {
+            let mut local = VolumeConfig::new(KmsConfig::Local {
+                keystore: "/srv/vol.keystore".into(),
+                key: "default".into(),
+            });
+            local.names = NamesConfig::Encrypted {
+                root_dir_id: crate::hex::encode(&DIR_ID),
+                key_ref: "default".into(),
+                wrapped_key: crate::hex::encode(&[0xab; 60]),
+            };
+            let bao = VolumeConfig::new(KmsConfig::Openbao {
+                addrs: vec!["https://bao1:8200".into(), "http://127.0.0.1:8200".into()],
+                mount: "transit".into(),
+                key: "kmsfs".into(),
+            });
+            vec![("local", local.encode()), ("openbao", bao.encode())]
+        }
+        "name" => {
+            let c = name_cipher();
+            let long: Vec<u8> = (0..200).map(|i| b'a' + i % 26).collect();
+            let xattr = c.encrypt_xattr_name(b"comment");
+            vec![
+                ("plain", b"report 2024.pdf".to_vec()),
+                (
+                    "short",
+                    c.encrypt_name(&DIR_ID, b"report 2024.pdf").unwrap().into_bytes(),
+                ),
+                ("long", c.encrypt_name(&DIR_ID, &long).unwrap().into_bytes()),
+                (
+                    "symlink",
+                    c.encrypt_symlink(b"../plates/AB-123-CD.jpg").into_bytes(),
+                ),
+                ("xattr-name", xattr.into_bytes()),
+                (
+                    "xattr-value",
+                    c.encrypt_xattr_value(XATTR_STORED_NAME, b"face at 00:13"),
+                ),
+                (
+                    "internal",
+                    name::sidecar_of(&name::long_name_of("x")).into_bytes(),
+                ),
+            ]
+        }
+        "block" => {
+            let seed = |flags: u8, index: u64, size: u64, record: Vec<u8>| {
+                let mut v = vec![flags];
+                v.extend(index.to_le_bytes());
+                v.extend(size.to_le_bytes());
+                v.extend(record);
+                v
+            };
+            let text: Vec<u8> = b"kmsfs block seed ".iter().cycle().take(300).copied().collect();
+            vec![
+                ("final", seed(1, 0, 1, zero_nonce_record(0, true, b"x"))),
+                (
+                    "final-300",
+                    seed(1, 7, 7 * BLOCK_SIZE + 300, zero_nonce_record(7, true, &text)),
+                ),
+                (
+                    "middle",
+                    seed(0, 2, 3 * BLOCK_SIZE, zero_nonce_record(2, false, &text[..200])),
+                ),
+                ("hole", seed(0, 1, HEADER_LEN + 2 * RECORD_LEN, vec![0; 64])),
+                ("extremes", seed(0, u64::MAX, u64::MAX, Vec::new())),
+            ]
+        }
+        _ => panic!("no fuzz target {target:?}"),
+    }
+}
