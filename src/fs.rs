@@ -473,10 +473,11 @@ impl Fs {
         }
     }
 
-    pub fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
-        let r = self.file_handle(fh)?.0.read(offset, size);
+    /// Reads into `buf[..n]` (a scratch buffer the caller reuses) and returns `n`.
+    pub fn read(&self, fh: u64, offset: u64, size: u32, buf: &mut Vec<u8>) -> FsResult<usize> {
+        let r = self.file_handle(fh)?.0.read_into(offset, size, buf);
         match &r {
-            Ok(d) => self.stats.bytes_read.fetch_add(d.len() as u64, Ordering::Relaxed),
+            Ok(n) => self.stats.bytes_read.fetch_add(*n as u64, Ordering::Relaxed),
             Err(FsError::Corrupt) => self.stats.auth_failures.fetch_add(1, Ordering::Relaxed),
             Err(_) => 0,
         };

@@ -277,10 +277,15 @@ impl Filesystem for FuseAdapter {
     ) {
         guard!(self, reply);
         log::trace!("read {size} bytes at {offset}");
-        match self.fs.read(fh.0, offset, size) {
-            Ok(d) => reply.data(&d),
-            Err(e) => reply.error(errno(&e)),
+        // One scratch buffer per FUSE thread: reads allocate and clear nothing. It holds the
+        // last plaintext this thread returned, as the kernel's page cache does anyway.
+        thread_local! {
+            static READ_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
+        READ_BUF.with_borrow_mut(|buf| match self.fs.read(fh.0, offset, size, buf) {
+            Ok(n) => reply.data(&buf[..n]),
+            Err(e) => reply.error(errno(&e)),
+        })
     }
 
     fn write(

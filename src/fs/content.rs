@@ -87,22 +87,34 @@ impl ContentFile {
 
     /// Reads up to `len` bytes at `off`; short only at end of file.
     pub fn read(&self, off: u64, len: u32) -> FsResult<Vec<u8>> {
+        let mut buf = Vec::new();
+        let n = self.read_into(off, len, &mut buf)?;
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    /// Reads up to `len` bytes at `off` into `buf[..n]` and returns `n` (short only at end of
+    /// file). `buf` is a scratch buffer the caller keeps between calls: it only ever grows,
+    /// so the hot path neither allocates nor clears memory.
+    pub fn read_into(&self, off: u64, len: u32, buf: &mut Vec<u8>) -> FsResult<usize> {
         let size = self.size.read().unwrap_or_else(|p| p.into_inner());
         let size = *size;
         if off >= size || len == 0 {
-            return Ok(Vec::new());
+            return Ok(0);
         }
         let end = size.min(off + len as u64);
         let (first, last) = (block_of(off), block_of(end - 1));
         let final_block = block_count(size) - 1;
         let start = record_offset(first);
         let stop = record_offset(last) + block_plain_len(size, last) + RECORD_OVERHEAD;
-        let mut buf = vec![0u8; (stop - start) as usize];
-        self.read_exact_at(&mut buf, start)?;
+        let need = (stop - start) as usize;
+        if buf.len() < need {
+            buf.resize(need, 0);
+        }
+        let buf = &mut buf[..need];
+        self.read_exact_at(buf, start)?;
         // Records are independent: open them on all cores (a 1 MiB request is 16 of them).
-        self.each_record(&mut buf, first, |b, rec| {
-            self.open_record(b, b == final_block, rec)
-        })?;
+        self.each_record(buf, first, |b, rec| self.open_record(b, b == final_block, rec))?;
         // Move the wanted plaintext to the front of the buffer: no second buffer, no copy
         // beyond this one.
         let mut len = 0;
@@ -115,8 +127,7 @@ impl ContentFile {
             buf.copy_within(from..to, len);
             len += to - from;
         }
-        buf.truncate(len);
-        Ok(buf)
+        Ok(len)
     }
 
     /// Runs `f` on each record of `buf` (records of consecutive blocks from `first`; the last
