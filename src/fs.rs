@@ -328,19 +328,26 @@ impl Fs {
         let dir = self.inodes.get(parent)?;
         let b = self.backing(&dir, name)?;
         let content = self.create_entry(&dir, &b, |n| {
+            // Made under a hidden name and renamed into place once its header is written: a
+            // daemon killed in between (the KMS call can take a while) leaves a hidden
+            // temporary file, never an entry without a header, which could not be opened.
+            let tmp = names::temp_name();
             let fd = sys::openat(
                 dir.fd(),
-                n,
+                &tmp,
                 libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW,
                 mode & 0o7777,
             )?;
             let file = File::from(fd);
             let made = self
                 .write_new_header(&file)
-                .and_then(|cipher| ContentFile::new(file, cipher, true));
+                .and_then(|cipher| ContentFile::new(file, cipher, true))
+                .and_then(|content| {
+                    sys::renameat2(dir.fd(), &tmp, dir.fd(), n, libc::RENAME_NOREPLACE)?;
+                    Ok(content)
+                });
             if made.is_err() {
-                // Leave nothing half-made behind: a file without a header cannot be opened.
-                let _ = sys::unlinkat(dir.fd(), n, false);
+                let _ = sys::unlinkat(dir.fd(), &tmp, false);
             }
             made
         })?;
