@@ -3,7 +3,7 @@
 //! be the same. Operations are generated without looking at state, so any subsequence of a
 //! sequence is itself a valid sequence: that is what lets a failure shrink.
 //!
-//! - CI budget: `differential_short_budget` (fixed seeds, 20,000 operations).
+//! - CI budget: `differential_short_budget` (fixed seeds, 40,000 operations).
 //! - Long run: `KMSFS_DIFF_OPS=1000000 cargo test --test differential -- --ignored`
 //!   (random seed, printed).
 //! - Replay: `KMSFS_DIFF_SEED=<seed> KMSFS_DIFF_OPS=<n> cargo test --test differential replay_seed -- --ignored`.
@@ -662,8 +662,8 @@ fn env_u64(name: &str) -> Option<u64> {
 
 #[test]
 fn differential_short_budget() {
-    // 4 seeds × 5,000 operations: CI's budget.
-    for seed in [1, 2, 3, 4] {
+    // 8 seeds × 5,000 operations: CI's budget.
+    for seed in 1..=8 {
         check(seed, 5_000);
     }
 }
