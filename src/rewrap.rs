@@ -45,6 +45,9 @@ fn content_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
 
 pub fn run(backing: &Path, dry_run: bool) -> Result<(), Fatal> {
     let config = daemon::load_config(backing)?;
+    // The same refusal as at mount: rewrap writes new wraps, so a config pointing at a
+    // planted keystore must not get them.
+    daemon::check_kms_location(&config, backing)?;
     let rt = daemon::cli_runtime();
     let kms = daemon::kms_for(&config, false)?;
     {

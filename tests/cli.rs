@@ -171,4 +171,7 @@ fn a_config_pointing_at_a_keystore_inside_the_backing_is_refused() {
     .unwrap();
     let err = v.mount_err(&[]);
     assert!(one_line(&err).contains("inside the backing directory"), "{err}");
+    // rewrap writes new wraps: it must refuse the planted keystore too.
+    let err = run_err(&["rewrap", v.backing.to_str().unwrap()]);
+    assert!(one_line(&err).contains("inside the backing directory"), "{err}");
 }
