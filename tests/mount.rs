@@ -578,6 +578,38 @@ fn a_full_disk_fails_the_write_and_loses_nothing() {
         .unwrap();
     std::fs::write(mnt.join("after"), b"room again").unwrap();
     assert_eq!(std::fs::read(mnt.join("after")).unwrap(), b"room again");
+
+    // Block-aligned appends take the path that reserves nothing (the records overwrite
+    // nothing): the disk filling during one must still lose nothing.
+    std::fs::remove_file(mnt.join("big")).unwrap();
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(mnt.join("aligned"))
+        .unwrap();
+    let chunk = pseudo_random(4 * BLOCK as usize, 6);
+    let mut written = 0u64;
+    let err = loop {
+        match f.write_all_at(&chunk, written) {
+            Ok(()) => written += chunk.len() as u64,
+            Err(e) => break e,
+        }
+        assert!(written < 10 << 20, "the 3 MiB filesystem never filled up");
+    };
+    assert_eq!(errno_of(&err), libc::ENOSPC, "{err}");
+    let len = f.metadata().unwrap().len();
+    assert!(
+        len >= written && len < written + chunk.len() as u64,
+        "size {len}, acknowledged {written}"
+    );
+    drop(f);
+    let data = std::fs::read(mnt.join("aligned")).unwrap();
+    assert!(data.len() as u64 >= written);
+    for (i, c) in data[..written as usize].chunks(chunk.len()).enumerate() {
+        assert!(c == &chunk[..c.len()], "aligned chunk {i} damaged");
+    }
 }
 
 #[test]

@@ -187,9 +187,14 @@ impl ContentFile {
         let old_final = grows_past_final.then(|| old_blocks - 1);
 
         // Reserve every byte this write will put on disk before changing anything, so a full
-        // disk fails it whole.
+        // disk fails it whole. Records that all lie past the file's last block (a plain
+        // append) need no reservation: they overwrite nothing, and if the disk fills while
+        // they are written, `settle` cuts them off and the file is as it was. That saves a
+        // fallocate(2) per request on the sequential-write path.
         let stop = record_offset(last) + block_plain_len(new, last) + RECORD_OVERHEAD;
-        self.reserve(record_offset(first), stop - record_offset(first))?;
+        if first < old_blocks {
+            self.reserve(record_offset(first), stop - record_offset(first))?;
+        }
         if let Some(b) = old_final {
             self.reserve(record_offset(b), BLOCK_SIZE + RECORD_OVERHEAD)?;
         }
