@@ -205,7 +205,10 @@ fn take_lock(backing: &Path) -> Result<File, Fatal> {
     match sys::try_lock_exclusive(f.as_fd()) {
         Ok(true) => {}
         Ok(false) => {
-            let pid = std::fs::read_to_string(&path).unwrap_or_default();
+            // A pid is a few bytes; the file sits in the backing directory, so bound the read.
+            let pid = crate::durable::read_bounded(&path, 32)
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .unwrap_or_default();
             return Err(fatal!(
                 "{} is already mounted by another kmsfs daemon (pid {}); unmount it first",
                 backing.display(),

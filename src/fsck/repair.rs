@@ -45,7 +45,10 @@ pub fn lock(root: &Path) -> Result<File, Fatal> {
     match sys::try_lock_exclusive(f.as_fd()) {
         Ok(true) => {}
         Ok(false) => {
-            let pid = std::fs::read_to_string(&path).unwrap_or_default();
+            // A pid is a few bytes; the file sits in the backing directory, so bound the read.
+            let pid = crate::durable::read_bounded(&path, 32)
+                .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+                .unwrap_or_default();
             return Err(Fatal(format!(
                 "{} is mounted (kmsfs pid {}): --repair needs it unmounted; unmount it first, or \
                  check it read-only without --repair",
