@@ -191,8 +191,16 @@ pub fn open_names(
     })
 }
 
-/// Holds the backing directory's lock file for as long as the daemon runs.
-fn take_lock(backing: &Path) -> Result<File, Fatal> {
+/// The backing directory's lock file, held by whoever may change the volume (the daemon, or
+/// `kmsfs fsck --repair`).
+pub enum VolumeLock {
+    /// Ours until dropped; it holds our pid, so a refused mount can name us.
+    Held(File),
+    /// Another process holds it; its pid as it wrote it.
+    Busy { pid: String },
+}
+
+pub fn lock_volume(backing: &Path) -> Result<VolumeLock, Fatal> {
     let path = backing.join(LOCK_FILE_NAME);
     let mut f = OpenOptions::new()
         .read(true)
@@ -207,19 +215,26 @@ fn take_lock(backing: &Path) -> Result<File, Fatal> {
         Ok(false) => {
             // A pid is a few bytes; the file sits in the backing directory, so bound the read.
             let pid = crate::durable::read_bounded(&path, 32)
-                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .map(|b| String::from_utf8_lossy(&b).trim().to_string())
                 .unwrap_or_default();
-            return Err(fatal!(
-                "{} is already mounted by another kmsfs daemon (pid {}); unmount it first",
-                backing.display(),
-                pid.trim()
-            ));
+            return Ok(VolumeLock::Busy { pid });
         }
         Err(e) => return Err(fatal!("cannot lock {}: {e}", path.display())),
     }
     f.set_len(0).ok();
     let _ = writeln!(f, "{}", std::process::id());
-    Ok(f)
+    Ok(VolumeLock::Held(f))
+}
+
+/// Holds the backing directory's lock file for as long as the daemon runs.
+fn take_lock(backing: &Path) -> Result<File, Fatal> {
+    match lock_volume(backing)? {
+        VolumeLock::Held(f) => Ok(f),
+        VolumeLock::Busy { pid } => Err(fatal!(
+            "{} is already mounted by another kmsfs daemon (pid {pid}); unmount it first",
+            backing.display()
+        )),
+    }
 }
 
 fn check_mountpoint(mp: &Path) -> Result<(), Fatal> {

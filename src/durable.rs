@@ -38,6 +38,21 @@ pub fn atomic_write(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()>
 
 /// Reads a small regular file whole, refusing anything that is not a regular file or is
 /// longer than `max` bytes. Opened once and checked on the open descriptor, so a file swapped
+/// Reads from offset 0 until `buf` is full or the file ends; returns the bytes read.
+pub fn read_up_to(file: &std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    use std::os::unix::fs::FileExt;
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
 /// or grown between a check and the read cannot make us read more.
 pub fn read_bounded(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
     use std::io::Read;

@@ -432,7 +432,7 @@ impl Fs {
         };
         let file = File::from(fd);
         let mut hdr = vec![0u8; HEADER_LEN as usize];
-        let n = read_up_to(&file, &mut hdr)?;
+        let n = crate::durable::read_up_to(&file, &mut hdr)?;
         let h = header::decode(&hdr[..n]).map_err(|e| {
             log::error!("inode {}: unreadable header: {e}", inode.ino);
             FsError::Corrupt
@@ -534,18 +534,4 @@ impl Fs {
     pub fn inode_count(&self) -> usize {
         self.inodes.len()
     }
-}
-
-/// Reads from offset 0 until `buf` is full or the file ends; returns the bytes read.
-fn read_up_to(file: &File, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut done = 0;
-    while done < buf.len() {
-        match file.read_at(&mut buf[done..], done as u64) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(done)
 }

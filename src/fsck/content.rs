@@ -264,7 +264,7 @@ impl ContentCheck<'_> {
             }
         };
         let mut buf = vec![0u8; HEADER_LEN as usize];
-        let n = match read_up_to(&file, &mut buf) {
+        let n = match crate::durable::read_up_to(&file, &mut buf) {
             Ok(n) => n,
             Err(e) => {
                 let msg = format!("header cannot be read ({e})");
@@ -367,20 +367,6 @@ fn slot_name(index: usize) -> char {
 /// What tells us a file changed while we read it: length, modification and change times.
 fn stamp(m: &std::fs::Metadata) -> (u64, i64, i64, i64, i64) {
     (m.len(), m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec())
-}
-
-/// Reads from offset 0 until `buf` is full or the file ends; returns the bytes read.
-fn read_up_to(file: &File, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut done = 0;
-    while done < buf.len() {
-        match file.read_at(&mut buf[done..], done as u64) {
-            Ok(0) => break,
-            Ok(n) => done += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(done)
 }
 
 #[cfg(test)]

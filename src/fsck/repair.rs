@@ -7,8 +7,8 @@
 //! attempted meanwhile is refused too.
 
 use super::report::{Moved, Problem};
-use crate::daemon::Fatal;
-use crate::format::config::{LOCK_FILE_NAME, LOST_FOUND_NAME};
+use crate::daemon::{self, Fatal};
+use crate::format::config::LOST_FOUND_NAME;
 use crate::format::name::MAX_BACKING_NAME_LEN;
 use crate::sys;
 use std::collections::BTreeMap;
@@ -33,35 +33,14 @@ pub fn report_path() -> PathBuf {
 /// Takes the daemon's lock file (as the daemon does), refusing a mounted volume. Held until
 /// the returned file is dropped.
 pub fn lock(root: &Path) -> Result<File, Fatal> {
-    let path = root.join(LOCK_FILE_NAME);
-    let mut f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(&path)
-        .map_err(|e| Fatal(format!("cannot open lock file {}: {e}", path.display())))?;
-    match sys::try_lock_exclusive(f.as_fd()) {
-        Ok(true) => {}
-        Ok(false) => {
-            // A pid is a few bytes; the file sits in the backing directory, so bound the read.
-            let pid = crate::durable::read_bounded(&path, 32)
-                .map(|b| String::from_utf8_lossy(&b).trim().to_string())
-                .unwrap_or_default();
-            return Err(Fatal(format!(
-                "{} is mounted (kmsfs pid {}): --repair needs it unmounted; unmount it first, or \
-                 check it read-only without --repair",
-                root.display(),
-                pid.trim()
-            )));
-        }
-        Err(e) => return Err(Fatal(format!("cannot lock {}: {e}", path.display()))),
+    match daemon::lock_volume(root)? {
+        daemon::VolumeLock::Held(f) => Ok(f),
+        daemon::VolumeLock::Busy { pid } => Err(Fatal(format!(
+            "{} is mounted (kmsfs pid {pid}): --repair needs it unmounted; unmount it first, or \
+             check it read-only without --repair",
+            root.display()
+        ))),
     }
-    // A mount tried meanwhile names us in its refusal.
-    f.set_len(0).ok();
-    let _ = writeln!(f, "{}", std::process::id());
-    Ok(f)
 }
 
 /// The paths to move and why: every problem's quarantine list, without entries that move
