@@ -182,8 +182,23 @@ impl Volume {
     }
 
     pub fn unmount(&mut self) {
-        run_ok(&["unmount", self.mnt.to_str().unwrap()]);
-        self.mounted = false;
+        // Tests run in parallel threads of one process: a `kmsfs` child forked by another test
+        // holds copies of our descriptors until it execs, so a file we just closed can keep the
+        // mount busy for a moment. Retry a busy unmount; anything else fails at once.
+        for _ in 0..20 {
+            let out = kmsfs()
+                .args(["unmount", self.mnt.to_str().unwrap()])
+                .output()
+                .unwrap();
+            if out.status.success() {
+                self.mounted = false;
+                return;
+            }
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(err.contains("is busy"), "kmsfs unmount failed: {err}");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("{} stayed busy for a second", self.mnt.display());
     }
 
     /// Runs kmsfs with this volume's environment.
