@@ -97,19 +97,12 @@ impl Model {
     }
 }
 
-struct Rng(u64);
+/// Offsets of the crash workload: block edges and anywhere in 8 blocks.
+trait Offsets {
+    fn offset(&mut self) -> u64;
+}
 
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
+impl Offsets for Rng {
     fn offset(&mut self) -> u64 {
         let b = self.below(8) * BLOCK;
         match self.below(3) {

@@ -150,23 +150,13 @@ enum Outcome {
     Err(i32),
 }
 
-/// SplitMix64: small, good enough, and the same everywhere.
-struct Rng(u64);
+/// Offsets and lengths of the generated operations.
+trait Sizes {
+    fn offset(&mut self) -> u64;
+    fn len(&mut self) -> usize;
+}
 
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
+impl Sizes for Rng {
     /// Offsets cluster around block boundaries, where the bugs are.
     fn offset(&mut self) -> u64 {
         match self.below(4) {
