@@ -119,7 +119,10 @@ impl Aead {
     }
 
     /// Opens a `nonce ‖ ciphertext ‖ tag` record in place; on success the plaintext is
-    /// `record[NONCE_LEN .. len - TAG_LEN]`. On failure the record's contents are unspecified.
+    /// `record[NONCE_LEN .. len - TAG_LEN]`. On failure the record is as it was: aes-gcm-siv
+    /// re-encrypts the buffer when the tag does not match (so no unauthenticated plaintext is
+    /// left behind), and the format's record rules rely on that to try a record twice
+    /// without reading it again (`failed_open_leaves_the_record_intact` pins it).
     pub fn open_record(&self, aad: &[u8], record: &mut [u8]) -> Result<(), AuthError> {
         if record.len() < NONCE_LEN + TAG_LEN {
             return Err(AuthError);
@@ -242,6 +245,29 @@ mod tests {
         assert_eq!(a.open_deterministic(b"dir1", &x).unwrap(), b"name");
         assert!(a.open_deterministic(b"dir2", &x).is_err());
         assert!(a.open_deterministic(b"dir1", &x[..10]).is_err());
+    }
+
+    /// `format::block::ContentCipher::open_block` retries a record under another
+    /// associated data without reading it again: this holds only while a failed open leaves
+    /// the buffer as it was. A cipher update that changes that must fail here.
+    #[test]
+    fn failed_open_leaves_the_record_intact() {
+        let a = Aead::new(&SecretKey::generate());
+        for len in [0usize, 1, 15, 16, 17, 4096, 65536] {
+            let pt: Vec<u8> = (0..len).map(|i| (i * 7 + 1) as u8).collect();
+            let rec = a.seal(b"right", &pt);
+            let mut buf = rec.clone();
+            assert!(a.open_record(b"wrong", &mut buf).is_err());
+            assert_eq!(buf, rec, "len {len}: a failed open changed the record");
+            let mut tampered = rec.clone();
+            *tampered.last_mut().unwrap() ^= 1;
+            let before = tampered.clone();
+            assert!(a.open_record(b"right", &mut tampered).is_err());
+            assert_eq!(tampered, before, "len {len}: a failed open changed the record");
+            a.open_record(b"right", &mut buf)
+                .expect("the untouched record still opens");
+            assert_eq!(&buf[NONCE_LEN..buf.len() - TAG_LEN], &pt[..]);
+        }
     }
 
     #[test]

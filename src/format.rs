@@ -13,6 +13,10 @@ pub const FORMAT_VERSION: u16 = 1;
 
 /// Length of a file id: random, unique per file, the binding for everything sealed in it.
 pub const FILE_ID_LEN: usize = 16;
+/// Length of a volume id in bytes (hex-encoded in the config).
+pub const VOLUME_ID_LEN: usize = 16;
+/// Length of a directory id: random, unique per directory, the binding of the names in it.
+pub const DIR_ID_LEN: usize = 16;
 
 /// A file's random identity, from its header.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
@@ -36,5 +40,29 @@ impl std::fmt::Display for FileId {
 impl std::fmt::Debug for FileId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "FileId({self})")
+    }
+}
+
+/// A volume's random identity, from its config: the binding of its name key.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct VolumeId(pub [u8; VOLUME_ID_LEN]);
+
+impl VolumeId {
+    pub fn generate() -> Self {
+        let mut id = [0u8; VOLUME_ID_LEN];
+        crate::crypto::fill_random(&mut id);
+        VolumeId(id)
+    }
+}
+
+impl std::fmt::Display for VolumeId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&crate::hex::encode(&self.0))
+    }
+}
+
+impl std::fmt::Debug for VolumeId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "VolumeId({self})")
     }
 }

@@ -10,11 +10,11 @@ pub mod inode;
 pub mod names;
 mod xattr;
 
+use crate::format::VolumeId;
 use crate::format::block::ContentCipher;
 use crate::format::header::{self, HEADER_LEN, KeySlot};
-use crate::format::{FILE_ID_LEN, FileId};
 use crate::keycache::KeyCache;
-use crate::kms::{Kms, KmsBackend, KmsError, WrappedDek};
+use crate::kms::{Binding, KeyProvider, KmsError, NewFileKey, WrappedDek};
 use crate::sys;
 use attr::Attr;
 use content::ContentFile;
@@ -111,7 +111,10 @@ pub struct Fs {
     /// I/O call to find its handle.
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
     next_fh: AtomicU64,
-    kms: Arc<Kms>,
+    /// Wraps and unwraps this volume's file keys.
+    kms: Arc<dyn KeyProvider>,
+    /// Every file key is bound to this volume and its file.
+    volume_id: VolumeId,
     runtime: tokio::runtime::Handle,
     /// Root can give created files to their callers; anyone else creates them as itself.
     chown_to_caller: bool,
@@ -129,7 +132,8 @@ pub struct Fs {
 impl Fs {
     pub fn new(
         backing_root: OwnedFd,
-        kms: Arc<Kms>,
+        kms: Arc<dyn KeyProvider>,
+        volume_id: VolumeId,
         runtime: tokio::runtime::Handle,
         names: Names,
         options: Options,
@@ -141,6 +145,7 @@ impl Fs {
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             kms,
+            volume_id,
             runtime,
             chown_to_caller: sys::geteuid() == 0,
             names,
@@ -171,6 +176,7 @@ impl Fs {
     pub fn lock(&self) -> Vec<u64> {
         self.locked.store(true, Ordering::Release);
         let cached = self.keys.close();
+        self.kms.forget_secrets();
         let handles = std::mem::take(&mut *self.handles());
         let inodes = self.inodes.all();
         for inode in &inodes {
@@ -211,7 +217,8 @@ impl Fs {
         };
         let version = self.kms.version_of(&wrapped);
         let started = std::time::Instant::now();
-        let result = self.runtime.block_on(self.kms.unwrap_dek(&wrapped, &h.file_id.0));
+        let binding = Binding::file(self.volume_id, h.file_id);
+        let result = self.runtime.block_on(self.kms.unwrap(&wrapped, &binding));
         let ms = started.elapsed().as_secs_f64() * 1000.0;
         let outcome = match &result {
             Ok(_) => "ok",
@@ -375,16 +382,18 @@ impl Fs {
     /// Gets a new file id and its wrapped DEK from the KMS and writes the header.
     fn write_new_header(&self, file: &File) -> FsResult<Arc<ContentCipher>> {
         self.stats.kms_calls.fetch_add(1, Ordering::Relaxed);
-        let (id, dek, wrapped) = self
+        let NewFileKey {
+            file_id,
+            dek,
+            wrapped,
+        } = self
             .runtime
-            .block_on(self.kms.new_file_key(FILE_ID_LEN))
+            .block_on(self.kms.new_file_key(self.volume_id))
             .inspect_err(|e| match e {
                 KmsError::Denied(m) => self.events.denied(m),
                 KmsError::Unreachable(m) => self.events.unreachable(m),
                 _ => {}
             })?;
-        let mut file_id = FileId([0u8; FILE_ID_LEN]);
-        file_id.0.copy_from_slice(&id);
         crate::audit::event(
             "dek_generated",
             serde_json::json!({"file_id": file_id.to_string(), "key": wrapped.key_ref,
@@ -464,7 +473,7 @@ impl Fs {
         let content = self.open_content(&inode)?;
         if write && !content.writable() {
             self.close_content(&inode);
-            return Err(FsError::Io(std::io::Error::from_raw_os_error(libc::EACCES)));
+            return Err(FsError::PermissionDenied);
         }
         self.add_handle(Handle::File {
             inode,

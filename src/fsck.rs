@@ -9,8 +9,8 @@
 //! (never a plaintext name, never a key), and a summary (`report`). `--repair` moves what
 //! the mount cannot read into `kmsfs.lost+found/` with a report, and deletes nothing (`repair`).
 //!
-//! Exit status: 0 clean, [`EXIT_PROBLEMS`] if problems were found (repaired or not),
-//! [`EXIT_FATAL`] if the check could not run (no config, KMS refused or unreachable, volume
+//! Exit status: 0 clean, [`crate::exit::FSCK_PROBLEMS`] if problems were found (repaired or not),
+//! [`crate::exit::FSCK_FATAL`] if the check could not run (no config, KMS refused or unreachable, volume
 //! mounted under `--repair`).
 
 mod content;
@@ -18,18 +18,13 @@ mod repair;
 mod report;
 mod tree;
 
-use crate::daemon::{self, Fatal};
+use crate::exit::Fatal;
 use crate::format::config::NamesConfig;
 use crate::fs::names::Names;
-use crate::kms::KmsBackend;
+use crate::volume::Located;
 use report::{Progress, Report, Show, Summary};
 use std::io::Write;
 use std::path::Path;
-
-/// Exit status when problems were found.
-pub const EXIT_PROBLEMS: i32 = 1;
-/// Exit status when the check could not run.
-pub const EXIT_FATAL: i32 = 2;
 
 /// What `kmsfs fsck` was asked to do.
 #[derive(Debug, Clone, Copy, Default)]
@@ -43,25 +38,20 @@ pub struct Options {
 /// Checks (and with `--repair`, repairs) the volume in `backing`, prints the report on stdout,
 /// and returns whether it was clean.
 pub fn run(backing: &Path, opts: Options) -> Result<bool, Fatal> {
-    let root = std::fs::canonicalize(backing)
-        .map_err(|e| Fatal(format!("backing directory {}: {e}", backing.display())))?;
-    let config = daemon::load_config(&root)?;
     // The verdicts below decide what --repair moves: they must come from the volume's own KMS,
-    // not from a keystore planted next to the data.
-    daemon::check_kms_location(&config, &root)?;
+    // not from a keystore planted next to the data (`Located::find` checks that).
+    let located = Located::find(backing)?;
+    let root = located.backing.clone();
     let _lock = if opts.repair {
         Some(repair::lock(&root)?)
     } else {
         None
     };
-    let rt = daemon::cli_runtime();
-    let kms = daemon::kms_for(&config, false)?;
-    {
-        let _in = rt.enter();
-        kms.start();
-    }
-    rt.block_on(kms.check_access()).map_err(daemon::explain_kms)?;
-    let names = daemon::open_names(&rt, &kms, &config)?;
+    let rt = crate::volume::cli_runtime()?;
+    let volume = located.connect(rt.handle())?;
+    volume.check_access(&rt)?;
+    let names = volume.names(&rt)?;
+    let config = &volume.config;
     let show = Show {
         names_encrypted: matches!(config.names, NamesConfig::Encrypted { .. }),
     };
@@ -78,7 +68,7 @@ pub fn run(backing: &Path, opts: Options) -> Result<bool, Fatal> {
     let mut problems = tree.problems;
     let ids = content::ContentCheck {
         root: &root,
-        kms: &kms,
+        volume: &volume,
         rt: &rt,
         summary: &mut summary,
         problems: &mut problems,
@@ -115,6 +105,6 @@ pub fn run(backing: &Path, opts: Options) -> Result<bool, Fatal> {
     };
     written
         .and_then(|()| out.flush())
-        .map_err(|e| Fatal(format!("cannot write the report: {e}")))?;
+        .map_err(|e| crate::fatal!("cannot write the report: {e}"))?;
     Ok(problems.is_empty())
 }

@@ -385,7 +385,7 @@ impl Filesystem for FuseAdapter {
         match self.fs.getxattr(ino.0, name) {
             Ok(v) if size == 0 => reply.size(v.len() as u32),
             Ok(v) if v.len() <= size as usize => reply.data(&v),
-            Ok(_) => reply.error(Errno::from_i32(libc::ERANGE)),
+            Ok(_) => reply.error(errno(&FsError::Range)),
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -395,7 +395,7 @@ impl Filesystem for FuseAdapter {
         match self.fs.listxattr(ino.0) {
             Ok(v) if size == 0 => reply.size(v.len() as u32),
             Ok(v) if v.len() <= size as usize => reply.data(&v),
-            Ok(_) => reply.error(Errno::from_i32(libc::ERANGE)),
+            Ok(_) => reply.error(errno(&FsError::Range)),
             Err(e) => reply.error(errno(&e)),
         }
     }

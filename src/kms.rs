@@ -1,22 +1,33 @@
-//! Key management: the trait every KMS backend implements, its typed outcomes, and the enum
-//! that picks a backend at run time.
+//! Key management: the one trait every KMS backend implements ([`KeyProvider`]), its typed
+//! outcomes, and [`connect`], the one place a backend is chosen.
 //!
 //! A backend wraps and unwraps data keys (DEKs) under a key-encryption key (KEK) that it keeps.
-//! Every wrapped DEK is bound to a *context* (the file id): unwrapping it under any other context
-//! fails, so a header copied onto another file does not open.
+//! Every wrapped DEK is bound to a [`Binding`] (the volume, and the file for a file key):
+//! unwrapping it under any other binding fails, so a header copied onto another file does not
+//! open. Everything above this module (the filesystem core, fsck, rewrap, revocation) holds an
+//! `Arc<dyn KeyProvider>` and knows no backend by name; a new backend is one new module here
+//! plus one arm in [`connect`].
 
 pub mod local;
 pub mod openbao;
 
 use crate::crypto::SecretKey;
+use crate::format::config::KmsConfig;
+use crate::format::{FileId, VolumeId};
 use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+/// A boxed future, so that the trait can be used through `dyn`.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// A DEK as the KMS returned it: opaque bytes plus the reference of the key that wrapped it.
 #[derive(Clone, PartialEq, Eq)]
 pub struct WrappedDek {
     /// Backend-specific key reference (a keystore key name, a Transit key name…).
     pub key_ref: String,
-    /// The backend's ciphertext. Not secret, but meaningless without the KEK.
+    /// The backend's ciphertext. Not secret, but meaningless without the KEK. A backend that
+    /// needs more than the KMS's own ciphertext (a client-chosen IV, say) carries it in here.
     pub blob: Vec<u8>,
 }
 
@@ -26,13 +37,67 @@ impl std::fmt::Debug for WrappedDek {
     }
 }
 
+/// What a wrapped key is bound to: the KMS's associated data or encryption context.
+///
+/// Structured, not bytes, so each backend can say it in its own terms: an AWS KMS encryption
+/// context names both ids as key-value pairs, KMIP's associated data concatenates them, and
+/// the v1 backends (local keystore, Transit) bind to [`Binding::v1_context`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Binding {
+    pub volume_id: VolumeId,
+    /// The file whose DEK this is; `None` for the volume's own keys (the name key).
+    pub file_id: Option<FileId>,
+}
+
+impl Binding {
+    /// The binding of a volume-wide key (the name key).
+    pub fn volume(volume_id: VolumeId) -> Self {
+        Binding {
+            volume_id,
+            file_id: None,
+        }
+    }
+
+    /// The binding of one file's DEK.
+    pub fn file(volume_id: VolumeId, file_id: FileId) -> Self {
+        Binding {
+            volume_id,
+            file_id: Some(file_id),
+        }
+    }
+
+    /// The context bytes format v1 binds to: the file id for a file key, the volume id for a
+    /// volume key. Frozen: every v1 volume's wrapped keys were made with exactly these bytes.
+    pub fn v1_context(&self) -> Vec<u8> {
+        match &self.file_id {
+            Some(f) => f.0.to_vec(),
+            None => self.volume_id.0.to_vec(),
+        }
+    }
+}
+
+/// A new file's identity and key, as a provider hands it out for `create`.
+pub struct NewFileKey {
+    pub file_id: FileId,
+    pub dek: SecretKey,
+    pub wrapped: WrappedDek,
+}
+
 /// What a KMS says about the mount's key right now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KeyStatus {
-    pub backend: &'static str,
     pub key_ref: String,
     /// The version new wraps use.
     pub current_version: u32,
+}
+
+/// How a provider names itself in `kmsfs status` and in audit events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Description {
+    /// Short backend name: "local", "openbao", …
+    pub backend: &'static str,
+    /// The key new wraps use, as the KMS names it.
+    pub key_ref: String,
 }
 
 /// The outcomes a caller must tell apart. They lead to different actions: *denied* locks the
@@ -63,153 +128,125 @@ impl std::fmt::Display for KmsError {
 
 impl std::error::Error for KmsError {}
 
-/// A key management backend. Async because network backends are; `local` just answers.
-pub trait KmsBackend: Send + Sync {
-    /// A fresh DEK and its wrapped form, bound to `context`.
-    fn generate_dek(
-        &self,
-        context: &[u8],
-    ) -> impl Future<Output = Result<(SecretKey, WrappedDek), KmsError>> + Send;
+/// A key management backend, used through `Arc<dyn KeyProvider>`.
+///
+/// Methods return boxed futures because network backends are asynchronous; the local
+/// keystore answers at once. Batch methods exist because network backends send them as one
+/// request (Transit `batch_input`, KMIP batch items) or as parallel requests under a limit
+/// (AWS KMS); their defaults call the single-item methods one after another.
+pub trait KeyProvider: Send + Sync {
+    /// Backend and key, for status and audit.
+    fn describe(&self) -> Description;
 
-    /// The DEK inside `wrapped`, if it was bound to `context`.
-    fn unwrap_dek(
-        &self,
-        wrapped: &WrappedDek,
-        context: &[u8],
-    ) -> impl Future<Output = Result<SecretKey, KmsError>> + Send;
+    /// A fresh DEK and its wrapped form, bound to `binding`.
+    fn generate<'a>(
+        &'a self,
+        binding: &'a Binding,
+    ) -> BoxFuture<'a, Result<(SecretKey, WrappedDek), KmsError>>;
 
-    /// Many unwraps at once; network backends send them as one batch request.
-    fn unwrap_many(
-        &self,
-        items: &[(WrappedDek, Vec<u8>)],
-    ) -> impl Future<Output = Vec<Result<SecretKey, KmsError>>> + Send {
-        async move {
-            let mut out = Vec::with_capacity(items.len());
-            for (w, ctx) in items {
-                out.push(self.unwrap_dek(w, ctx).await);
-            }
-            out
-        }
-    }
+    /// The DEK inside `wrapped`, if it was bound to `binding`. Concurrent calls may be
+    /// coalesced into one request.
+    fn unwrap<'a>(
+        &'a self,
+        wrapped: &'a WrappedDek,
+        binding: &'a Binding,
+    ) -> BoxFuture<'a, Result<SecretKey, KmsError>>;
 
-    /// Fresh DEKs for many contexts; network backends wrap them in batch requests.
-    fn generate_many(
-        &self,
-        contexts: &[Vec<u8>],
-    ) -> impl Future<Output = Vec<Result<(SecretKey, WrappedDek), KmsError>>> + Send {
-        async move {
-            let mut out = Vec::with_capacity(contexts.len());
-            for c in contexts {
-                out.push(self.generate_dek(c).await);
-            }
-            out
-        }
-    }
+    /// Re-encrypts `wrapped` under the key's current version without revealing the DEK.
+    fn rewrap<'a>(
+        &'a self,
+        wrapped: &'a WrappedDek,
+        binding: &'a Binding,
+    ) -> BoxFuture<'a, Result<WrappedDek, KmsError>>;
 
-    /// Many rewraps at once.
-    fn rewrap_many(
-        &self,
-        items: &[(WrappedDek, Vec<u8>)],
-    ) -> impl Future<Output = Vec<Result<WrappedDek, KmsError>>> + Send {
-        async move {
-            let mut out = Vec::with_capacity(items.len());
-            for (w, ctx) in items {
-                out.push(self.rewrap(w, ctx).await);
-            }
-            out
-        }
-    }
+    /// Proves the mount may use its key (and that the KMS binds keys to their context);
+    /// `Denied` when it may not.
+    fn check_access(&self) -> BoxFuture<'_, Result<KeyStatus, KmsError>>;
 
     /// The KEK version a wrapped DEK was made with, if the backend records one.
     fn version_of(&self, wrapped: &WrappedDek) -> Option<u32>;
 
-    /// Re-encrypts `wrapped` under the key's current version without revealing the DEK.
-    fn rewrap(
-        &self,
-        wrapped: &WrappedDek,
-        context: &[u8],
-    ) -> impl Future<Output = Result<WrappedDek, KmsError>> + Send;
-
-    /// Proves the mount may use its key; `Denied` when it may not.
-    fn check_access(&self) -> impl Future<Output = Result<KeyStatus, KmsError>> + Send;
-}
-
-/// The backends this build knows, chosen by the volume config.
-pub enum Kms {
-    Local(local::LocalKms),
-    OpenBao(std::sync::Arc<openbao::OpenBaoKms>),
-}
-
-impl Kms {
-    /// Starts background work (OpenBao's unwrap batcher); call from inside the runtime.
-    pub fn start(&self) {
-        if let Kms::OpenBao(k) = self {
-            k.start_batcher();
-        }
-    }
-
-    /// A new file's id (the wrap context) with its fresh DEK, wrapped. Network backends hand
-    /// these out from a pool refilled in batches.
-    pub async fn new_file_key(&self, id_len: usize) -> Result<(Vec<u8>, SecretKey, WrappedDek), KmsError> {
-        match self {
-            Kms::OpenBao(k) if id_len == 16 => k.new_file_key().await,
-            _ => {
-                let mut ctx = vec![0u8; id_len];
-                crate::crypto::fill_random(&mut ctx);
-                let (dek, w) = self.generate_dek(&ctx).await?;
-                Ok((ctx, dek, w))
+    /// Many unwraps at once, one result per item in order.
+    fn unwrap_many<'a>(
+        &'a self,
+        items: &'a [(WrappedDek, Binding)],
+    ) -> BoxFuture<'a, Vec<Result<SecretKey, KmsError>>> {
+        Box::pin(async move {
+            let mut out = Vec::with_capacity(items.len());
+            for (w, b) in items {
+                out.push(self.unwrap(w, b).await);
             }
-        }
+            out
+        })
     }
 
-    /// Requests sent to a network KMS so far (0 for the local keystore).
-    pub fn request_count(&self) -> u64 {
-        match self {
-            Kms::Local(_) => 0,
-            Kms::OpenBao(k) => k.request_count(),
-        }
+    /// Fresh DEKs for many bindings, one result per item in order.
+    fn generate_many<'a>(
+        &'a self,
+        bindings: &'a [Binding],
+    ) -> BoxFuture<'a, Vec<Result<(SecretKey, WrappedDek), KmsError>>> {
+        Box::pin(async move {
+            let mut out = Vec::with_capacity(bindings.len());
+            for b in bindings {
+                out.push(self.generate(b).await);
+            }
+            out
+        })
+    }
+
+    /// Many rewraps at once, one result per item in order.
+    fn rewrap_many<'a>(
+        &'a self,
+        items: &'a [(WrappedDek, Binding)],
+    ) -> BoxFuture<'a, Vec<Result<WrappedDek, KmsError>>> {
+        Box::pin(async move {
+            let mut out = Vec::with_capacity(items.len());
+            for (w, b) in items {
+                out.push(self.rewrap(w, b).await);
+            }
+            out
+        })
+    }
+
+    /// A new file's id with its fresh DEK, wrapped and bound to both. Network backends hand
+    /// these out from a pool they refill in batches.
+    fn new_file_key(&self, volume_id: VolumeId) -> BoxFuture<'_, Result<NewFileKey, KmsError>> {
+        Box::pin(async move {
+            let file_id = FileId::generate();
+            let (dek, wrapped) = self.generate(&Binding::file(volume_id, file_id)).await?;
+            Ok(NewFileKey {
+                file_id,
+                dek,
+                wrapped,
+            })
+        })
+    }
+
+    /// Drops every secret the provider holds beyond the call in flight (pooled new-file keys,
+    /// say) and holds none again: called when the mount locks or ends.
+    fn forget_secrets(&self) {}
+
+    /// Requests sent to a network KMS so far (0 for one that is not on the network).
+    fn request_count(&self) -> u64 {
+        0
     }
 }
 
-macro_rules! dispatch {
-    ($self:ident, $k:ident => $e:expr) => {
-        match $self {
-            Kms::Local($k) => $e,
-            Kms::OpenBao($k) => $e,
+/// The provider for a volume's KMS settings: the one place backends are chosen. Background
+/// work a backend needs (OpenBao's unwrap batcher) is spawned on `runtime`.
+///
+/// `trust_config`: the settings were just typed by the admin (`kmsfs init`), so addresses in
+/// them may be used without a mount-side setting (see `openbao::Settings::from_env`).
+pub fn connect(
+    config: &KmsConfig,
+    trust_config: bool,
+    runtime: &tokio::runtime::Handle,
+) -> Result<Arc<dyn KeyProvider>, KmsError> {
+    Ok(match config {
+        KmsConfig::Local { keystore, key } => Arc::new(local::LocalKms::new(keystore.clone(), key.clone())),
+        KmsConfig::Openbao { addrs, mount, key } => {
+            let settings = openbao::Settings::from_env(addrs, mount, key, trust_config)?;
+            openbao::OpenBaoKms::connect(settings, runtime)?
         }
-    };
-}
-
-impl KmsBackend for Kms {
-    async fn generate_dek(&self, context: &[u8]) -> Result<(SecretKey, WrappedDek), KmsError> {
-        dispatch!(self, k => k.generate_dek(context).await)
-    }
-
-    async fn generate_many(&self, contexts: &[Vec<u8>]) -> Vec<Result<(SecretKey, WrappedDek), KmsError>> {
-        dispatch!(self, k => k.generate_many(contexts).await)
-    }
-
-    async fn unwrap_dek(&self, wrapped: &WrappedDek, context: &[u8]) -> Result<SecretKey, KmsError> {
-        dispatch!(self, k => k.unwrap_dek(wrapped, context).await)
-    }
-
-    async fn unwrap_many(&self, items: &[(WrappedDek, Vec<u8>)]) -> Vec<Result<SecretKey, KmsError>> {
-        dispatch!(self, k => k.unwrap_many(items).await)
-    }
-
-    async fn rewrap(&self, wrapped: &WrappedDek, context: &[u8]) -> Result<WrappedDek, KmsError> {
-        dispatch!(self, k => k.rewrap(wrapped, context).await)
-    }
-
-    async fn rewrap_many(&self, items: &[(WrappedDek, Vec<u8>)]) -> Vec<Result<WrappedDek, KmsError>> {
-        dispatch!(self, k => k.rewrap_many(items).await)
-    }
-
-    fn version_of(&self, wrapped: &WrappedDek) -> Option<u32> {
-        dispatch!(self, k => k.version_of(wrapped))
-    }
-
-    async fn check_access(&self) -> Result<KeyStatus, KmsError> {
-        dispatch!(self, k => k.check_access().await)
-    }
+    })
 }

@@ -62,6 +62,6 @@ fn main() {
     if let Err(e) = kmsfs::cli::run(cli) {
         log::debug!("fatal: {e}");
         eprintln!("kmsfs: {e}");
-        std::process::exit(1);
+        std::process::exit(kmsfs::exit::FAILURE);
     }
 }

@@ -4,11 +4,13 @@
 //! second run picks up where the first stopped. Works on a mounted or unmounted volume: the
 //! daemon reads a header only when it opens a file, and a torn slot falls back to the old one.
 
-use crate::daemon::{self, Fatal};
+use crate::exit::Fatal;
+use crate::fatal;
 use crate::format::config::{CONFIG_FILE_NAME, NamesConfig};
 use crate::format::header::{self, HEADER_LEN, SLOT_LEN, slot_offset};
 use crate::format::name::{BackingEntry, classify};
-use crate::kms::{KmsBackend, WrappedDek};
+use crate::kms::{Binding, WrappedDek};
+use crate::volume::{Volume, explain_kms};
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::os::unix::ffi::OsStrExt;
@@ -44,22 +46,17 @@ fn content_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
 }
 
 pub fn run(backing: &Path, dry_run: bool) -> Result<(), Fatal> {
-    let config = daemon::load_config(backing)?;
-    // The same refusal as at mount: rewrap writes new wraps, so a config pointing at a
+    // Opened as the mount opens it: rewrap writes new wraps, so a config pointing at a
     // planted keystore must not get them.
-    daemon::check_kms_location(&config, backing)?;
-    let rt = daemon::cli_runtime();
-    let kms = daemon::kms_for(&config, false)?;
-    {
-        let _in = rt.enter();
-        kms.start();
-    }
-    let status = rt.block_on(kms.check_access()).map_err(daemon::explain_kms)?;
+    let rt = crate::volume::cli_runtime()?;
+    let volume = Volume::open(backing, rt.handle())?;
+    let backing = volume.backing.as_path();
+    let kms = &volume.kms;
+    let status = volume.check_access(&rt)?;
     let latest = status.current_version;
 
     let mut files = Vec::new();
-    content_files(backing, &mut files)
-        .map_err(|e| Fatal(format!("cannot walk {}: {e}", backing.display())))?;
+    content_files(backing, &mut files).map_err(|e| fatal!("cannot walk {}: {e}", backing.display()))?;
     let mut seen = HashSet::new();
     let mut by_version: BTreeMap<Option<u32>, usize> = BTreeMap::new();
     let mut todo = Vec::new();
@@ -109,7 +106,7 @@ pub fn run(backing: &Path, dry_run: bool) -> Result<(), Fatal> {
     let mut failed = 0usize;
     let total = todo.len();
     for chunk in todo.chunks(BATCH) {
-        let items: Vec<(WrappedDek, Vec<u8>)> = chunk
+        let items: Vec<(WrappedDek, Binding)> = chunk
             .iter()
             .map(|c| {
                 (
@@ -117,7 +114,7 @@ pub fn run(backing: &Path, dry_run: bool) -> Result<(), Fatal> {
                         key_ref: c.header.slot.key_ref.clone(),
                         blob: c.header.slot.wrapped.clone(),
                     },
-                    c.header.file_id.0.to_vec(),
+                    volume.file_binding(c.header.file_id),
                 )
             })
             .collect();
@@ -138,7 +135,7 @@ pub fn run(backing: &Path, dry_run: bool) -> Result<(), Fatal> {
             eprintln!("rewrap: {}/{total}", done + failed);
         }
     }
-    let name_key = rewrap_name_key(backing, &rt, &kms, latest)?;
+    let name_key = rewrap_name_key(&volume, &rt, latest)?;
     println!(
         "re-wrapped {done} of {total} files to version {latest}{}{}{}",
         if failed > 0 {
@@ -154,9 +151,9 @@ pub fn run(backing: &Path, dry_run: bool) -> Result<(), Fatal> {
         if name_key { "; name key re-wrapped" } else { "" },
     );
     if failed > 0 {
-        return Err(Fatal(format!(
+        return Err(fatal!(
             "{failed} files could not be re-wrapped; run `kmsfs rewrap` again"
-        )));
+        ));
     }
     Ok(())
 }
@@ -174,14 +171,10 @@ fn write_slot(path: &Path, h: &header::Header, w: WrappedDek) -> std::io::Result
 }
 
 /// Re-wraps the volume name key in the config if it is older than `latest`.
-fn rewrap_name_key(
-    backing: &Path,
-    rt: &tokio::runtime::Runtime,
-    kms: &crate::kms::Kms,
-    latest: u32,
-) -> Result<bool, Fatal> {
-    let mut config = daemon::load_config(backing)?;
-    let volume_id = config.volume_id_bytes();
+fn rewrap_name_key(volume: &Volume, rt: &tokio::runtime::Runtime, latest: u32) -> Result<bool, Fatal> {
+    // Re-read: another rewrap may have changed it since the volume was opened.
+    let mut config = crate::volume::load_config(&volume.backing)?;
+    let kms = &volume.kms;
     let NamesConfig::Encrypted {
         key_ref, wrapped_key, ..
     } = &mut config.names
@@ -196,11 +189,11 @@ fn rewrap_name_key(
         return Ok(false);
     }
     let new = rt
-        .block_on(kms.rewrap(&w, &volume_id))
-        .map_err(daemon::explain_kms)?;
+        .block_on(kms.rewrap(&w, &Binding::volume(volume.id)))
+        .map_err(explain_kms)?;
     *key_ref = new.key_ref;
     *wrapped_key = crate::hex::encode(&new.blob);
-    crate::durable::atomic_write(&backing.join(CONFIG_FILE_NAME), &config.encode(), 0o644)
-        .map_err(|e| Fatal(format!("cannot write volume config: {e}")))?;
+    crate::durable::atomic_write(&volume.backing.join(CONFIG_FILE_NAME), &config.encode(), 0o644)
+        .map_err(|e| fatal!("cannot write volume config: {e}"))?;
     Ok(true)
 }

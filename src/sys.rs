@@ -1,12 +1,27 @@
 //! Thin, safe wrappers over the few Linux system calls std does not offer (the *at family on
-//! O_PATH descriptors, fallocate, flock, prctl). This module and the key cache are the only
-//! places with `unsafe`; every block here only passes valid pointers and lengths to libc.
+//! O_PATH descriptors, xattrs, fallocate, flock, prctl), built on rustix's safe API. This module
+//! and the key cache are the only places with `unsafe`. It remains here only where rustix has no
+//! safe call that keeps this module's behaviour:
+//! - `fstatat` and `fstatvfs`: callers take the libc structs, which have private padding
+//!   fields, so only libc (or an unsafe zeroed value) can produce one;
+//! - `fallocate` and `dup2` onto a non-standard descriptor: they take a raw descriptor number,
+//!   which cannot be borrowed safely;
+//! - SO_PEERCRED: rustix's `UCred::pid` may not be 0, but the kernel reports pid 0 for a peer
+//!   outside our pid namespace;
+//! - `std::env::set_var`.
+//!
+//! Every such block only passes valid pointers and lengths (or plain integers) to libc.
+//! Errors stay `io::Error` with the kernel's errno, since the filesystem passes them on.
 #![allow(unsafe_code)]
 
 use std::ffi::{CStr, CString, OsStr};
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
+
+use rustix::fs::{AtFlags, CWD, FileType, Mode, OFlags, Timespec, Timestamps};
+use rustix::io::Errno;
+use rustix::process::{Resource, Rlimit};
 
 fn cstr(name: &OsStr) -> io::Result<CString> {
     CString::new(name.as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
@@ -22,6 +37,11 @@ fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
 
 const EMPTY: &CStr = c"";
 
+/// open(2) flags from the libc constants callers pass, always with O_CLOEXEC.
+fn open_flags(flags: i32) -> OFlags {
+    OFlags::from_bits_retain(flags as u32) | OFlags::CLOEXEC
+}
+
 /// The path under /proc that reopens a descriptor (works for O_PATH descriptors).
 pub fn proc_fd_path(fd: BorrowedFd<'_>) -> CString {
     CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())).expect("no NUL in a number")
@@ -29,24 +49,24 @@ pub fn proc_fd_path(fd: BorrowedFd<'_>) -> CString {
 
 /// openat(2) relative to `dir`; the returned descriptor is close-on-exec.
 pub fn openat(dir: BorrowedFd<'_>, name: &OsStr, flags: i32, mode: u32) -> io::Result<OwnedFd> {
-    let n = cstr(name)?;
-    // SAFETY: `n` is a valid NUL-terminated string that outlives the call.
-    let fd = check(unsafe { libc::openat(dir.as_raw_fd(), n.as_ptr(), flags | libc::O_CLOEXEC, mode) })?;
-    // SAFETY: openat returned a fresh descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    Ok(rustix::fs::openat(
+        dir,
+        name,
+        open_flags(flags),
+        Mode::from_bits_retain(mode),
+    )?)
 }
 
 /// Reopens an O_PATH descriptor with real access `flags` (through /proc/self/fd).
 pub fn reopen(fd: BorrowedFd<'_>, flags: i32) -> io::Result<OwnedFd> {
     let p = proc_fd_path(fd);
-    // SAFETY: `p` is a valid NUL-terminated string.
-    let nfd = check(unsafe { libc::open(p.as_ptr(), flags | libc::O_CLOEXEC) })?;
-    // SAFETY: open returned a fresh descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(nfd) })
+    Ok(rustix::fs::open(p.as_c_str(), open_flags(flags), Mode::empty())?)
 }
 
 /// fstatat(2); an empty `name` stats `dir` itself.
 pub fn fstatat(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<libc::stat> {
+    // Still libc: callers take a `libc::stat`, which only libc can fill without an unsafe
+    // zeroed value.
     let n = cstr(name)?;
     let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
     let flags = libc::AT_SYMLINK_NOFOLLOW | if name.is_empty() { libc::AT_EMPTY_PATH } else { 0 };
@@ -57,41 +77,39 @@ pub fn fstatat(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<libc::stat> {
 }
 
 pub fn mkdirat(dir: BorrowedFd<'_>, name: &OsStr, mode: u32) -> io::Result<()> {
-    let n = cstr(name)?;
-    // SAFETY: `n` is NUL-terminated.
-    check(unsafe { libc::mkdirat(dir.as_raw_fd(), n.as_ptr(), mode) }).map(drop)
+    Ok(rustix::fs::mkdirat(dir, name, Mode::from_bits_retain(mode))?)
 }
 
 pub fn mknodat(dir: BorrowedFd<'_>, name: &OsStr, mode: u32, rdev: u64) -> io::Result<()> {
-    let n = cstr(name)?;
-    // SAFETY: `n` is NUL-terminated.
-    check(unsafe { libc::mknodat(dir.as_raw_fd(), n.as_ptr(), mode, rdev) }).map(drop)
+    // rustix passes the file type separately. A type of 0 makes the kernel create a regular
+    // file, as S_IFREG does; any other type goes through unchanged (an invalid one still
+    // fails with EINVAL).
+    let file_type = if mode & libc::S_IFMT == 0 {
+        FileType::RegularFile
+    } else {
+        FileType::from_raw_mode(mode)
+    };
+    let perm = Mode::from_bits_retain(mode & !libc::S_IFMT);
+    Ok(rustix::fs::mknodat(dir, name, file_type, perm, rdev)?)
 }
 
 pub fn unlinkat(dir: BorrowedFd<'_>, name: &OsStr, remove_dir: bool) -> io::Result<()> {
-    let n = cstr(name)?;
-    let flags = if remove_dir { libc::AT_REMOVEDIR } else { 0 };
-    // SAFETY: `n` is NUL-terminated.
-    check(unsafe { libc::unlinkat(dir.as_raw_fd(), n.as_ptr(), flags) }).map(drop)
+    let flags = if remove_dir {
+        AtFlags::REMOVEDIR
+    } else {
+        AtFlags::empty()
+    };
+    Ok(rustix::fs::unlinkat(dir, name, flags)?)
 }
 
 pub fn symlinkat(target: &OsStr, dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
-    let t = cstr(target)?;
-    let n = cstr(name)?;
-    // SAFETY: both strings are NUL-terminated.
-    check(unsafe { libc::symlinkat(t.as_ptr(), dir.as_raw_fd(), n.as_ptr()) }).map(drop)
+    Ok(rustix::fs::symlinkat(target, dir, name)?)
 }
 
 /// readlink of the symlink an O_PATH|O_NOFOLLOW descriptor refers to.
 pub fn readlink_fd(fd: BorrowedFd<'_>) -> io::Result<Vec<u8>> {
-    let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
-    // SAFETY: `buf` is writable for `buf.len()` bytes; the empty path names `fd` itself.
-    let n = unsafe { libc::readlinkat(fd.as_raw_fd(), EMPTY.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    buf.truncate(n as usize);
-    Ok(buf)
+    // The empty path names `fd` itself.
+    Ok(rustix::fs::readlinkat(fd, EMPTY, Vec::new())?.into_bytes())
 }
 
 pub fn renameat2(
@@ -101,76 +119,53 @@ pub fn renameat2(
     newname: &OsStr,
     flags: u32,
 ) -> io::Result<()> {
-    let o = cstr(oldname)?;
-    let n = cstr(newname)?;
-    // SAFETY: both strings are NUL-terminated.
-    check(unsafe {
-        libc::renameat2(
-            olddir.as_raw_fd(),
-            o.as_ptr(),
-            newdir.as_raw_fd(),
-            n.as_ptr(),
-            flags,
-        )
-    })
-    .map(drop)
+    let flags = rustix::fs::RenameFlags::from_bits_retain(flags);
+    Ok(rustix::fs::renameat_with(
+        olddir, oldname, newdir, newname, flags,
+    )?)
 }
 
 /// Creates a hard link `newdir/newname` to the object an O_PATH descriptor refers to.
 pub fn link_fd(fd: BorrowedFd<'_>, newdir: BorrowedFd<'_>, newname: &OsStr) -> io::Result<()> {
     let p = proc_fd_path(fd);
-    let n = cstr(newname)?;
-    // SAFETY: both strings are NUL-terminated.
-    check(unsafe {
-        libc::linkat(
-            libc::AT_FDCWD,
-            p.as_ptr(),
-            newdir.as_raw_fd(),
-            n.as_ptr(),
-            libc::AT_SYMLINK_FOLLOW,
-        )
-    })
-    .map(drop)
+    Ok(rustix::fs::linkat(
+        CWD,
+        p.as_c_str(),
+        newdir,
+        newname,
+        AtFlags::SYMLINK_FOLLOW,
+    )?)
 }
 
 /// chmod of the object an O_PATH descriptor refers to.
 pub fn chmod_fd(fd: BorrowedFd<'_>, mode: u32) -> io::Result<()> {
     let p = proc_fd_path(fd);
-    // SAFETY: `p` is NUL-terminated.
-    check(unsafe { libc::chmod(p.as_ptr(), mode) }).map(drop)
+    Ok(rustix::fs::chmod(p.as_c_str(), Mode::from_bits_retain(mode))?)
 }
 
 /// chown of the object an O_PATH descriptor refers to (not following symlinks).
 pub fn chown_fd(fd: BorrowedFd<'_>, uid: Option<u32>, gid: Option<u32>) -> io::Result<()> {
-    let u = uid.unwrap_or(u32::MAX);
-    let g = gid.unwrap_or(u32::MAX);
-    // SAFETY: the empty path with AT_EMPTY_PATH names `fd` itself.
-    check(unsafe {
-        libc::fchownat(
-            fd.as_raw_fd(),
-            EMPTY.as_ptr(),
-            u,
-            g,
-            libc::AT_EMPTY_PATH | libc::AT_SYMLINK_NOFOLLOW,
-        )
-    })
-    .map(drop)
+    let uid = uid.map(rustix::fs::Uid::from_raw);
+    let gid = gid.map(rustix::fs::Gid::from_raw);
+    // The empty path with AT_EMPTY_PATH names `fd` itself; `None` leaves an id (-1).
+    let flags = AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW;
+    Ok(rustix::fs::chownat(fd, EMPTY, uid, gid, flags)?)
 }
 
 /// A timestamp to set: `None` leaves it, `Some(None)` sets it to now.
 pub type TimeSpec = Option<Option<(i64, i64)>>;
 
-fn timespec(t: TimeSpec) -> libc::timespec {
+fn timespec(t: TimeSpec) -> Timespec {
     match t {
-        None => libc::timespec {
+        None => Timespec {
             tv_sec: 0,
-            tv_nsec: libc::UTIME_OMIT,
+            tv_nsec: rustix::fs::UTIME_OMIT,
         },
-        Some(None) => libc::timespec {
+        Some(None) => Timespec {
             tv_sec: 0,
-            tv_nsec: libc::UTIME_NOW,
+            tv_nsec: rustix::fs::UTIME_NOW,
         },
-        Some(Some((s, ns))) => libc::timespec {
+        Some(Some((s, ns))) => Timespec {
             tv_sec: s,
             tv_nsec: ns,
         },
@@ -180,71 +175,56 @@ fn timespec(t: TimeSpec) -> libc::timespec {
 /// utimensat of the object an O_PATH descriptor refers to. A symlink's own times are set
 /// (AT_EMPTY_PATH on the descriptor), not its target's.
 pub fn utimens_fd(fd: BorrowedFd<'_>, atime: TimeSpec, mtime: TimeSpec) -> io::Result<()> {
-    let ts = [timespec(atime), timespec(mtime)];
-    // SAFETY: the empty path with AT_EMPTY_PATH names `fd` itself; `ts` holds two timespecs.
-    let r = unsafe { libc::utimensat(fd.as_raw_fd(), EMPTY.as_ptr(), ts.as_ptr(), libc::AT_EMPTY_PATH) };
-    if r == 0 {
-        return Ok(());
-    }
-    let err = io::Error::last_os_error();
-    if err.raw_os_error() != Some(libc::EINVAL) {
-        return Err(err);
+    let ts = Timestamps {
+        last_access: timespec(atime),
+        last_modification: timespec(mtime),
+    };
+    match rustix::fs::utimensat(fd, EMPTY, &ts, AtFlags::EMPTY_PATH) {
+        Err(e) if e == Errno::INVAL => {}
+        r => return Ok(r?),
     }
     // Older kernels refuse AT_EMPTY_PATH here: go through /proc (follows to the object).
     let p = proc_fd_path(fd);
-    // SAFETY: `p` is NUL-terminated and `ts` holds the two timespecs utimensat reads.
-    check(unsafe { libc::utimensat(libc::AT_FDCWD, p.as_ptr(), ts.as_ptr(), 0) }).map(drop)
+    Ok(rustix::fs::utimensat(CWD, p.as_c_str(), &ts, AtFlags::empty())?)
 }
 
 /// fsync of a directory (or any object) given by an O_PATH or ordinary descriptor.
 pub fn fsync_dir(fd: BorrowedFd<'_>) -> io::Result<()> {
-    let f = std::fs::File::from(reopen(fd, libc::O_RDONLY | libc::O_DIRECTORY)?);
-    f.sync_all()
-}
-
-fn path_xattr(fd: BorrowedFd<'_>, f: impl FnOnce(&CStr) -> isize) -> io::Result<usize> {
-    let p = proc_fd_path(fd);
-    let r = f(&p);
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r as usize)
-    }
+    let dir = reopen(fd, libc::O_RDONLY | libc::O_DIRECTORY)?;
+    Ok(rustix::fs::fsync(&dir)?)
 }
 
 /// getxattr on the object an O_PATH descriptor refers to; an empty `buf` asks for the size.
 pub fn getxattr_fd(fd: BorrowedFd<'_>, name: &OsStr, buf: &mut [u8]) -> io::Result<usize> {
-    let n = cstr(name)?;
-    path_xattr(fd, |p| {
-        // SAFETY: both strings are NUL-terminated; `buf` is writable for its length.
-        unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) }
+    let p = proc_fd_path(fd);
+    // rustix's getxattr does not treat an empty buffer as a size query; getxattr_query does.
+    Ok(if buf.is_empty() {
+        rustix::fs::getxattr_query(p.as_c_str(), name)?
+    } else {
+        rustix::fs::getxattr(p.as_c_str(), name, buf)?
     })
 }
 
 /// listxattr on the object an O_PATH descriptor refers to; an empty `buf` asks for the size.
 pub fn listxattr_fd(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
-    path_xattr(fd, |p| {
-        // SAFETY: `p` is NUL-terminated; `buf` is writable for its length.
-        unsafe { libc::listxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) }
+    let p = proc_fd_path(fd);
+    // As for getxattr: an empty buffer needs the _query call.
+    Ok(if buf.is_empty() {
+        rustix::fs::listxattr_query(p.as_c_str())?
+    } else {
+        rustix::fs::listxattr(p.as_c_str(), buf)?
     })
 }
 
 pub fn setxattr_fd(fd: BorrowedFd<'_>, name: &OsStr, value: &[u8], flags: i32) -> io::Result<()> {
-    let n = cstr(name)?;
-    path_xattr(fd, |p| {
-        // SAFETY: both strings are NUL-terminated; `value` is readable for its length.
-        unsafe { libc::setxattr(p.as_ptr(), n.as_ptr(), value.as_ptr().cast(), value.len(), flags) as isize }
-    })
-    .map(drop)
+    let p = proc_fd_path(fd);
+    let flags = rustix::fs::XattrFlags::from_bits_retain(flags as u32);
+    Ok(rustix::fs::setxattr(p.as_c_str(), name, value, flags)?)
 }
 
 pub fn removexattr_fd(fd: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
-    let n = cstr(name)?;
-    path_xattr(fd, |p| {
-        // SAFETY: both strings are NUL-terminated.
-        unsafe { libc::removexattr(p.as_ptr(), n.as_ptr()) as isize }
-    })
-    .map(drop)
+    let p = proc_fd_path(fd);
+    Ok(rustix::fs::removexattr(p.as_c_str(), name)?)
 }
 
 /// fallocate(2). `Ok(false)` when the backing filesystem does not support it.
@@ -252,6 +232,7 @@ pub fn fallocate(fd: RawFd, mode: i32, offset: u64, len: u64) -> io::Result<bool
     if len == 0 {
         return Ok(true);
     }
+    // Still libc: `fd` is a raw descriptor number, which rustix cannot borrow safely.
     // SAFETY: plain integer arguments.
     match check(unsafe { libc::fallocate(fd, mode, offset as libc::off_t, len as libc::off_t) }) {
         Ok(_) => Ok(true),
@@ -263,6 +244,8 @@ pub fn fallocate(fd: RawFd, mode: i32, offset: u64, len: u64) -> io::Result<bool
 pub const FALLOC_KEEP_SIZE: i32 = libc::FALLOC_FL_KEEP_SIZE;
 
 pub fn statvfs_fd(fd: BorrowedFd<'_>) -> io::Result<libc::statvfs> {
+    // Still libc: callers take a `libc::statvfs` (private padding, as for `fstatat`), and
+    // glibc's translation from statfs is the one they have always had.
     let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
     // SAFETY: `st` is writable memory of the right size.
     check(unsafe { libc::fstatvfs(fd.as_raw_fd(), st.as_mut_ptr()) })?;
@@ -272,66 +255,77 @@ pub fn statvfs_fd(fd: BorrowedFd<'_>) -> io::Result<libc::statvfs> {
 
 /// Non-blocking exclusive flock; `Ok(false)` if another process holds it.
 pub fn try_lock_exclusive(fd: BorrowedFd<'_>) -> io::Result<bool> {
-    // SAFETY: plain integer arguments.
-    match check(unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) }) {
-        Ok(_) => Ok(true),
-        Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => Ok(false),
-        Err(e) => Err(e),
+    match rustix::fs::flock(fd, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(true),
+        Err(e) if e == Errno::WOULDBLOCK => Ok(false),
+        Err(e) => Err(e.into()),
     }
 }
 
 /// Makes this process non-dumpable and forbids core files: a crash must not write keys to disk.
 pub fn disable_core_dumps() -> io::Result<()> {
-    let zero = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
+    let zero = Rlimit {
+        current: Some(0),
+        maximum: Some(0),
     };
-    // SAFETY: `zero` is a valid rlimit; prctl takes plain integers.
-    check(unsafe { libc::setrlimit(libc::RLIMIT_CORE, &zero) })?;
-    // SAFETY: as above.
-    check(unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) }).map(drop)
+    rustix::process::setrlimit(Resource::Core, zero)?;
+    Ok(rustix::process::set_dumpable_behavior(
+        rustix::process::DumpableBehavior::NotDumpable,
+    )?)
 }
 
 /// Sets the process umask, returning the old one.
 pub fn set_umask(mask: u32) -> u32 {
-    // SAFETY: umask cannot fail.
-    unsafe { libc::umask(mask) }
+    rustix::process::umask(Mode::from_bits_retain(mask)).bits()
 }
 
 pub fn geteuid() -> u32 {
-    // SAFETY: geteuid cannot fail.
-    unsafe { libc::geteuid() }
+    rustix::process::geteuid().as_raw()
 }
 
 /// Starts a new session so the daemon outlives the terminal that started it.
 pub fn setsid() -> io::Result<()> {
-    // SAFETY: setsid takes no arguments.
-    check(unsafe { libc::setsid() }).map(drop)
+    rustix::process::setsid()?;
+    Ok(())
 }
 
 /// Points `target` at the same open file as `src` (dup2).
 pub fn dup2(src: BorrowedFd<'_>, target: RawFd) -> io::Result<()> {
-    // SAFETY: plain integer arguments.
-    check(unsafe { libc::dup2(src.as_raw_fd(), target) }).map(drop)
+    match target {
+        0 => rustix::stdio::dup2_stdin(src)?,
+        1 => rustix::stdio::dup2_stdout(src)?,
+        2 => rustix::stdio::dup2_stderr(src)?,
+        // Still libc: rustix's dup2 needs the target as an `OwnedFd`; of raw numbers only the
+        // standard streams (above) can be replaced safely.
+        // SAFETY: plain integer arguments.
+        _ => drop(check(unsafe { libc::dup2(src.as_raw_fd(), target) })?),
+    }
+    Ok(())
 }
 
 /// umount2(2): `lazy` detaches a busy mount.
 pub fn umount(path: &OsStr, lazy: bool) -> io::Result<()> {
-    let p = cstr(path)?;
-    let flags = if lazy { libc::MNT_DETACH } else { 0 };
-    // SAFETY: `p` is NUL-terminated.
-    check(unsafe { libc::umount2(p.as_ptr(), flags) }).map(drop)
+    let flags = if lazy {
+        rustix::mount::UnmountFlags::DETACH
+    } else {
+        rustix::mount::UnmountFlags::empty()
+    };
+    Ok(rustix::mount::unmount(path, flags)?)
 }
 
 /// Locks every page of this process, now and later, into RAM (pages are locked as they are
 /// first touched: MCL_ONFAULT), so unwrapped keys are never written to swap.
 pub fn lock_memory() -> io::Result<()> {
-    // SAFETY: plain integer flags.
-    check(unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE | libc::MCL_ONFAULT) }).map(drop)
+    use rustix::mm::MlockAllFlags;
+    Ok(rustix::mm::mlockall(
+        MlockAllFlags::CURRENT | MlockAllFlags::FUTURE | MlockAllFlags::ONFAULT,
+    )?)
 }
 
 /// The pid and uid of the process at the other end of a Unix socket.
 pub fn peer_credentials(sock: &impl AsRawFd) -> io::Result<(i32, u32)> {
+    // Still libc: rustix's `socket_peercred` returns a non-zero `Pid`, but the kernel reports
+    // pid 0 for a peer outside our pid namespace (a client in a container).
     let mut cred = libc::ucred {
         pid: 0,
         uid: 0,
@@ -360,14 +354,268 @@ pub fn set_env_single_threaded(key: &str, value: &str) {
 
 /// Raises the soft open-file limit to the hard limit: each looked-up inode holds a descriptor.
 pub fn raise_nofile_limit() {
-    let mut rl = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: `rl` is a valid, writable rlimit.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) } == 0 && rl.rlim_cur < rl.rlim_max {
-        rl.rlim_cur = rl.rlim_max;
-        // SAFETY: as above.
-        unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &rl) };
+    // `None` is RLIM_INFINITY.
+    let rl = rustix::process::getrlimit(Resource::Nofile);
+    if rl.current.unwrap_or(u64::MAX) < rl.maximum.unwrap_or(u64::MAX) {
+        let raised = Rlimit {
+            current: rl.maximum,
+            maximum: rl.maximum,
+        };
+        let _ = rustix::process::setrlimit(Resource::Nofile, raised);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::MetadataExt;
+
+    fn errno(r: io::Result<impl std::fmt::Debug>) -> i32 {
+        r.expect_err("call should fail").raw_os_error().expect("an errno")
+    }
+
+    fn open_dir(path: &std::path::Path) -> OwnedFd {
+        std::fs::File::open(path).unwrap().into()
+    }
+
+    fn o_path(dir: BorrowedFd<'_>, name: &str) -> OwnedFd {
+        openat(dir, OsStr::new(name), libc::O_PATH | libc::O_NOFOLLOW, 0).unwrap()
+    }
+
+    fn is_cloexec(fd: &OwnedFd) -> bool {
+        rustix::io::fcntl_getfd(fd)
+            .unwrap()
+            .contains(rustix::io::FdFlags::CLOEXEC)
+    }
+
+    #[test]
+    fn opened_descriptors_are_cloexec_and_errors_keep_errno() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = open_dir(tmp.path());
+        let name = OsStr::new("f");
+        let fd = openat(
+            dir.as_fd(),
+            name,
+            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
+            0o640,
+        )
+        .unwrap();
+        assert!(is_cloexec(&fd));
+        let st = fstatat(dir.as_fd(), name).unwrap();
+        assert_eq!(st.st_mode & 0o7777, 0o640 & !current_umask());
+        let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL;
+        assert_eq!(errno(openat(dir.as_fd(), name, flags, 0o600)), libc::EEXIST);
+        assert_eq!(
+            errno(openat(dir.as_fd(), OsStr::new("missing"), libc::O_RDONLY, 0)),
+            libc::ENOENT
+        );
+        assert_eq!(
+            errno(openat(dir.as_fd(), OsStr::new("a\0b"), libc::O_RDONLY, 0)),
+            libc::EINVAL
+        );
+        let path = o_path(dir.as_fd(), "f");
+        assert!(is_cloexec(&path));
+        let rw = reopen(path.as_fd(), libc::O_RDWR).unwrap();
+        assert!(is_cloexec(&rw));
+        assert_eq!(
+            errno(reopen(path.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY)),
+            libc::ENOTDIR
+        );
+    }
+
+    fn current_umask() -> u32 {
+        // /proc/self/status reads the umask without changing it (other tests run in parallel).
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let line = status.lines().find(|l| l.starts_with("Umask:")).unwrap();
+        u32::from_str_radix(line["Umask:".len()..].trim(), 8).unwrap()
+    }
+
+    #[test]
+    fn fstatat_matches_std_metadata_and_does_not_follow_symlinks() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("f"), b"hello").unwrap();
+        std::os::unix::fs::symlink("f", tmp.path().join("l")).unwrap();
+        let dir = open_dir(tmp.path());
+        for name in ["f", "l"] {
+            let m = std::fs::symlink_metadata(tmp.path().join(name)).unwrap();
+            let by_name = fstatat(dir.as_fd(), OsStr::new(name)).unwrap();
+            let by_fd = fstatat(o_path(dir.as_fd(), name).as_fd(), OsStr::new("")).unwrap();
+            for st in [by_name, by_fd] {
+                assert_eq!((st.st_dev, st.st_ino, st.st_mode), (m.dev(), m.ino(), m.mode()));
+                assert_eq!((st.st_nlink, st.st_uid, st.st_gid), (m.nlink(), m.uid(), m.gid()));
+                assert_eq!((st.st_size, st.st_rdev), (m.size() as i64, m.rdev()));
+                assert_eq!((st.st_mtime, st.st_mtime_nsec), (m.mtime(), m.mtime_nsec()));
+            }
+        }
+        assert_eq!(errno(fstatat(dir.as_fd(), OsStr::new("missing"))), libc::ENOENT);
+    }
+
+    #[test]
+    fn create_link_rename_and_remove() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = open_dir(tmp.path());
+        let d = dir.as_fd();
+        mkdirat(d, OsStr::new("sub"), 0o700).unwrap();
+        assert_eq!(errno(mkdirat(d, OsStr::new("sub"), 0o700)), libc::EEXIST);
+        // A file type of 0 makes a regular file, as mknod(2) does.
+        mknodat(d, OsStr::new("plain"), 0o600, 0).unwrap();
+        mknodat(d, OsStr::new("reg"), libc::S_IFREG | 0o600, 0).unwrap();
+        mknodat(d, OsStr::new("fifo"), libc::S_IFIFO | 0o600, 0).unwrap();
+        assert_eq!(
+            errno(mknodat(d, OsStr::new("bad"), libc::S_IFMT | 0o600, 0)),
+            libc::EINVAL
+        );
+        for (name, kind) in [
+            ("plain", libc::S_IFREG),
+            ("reg", libc::S_IFREG),
+            ("fifo", libc::S_IFIFO),
+        ] {
+            let st = fstatat(d, OsStr::new(name)).unwrap();
+            assert_eq!(st.st_mode & libc::S_IFMT, kind, "{name}");
+            assert_eq!(st.st_mode & 0o7777, 0o600 & !current_umask(), "{name}");
+        }
+        symlinkat(OsStr::new("some/target"), d, OsStr::new("link")).unwrap();
+        assert_eq!(readlink_fd(o_path(d, "link").as_fd()).unwrap(), b"some/target");
+        assert_eq!(errno(readlink_fd(o_path(d, "reg").as_fd())), libc::ENOENT);
+
+        link_fd(o_path(d, "reg").as_fd(), d, OsStr::new("hard")).unwrap();
+        assert_eq!(fstatat(d, OsStr::new("reg")).unwrap().st_nlink, 2);
+        let noreplace = libc::RENAME_NOREPLACE;
+        let (reg, hard) = (OsStr::new("reg"), OsStr::new("hard"));
+        assert_eq!(
+            errno(renameat2(d, reg, d, OsStr::new("plain"), noreplace)),
+            libc::EEXIST
+        );
+        renameat2(d, reg, d, OsStr::new("moved"), noreplace).unwrap();
+        // Without flags, rename replaces the target.
+        let plain = OsStr::new("plain");
+        renameat2(d, OsStr::new("moved"), d, plain, 0).unwrap();
+        assert_eq!(
+            fstatat(d, plain).unwrap().st_ino,
+            fstatat(d, hard).unwrap().st_ino
+        );
+
+        assert_eq!(errno(unlinkat(d, OsStr::new("sub"), false)), libc::EISDIR);
+        unlinkat(d, OsStr::new("sub"), true).unwrap();
+        unlinkat(d, hard, false).unwrap();
+        assert_eq!(errno(unlinkat(d, hard, false)), libc::ENOENT);
+        fsync_dir(d).unwrap();
+    }
+
+    #[test]
+    fn attributes_through_o_path_descriptors() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("f"), b"x").unwrap();
+        std::os::unix::fs::symlink("f", tmp.path().join("l")).unwrap();
+        let dir = open_dir(tmp.path());
+        let f = o_path(dir.as_fd(), "f");
+        chmod_fd(f.as_fd(), 0o604).unwrap();
+        assert_eq!(
+            fstatat(f.as_fd(), OsStr::new("")).unwrap().st_mode & 0o7777,
+            0o604
+        );
+        let me = geteuid();
+        chown_fd(f.as_fd(), Some(me), None).unwrap();
+        assert_eq!(fstatat(f.as_fd(), OsStr::new("")).unwrap().st_uid, me);
+
+        utimens_fd(f.as_fd(), Some(Some((1_000_000, 5))), Some(Some((2_000_000, 7)))).unwrap();
+        let st = fstatat(f.as_fd(), OsStr::new("")).unwrap();
+        assert_eq!((st.st_atime, st.st_atime_nsec), (1_000_000, 5));
+        assert_eq!((st.st_mtime, st.st_mtime_nsec), (2_000_000, 7));
+        // `None` leaves a time, `Some(None)` sets it to now.
+        utimens_fd(f.as_fd(), None, Some(None)).unwrap();
+        let st = fstatat(f.as_fd(), OsStr::new("")).unwrap();
+        assert_eq!((st.st_atime, st.st_atime_nsec), (1_000_000, 5));
+        assert!(st.st_mtime > 2_000_000);
+        assert_eq!(
+            errno(utimens_fd(f.as_fd(), Some(Some((0, 1_000_000_000))), None)),
+            libc::EINVAL
+        );
+
+        // A symlink's own times are set, not its target's.
+        let l = o_path(dir.as_fd(), "l");
+        utimens_fd(l.as_fd(), None, Some(Some((3_000_000, 0)))).unwrap();
+        assert_eq!(fstatat(l.as_fd(), OsStr::new("")).unwrap().st_mtime, 3_000_000);
+        assert!(fstatat(f.as_fd(), OsStr::new("")).unwrap().st_mtime > 3_000_000);
+    }
+
+    #[test]
+    fn xattrs_and_size_queries() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("f"), b"x").unwrap();
+        let dir = open_dir(tmp.path());
+        let f = o_path(dir.as_fd(), "f");
+        let name = OsStr::new("user.kmsfs_test");
+        match setxattr_fd(f.as_fd(), name, b"value", 0) {
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => return, // no user xattrs here
+            r => r.unwrap(),
+        }
+        let create = libc::XATTR_CREATE;
+        assert_eq!(errno(setxattr_fd(f.as_fd(), name, b"v", create)), libc::EEXIST);
+        // An empty buffer asks for the size.
+        assert_eq!(getxattr_fd(f.as_fd(), name, &mut []).unwrap(), 5);
+        let mut buf = [0u8; 16];
+        assert_eq!(getxattr_fd(f.as_fd(), name, &mut buf).unwrap(), 5);
+        assert_eq!(&buf[..5], b"value");
+        assert_eq!(errno(getxattr_fd(f.as_fd(), name, &mut buf[..2])), libc::ERANGE);
+        let list_len = listxattr_fd(f.as_fd(), &mut []).unwrap();
+        assert!(list_len >= b"user.kmsfs_test\0".len());
+        let mut list = vec![0u8; list_len];
+        assert_eq!(listxattr_fd(f.as_fd(), &mut list).unwrap(), list_len);
+        assert!(list.split(|&b| b == 0).any(|n| n == name.as_bytes()));
+        removexattr_fd(f.as_fd(), name).unwrap();
+        assert_eq!(errno(getxattr_fd(f.as_fd(), name, &mut [])), libc::ENODATA);
+        assert_eq!(errno(removexattr_fd(f.as_fd(), name)), libc::ENODATA);
+    }
+
+    #[test]
+    fn flock_is_exclusive_between_open_files() {
+        let tmp = tempfile::NamedTempFile::new().unwrap();
+        let a = std::fs::File::open(tmp.path()).unwrap();
+        let b = std::fs::File::open(tmp.path()).unwrap();
+        assert!(try_lock_exclusive(a.as_fd()).unwrap());
+        assert!(!try_lock_exclusive(b.as_fd()).unwrap());
+        drop(a);
+        assert!(try_lock_exclusive(b.as_fd()).unwrap());
+    }
+
+    #[test]
+    fn fallocate_and_statvfs() {
+        let tmp = tempfile::NamedTempFile::new().unwrap();
+        let f = tmp.as_file();
+        if fallocate(f.as_raw_fd(), FALLOC_KEEP_SIZE, 0, 8192).unwrap() {
+            assert_eq!(f.metadata().unwrap().len(), 0);
+        }
+        if fallocate(f.as_raw_fd(), 0, 0, 100).unwrap() {
+            assert_eq!(f.metadata().unwrap().len(), 100);
+        }
+        assert_eq!(errno(fallocate(-1, 0, 0, 1)), libc::EBADF);
+        let st = statvfs_fd(f.as_fd()).unwrap();
+        assert!(st.f_bsize > 0 && st.f_blocks > 0 && st.f_namemax > 0);
+    }
+
+    #[test]
+    fn peer_credentials_of_a_socket_pair() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (pid, uid) = peer_credentials(&a).unwrap();
+        assert_eq!(pid, std::process::id() as i32);
+        assert_eq!(uid, geteuid());
+    }
+
+    #[test]
+    fn dup2_onto_a_descriptor() {
+        let tmp = tempfile::NamedTempFile::new().unwrap();
+        let target: OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
+        dup2(tmp.as_file().as_fd(), target.as_raw_fd()).unwrap();
+        let st = fstatat(target.as_fd(), OsStr::new("")).unwrap();
+        assert_eq!(st.st_ino, tmp.as_file().metadata().unwrap().ino());
+    }
+
+    #[test]
+    fn nofile_limit_is_raised_to_the_hard_limit() {
+        raise_nofile_limit();
+        let rl = rustix::process::getrlimit(Resource::Nofile);
+        assert_eq!(rl.current, rl.maximum);
     }
 }

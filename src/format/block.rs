@@ -74,7 +74,34 @@ pub enum SizeError {
     TornRecord,
 }
 
-/// Plaintext size of a file whose backing file is `len` bytes long.
+/// What a backing file's length says about its content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Plaintext size of the records that can be whole: the file as it reads.
+    pub size: u64,
+    /// Bytes after the last whole record too few to be a record (an append torn by a crash):
+    /// not part of the file; a writer cuts them off.
+    pub torn: u64,
+}
+
+/// The file a backing file of `len` bytes holds: its intact size, and any torn tail. The one
+/// rule for mount, stat and fsck alike; only a length shorter than a header is an error.
+pub const fn extent(len: u64) -> Result<Extent, SizeError> {
+    match plaintext_size(len) {
+        Ok(size) => Ok(Extent { size, torn: 0 }),
+        Err(SizeError::NoHeader) => Err(SizeError::NoHeader),
+        Err(SizeError::TornRecord) => {
+            let size = (len - HEADER_LEN) / RECORD_LEN * BLOCK_SIZE;
+            Ok(Extent {
+                size,
+                torn: len - backing_len(size),
+            })
+        }
+    }
+}
+
+/// Plaintext size of a file whose backing file is `len` bytes long, if that length is exactly
+/// that of a valid file.
 pub const fn plaintext_size(len: u64) -> Result<u64, SizeError> {
     if len < HEADER_LEN {
         return Err(SizeError::NoHeader);
@@ -110,6 +137,41 @@ pub fn is_hole(record: &[u8]) -> bool {
     record.iter().all(|&b| b == 0)
 }
 
+/// How a record that opened reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Block {
+    /// Sealed data; the plaintext is in the record's body.
+    Data,
+    /// A hole: a middle record of all zero bytes (a sparse write or truncate); reads as zeros,
+    /// which the body already is.
+    Hole,
+}
+
+/// Why a record does not open: each is a different story for fsck's report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockError {
+    /// A middle block fails authentication.
+    Auth,
+    /// The last block fails authentication.
+    FinalAuth,
+    /// The last block opens only as a middle block: the file was cut at a block boundary.
+    Cut,
+    /// The last block is all zeros (only a middle block can be a hole).
+    FinalZero,
+}
+
+impl BlockError {
+    /// One phrase for logs and reports.
+    pub fn message(self) -> &'static str {
+        match self {
+            BlockError::Auth => "fails authentication (altered, torn, or moved from another place)",
+            BlockError::FinalAuth => "the last block fails authentication (altered or torn)",
+            BlockError::Cut => "the last block was sealed as a middle block: the file was cut short",
+            BlockError::FinalZero => "the last block is all zeros (only a middle block can be a hole)",
+        }
+    }
+}
+
 /// The cipher for one file's content, derived from its DEK and bound to its id.
 pub struct ContentCipher {
     file_id: FileId,
@@ -137,10 +199,55 @@ impl ContentCipher {
     }
 
     /// Opens block `block` in place; the plaintext is then `record[NONCE_LEN..len - TAG_LEN]`.
+    /// On failure the record is left as it was.
     pub fn open(&self, block: u64, is_final: bool, record: &mut [u8]) -> Result<(), AuthError> {
         let aad = block_aad(&self.file_id, block, is_final);
         self.aead.open_record(&aad, record)
     }
+
+    /// Opens record `block` of a file by the format's rules, in place; `is_final` says
+    /// whether it is the file's last record. The one place these rules live:
+    ///
+    /// - a middle record of all zero bytes is a hole;
+    /// - a middle record sealed as final is accepted: it is the old final block of an
+    ///   extension interrupted before its last step (this gives an attacker nothing that
+    ///   replaying an old record would not);
+    /// - the last record must be sealed as final: that is what exposes a file cut at a
+    ///   block boundary.
+    ///
+    /// Every retry works on the same bytes: a failed open leaves the record unchanged (the
+    /// cipher re-encrypts on failure; pinned by a test in `crypto`), so nothing is read twice.
+    pub fn open_block(&self, block: u64, is_final: bool, record: &mut [u8]) -> Result<Block, BlockError> {
+        if !is_final && looks_like_hole(record) {
+            return Ok(Block::Hole);
+        }
+        if self.open(block, is_final, record).is_ok() {
+            return Ok(Block::Data);
+        }
+        if !is_final {
+            return match self.open(block, true, record) {
+                Ok(()) => Ok(Block::Data),
+                Err(_) => Err(BlockError::Auth),
+            };
+        }
+        if is_hole(record) {
+            Err(BlockError::FinalZero)
+        } else if self.open(block, false, record).is_ok() {
+            // Opened, but it is not data the file may show: put nothing in its place.
+            let body = record_body(record.len());
+            record[body].fill(0);
+            Err(BlockError::Cut)
+        } else {
+            Err(BlockError::FinalAuth)
+        }
+    }
+}
+
+/// Cheap test first (nonce and tag both zero, which a sealed record has with probability
+/// 2^-224), then the full scan.
+fn looks_like_hole(record: &[u8]) -> bool {
+    let tag_start = record.len().saturating_sub(TAG_LEN);
+    is_hole(&record[..NONCE_LEN.min(record.len())]) && is_hole(&record[tag_start..]) && is_hole(record)
 }
 
 /// Where a record's plaintext sits inside it.
@@ -226,6 +333,62 @@ mod tests {
         let largest = plaintext_size(u64::MAX).unwrap();
         assert_eq!(backing_len(largest), u64::MAX);
         assert_eq!(backing_len(largest - 1), u64::MAX - 1);
+    }
+
+    #[test]
+    fn extent_keeps_the_intact_records_of_a_torn_tail() {
+        assert_eq!(extent(backing_len(5)), Ok(Extent { size: 5, torn: 0 }));
+        assert_eq!(extent(HEADER_LEN - 1), Err(SizeError::NoHeader));
+        let torn = HEADER_LEN + RECORD_LEN + RECORD_OVERHEAD;
+        assert_eq!(
+            extent(torn),
+            Ok(Extent {
+                size: BLOCK_SIZE,
+                torn: RECORD_OVERHEAD
+            })
+        );
+    }
+
+    /// The record rules, one case each: what reads, and why what does not read fails.
+    #[test]
+    fn open_block_rules() {
+        let c = ContentCipher::new(&SecretKey::generate(), FileId::generate());
+        let sealed = |b: u64, is_final: bool| {
+            let mut rec = vec![0u8; 10 + RECORD_OVERHEAD as usize];
+            let body = record_body(rec.len());
+            rec[body].fill(7);
+            c.seal(b, is_final, &mut rec);
+            rec
+        };
+        let zeros = vec![0u8; 10 + RECORD_OVERHEAD as usize];
+        assert_eq!(c.open_block(1, false, &mut sealed(1, false)), Ok(Block::Data));
+        assert_eq!(c.open_block(1, true, &mut sealed(1, true)), Ok(Block::Data));
+        assert_eq!(c.open_block(1, false, &mut zeros.clone()), Ok(Block::Hole));
+        // An interrupted extension: a middle block still sealed as final reads.
+        let mut rec = sealed(1, true);
+        assert_eq!(c.open_block(1, false, &mut rec), Ok(Block::Data));
+        assert!(rec[record_body(rec.len())].iter().all(|&b| b == 7));
+        assert_eq!(
+            c.open_block(1, true, &mut zeros.clone()),
+            Err(BlockError::FinalZero)
+        );
+        let mut cut = sealed(1, false);
+        assert_eq!(c.open_block(1, true, &mut cut), Err(BlockError::Cut));
+        assert!(
+            cut[record_body(cut.len())].iter().all(|&b| b == 0),
+            "no plaintext left"
+        );
+        assert_eq!(
+            c.open_block(2, true, &mut sealed(1, true)),
+            Err(BlockError::FinalAuth)
+        );
+        assert_eq!(
+            c.open_block(2, false, &mut sealed(1, false)),
+            Err(BlockError::Auth)
+        );
+        let mut flipped = sealed(1, false);
+        flipped[NONCE_LEN] ^= 1;
+        assert_eq!(c.open_block(1, false, &mut flipped), Err(BlockError::Auth));
     }
 
     #[test]

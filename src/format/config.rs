@@ -1,8 +1,8 @@
 //! The volume config: a small JSON file in the backing root. It names the volume and its KMS;
 //! it never holds a secret.
 
-use super::FORMAT_VERSION;
 use super::block::BLOCK_SIZE;
+use super::{DIR_ID_LEN, FORMAT_VERSION, VOLUME_ID_LEN, VolumeId};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
@@ -18,8 +18,6 @@ pub const LOST_FOUND_NAME: &str = "kmsfs.lost+found";
 pub const RESERVED_ROOT_NAMES: &[&str] = &[CONFIG_FILE_NAME, LOCK_FILE_NAME, LOST_FOUND_NAME];
 /// A config larger than this is refused before parsing.
 pub const MAX_CONFIG_LEN: usize = 64 * 1024;
-/// Length of a volume id in bytes (hex-encoded in the file).
-pub const VOLUME_ID_LEN: usize = 16;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -108,9 +106,13 @@ impl VolumeConfig {
         }
     }
 
-    /// The volume id's bytes (validated at decode).
-    pub fn volume_id_bytes(&self) -> Vec<u8> {
-        crate::hex::decode(&self.volume_id).unwrap_or_default()
+    /// The volume id (validated at decode; all zeros if the field was changed since).
+    pub fn volume_id(&self) -> VolumeId {
+        let mut id = [0u8; VOLUME_ID_LEN];
+        if let Some(bytes) = crate::hex::decode(&self.volume_id).filter(|b| b.len() == VOLUME_ID_LEN) {
+            id.copy_from_slice(&bytes);
+        }
+        VolumeId(id)
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -147,7 +149,7 @@ impl VolumeConfig {
         } = &self.names
         {
             match crate::hex::decode(root_dir_id) {
-                Some(id) if id.len() == super::name::DIR_ID_LEN => {}
+                Some(id) if id.len() == DIR_ID_LEN => {}
                 _ => return Err(ConfigError::Invalid("root_dir_id must be 32 hex digits")),
             }
             if key_ref.is_empty() || key_ref.len() > super::header::MAX_KEY_REF_LEN {

@@ -16,7 +16,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use sha2::{Digest, Sha256};
 
 /// Length of a directory id.
-pub const DIR_ID_LEN: usize = 16;
+pub use super::DIR_ID_LEN;
 /// File holding a directory's id, inside that directory.
 pub const DIR_ID_FILE: &str = ".kmsfs.dirid";
 /// Prefix of a directory being created (made, given its id, then renamed into place).

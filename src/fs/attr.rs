@@ -1,7 +1,7 @@
 //! File attributes as the mount shows them: the backing object's, with plaintext sizes.
 
 use super::inode::Kind;
-use crate::format::block::{BLOCK_SIZE, SizeError, plaintext_size};
+use crate::format::block::{BLOCK_SIZE, extent};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,14 +30,7 @@ fn time(sec: i64, nsec: i64) -> SystemTime {
 /// length (a create cut short by a crash, a torn last record) shows the size of the intact
 /// part; opening the file is what reports the damage.
 pub fn shown_size(backing_len: u64) -> u64 {
-    match plaintext_size(backing_len) {
-        Ok(s) => s,
-        Err(SizeError::NoHeader) => 0,
-        Err(SizeError::TornRecord) => {
-            let whole = backing_len - crate::format::header::HEADER_LEN;
-            whole / crate::format::block::RECORD_LEN * BLOCK_SIZE
-        }
-    }
+    extent(backing_len).map_or(0, |e| e.size)
 }
 
 impl Attr {

@@ -7,8 +7,8 @@
 use super::error::{FsError, FsResult};
 use crate::crypto::NONCE_LEN;
 use crate::format::block::{
-    BLOCK_SIZE, ContentCipher, RECORD_LEN, RECORD_OVERHEAD, SizeError, backing_len, block_count, block_of,
-    block_plain_len, is_hole, plaintext_size, record_body, record_offset,
+    BLOCK_SIZE, ContentCipher, Extent, RECORD_LEN, RECORD_OVERHEAD, backing_len, block_count, block_of,
+    block_plain_len, extent, record_body, record_offset,
 };
 use crate::format::header::HEADER_LEN;
 use crate::sys;
@@ -47,27 +47,21 @@ impl ContentFile {
     /// Wraps a backing descriptor whose header has been read and whose key has been unwrapped.
     pub fn new(file: File, cipher: Arc<ContentCipher>, writable: bool) -> FsResult<Self> {
         let len = file.metadata()?.len();
-        let size = match plaintext_size(len) {
-            Ok(size) => size,
-            Err(SizeError::TornRecord) => {
-                // A crash tore the record being appended: keep the intact records. A writable
-                // open cuts the torn bytes off so the file is valid again.
-                let size = (len - HEADER_LEN) / RECORD_LEN * BLOCK_SIZE;
-                log::warn!(
-                    "file {}: ignoring a torn record at the end ({} bytes)",
-                    cipher.file_id(),
-                    len - backing_len(size)
-                );
-                if writable {
-                    file.set_len(backing_len(size))?;
-                }
-                size
-            }
-            Err(SizeError::NoHeader) => {
-                log::error!("file {}: backing file shorter than its header", cipher.file_id());
-                return Err(FsError::Corrupt);
-            }
+        let Ok(Extent { size, torn }) = extent(len) else {
+            log::error!("file {}: backing file shorter than its header", cipher.file_id());
+            return Err(FsError::Corrupt);
         };
+        if torn > 0 {
+            // A crash tore the record being appended: keep the intact records. A writable
+            // open cuts the torn bytes off so the file is valid again.
+            log::warn!(
+                "file {}: ignoring a torn record at the end ({torn} bytes)",
+                cipher.file_id()
+            );
+            if writable {
+                file.set_len(backing_len(size))?;
+            }
+        }
         Ok(ContentFile {
             file,
             cipher,
@@ -415,32 +409,20 @@ impl ContentFile {
         Ok(rec)
     }
 
-    /// Opens one record in place. A non-final record of all zeros is a hole. A non-final
-    /// record sealed as final is accepted: it is the old final block of an extension that was
-    /// interrupted before its last step (this gives an attacker nothing that replaying an old
-    /// record would not). The final record must be sealed as final: that is what exposes a
-    /// file cut at a block boundary.
+    /// Opens one record in place by the format's rules (`ContentCipher::open_block`); a
+    /// hole's body is zeros already.
     fn open_record(&self, b: u64, is_final: bool, rec: &mut [u8]) -> FsResult<()> {
-        let body = record_body(rec.len());
-        if !is_final && looks_like_hole(rec) {
-            rec[body].fill(0);
-            return Ok(());
-        }
-        if self.cipher.open(b, is_final, rec).is_ok() {
-            return Ok(());
-        }
-        if !is_final {
-            // The failed open may have left the buffer changed: read the record again.
-            self.read_exact_at(rec, record_offset(b))?;
-            if self.cipher.open(b, true, rec).is_ok() {
-                return Ok(());
+        match self.cipher.open_block(b, is_final, rec) {
+            Ok(_) => Ok(()),
+            Err(why) => {
+                log::error!(
+                    "file {}: block {b} failed authentication ({}); returning EIO",
+                    self.cipher.file_id(),
+                    why.message()
+                );
+                Err(FsError::Corrupt)
             }
         }
-        log::error!(
-            "file {}: block {b} failed authentication (altered, truncated or torn); returning EIO",
-            self.cipher.file_id()
-        );
-        Err(FsError::Corrupt)
     }
 
     fn read_exact_at(&self, buf: &mut [u8], off: u64) -> FsResult<()> {
@@ -473,18 +455,12 @@ impl ContentFile {
     }
 }
 
-/// Cheap test first (nonce and tag both zero, which a sealed record has with probability
-/// 2^-224), then the full scan.
-fn looks_like_hole(rec: &[u8]) -> bool {
-    let tag_start = rec.len() - crate::crypto::TAG_LEN;
-    is_hole(&rec[..NONCE_LEN]) && is_hole(&rec[tag_start..]) && is_hole(rec)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::crypto::SecretKey;
     use crate::format::FileId;
+    use crate::format::block::is_hole;
     use proptest::prelude::*;
     use std::os::unix::fs::MetadataExt;
 

@@ -56,7 +56,7 @@ impl Fs {
         let dir = self.inodes.get(parent)?;
         let b = match self.backing(&dir, name) {
             Err(FsError::Reserved) => {
-                return Err(FsError::Io(std::io::Error::from_raw_os_error(libc::ENOENT)));
+                return Err(FsError::NotFound);
             }
             other => other?,
         };
@@ -241,7 +241,7 @@ impl Fs {
                 .iter()
                 .any(|n| n.as_bytes() != DIR_ID_FILE.as_bytes())
             {
-                return Err(FsError::Io(std::io::Error::from_raw_os_error(libc::ENOTEMPTY)));
+                return Err(FsError::NotEmpty);
             }
             if id.is_some() {
                 sys::unlinkat(sub.as_fd(), OsStr::new(DIR_ID_FILE), false)?;

@@ -31,6 +31,14 @@ pub enum FsError {
     NameTooLong,
     /// The mount is locked: keys are gone.
     Locked,
+    /// No such entry (a name the volume keeps for itself looks absent).
+    NotFound,
+    /// A directory still holds entries.
+    NotEmpty,
+    /// Opened for writing, but the backing file can only be read.
+    PermissionDenied,
+    /// An xattr name too long once stored, or a reply buffer smaller than the value.
+    Range,
 }
 
 impl FsError {
@@ -57,9 +65,42 @@ impl FsError {
             FsError::TooBig => libc::EFBIG,
             FsError::NameTooLong => libc::ENAMETOOLONG,
             FsError::Locked => libc::ENOKEY,
+            FsError::NotFound => libc::ENOENT,
+            FsError::NotEmpty => libc::ENOTEMPTY,
+            FsError::PermissionDenied => libc::EACCES,
+            FsError::Range => libc::ERANGE,
         }
     }
 }
+
+/// For logs and one-line errors: what went wrong, never a name or a key (the variants carry
+/// neither).
+impl std::fmt::Display for FsError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FsError::Io(e) => write!(f, "{e}"),
+            FsError::Corrupt => f.write_str("failed authentication or impossible on-disk data"),
+            FsError::Kms(e) => write!(f, "{e}"),
+            FsError::Reserved => f.write_str("name reserved by kmsfs"),
+            FsError::Stale => f.write_str("unknown inode"),
+            FsError::BadHandle => f.write_str("unknown handle"),
+            FsError::NotWritable => f.write_str("handle not open for writing"),
+            FsError::ReadOnly => f.write_str("read-only"),
+            FsError::Unsupported => f.write_str("not supported"),
+            FsError::NoAttribute => f.write_str("no such attribute"),
+            FsError::InvalidArgument => f.write_str("invalid argument"),
+            FsError::TooBig => f.write_str("file too large"),
+            FsError::NameTooLong => f.write_str("name too long"),
+            FsError::Locked => f.write_str("volume locked: keys are gone"),
+            FsError::NotFound => f.write_str("no such entry"),
+            FsError::NotEmpty => f.write_str("directory not empty"),
+            FsError::PermissionDenied => f.write_str("permission denied"),
+            FsError::Range => f.write_str("too long for the attribute or the buffer"),
+        }
+    }
+}
+
+impl std::error::Error for FsError {}
 
 impl From<io::Error> for FsError {
     fn from(e: io::Error) -> Self {

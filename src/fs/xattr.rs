@@ -80,11 +80,11 @@ impl Fs {
             return Err(FsError::Unsupported);
         };
         if plain.len() > 255 - XATTR_USER_PREFIX.len() {
-            return Err(FsError::Io(std::io::Error::from_raw_os_error(libc::ERANGE)));
+            return Err(FsError::Range);
         }
         let stored_name = self.stored_xattr_name(plain);
         if stored_name.len() > 255 {
-            return Err(FsError::Io(std::io::Error::from_raw_os_error(libc::ERANGE)));
+            return Err(FsError::Range);
         }
         let stored = match self.names.cipher() {
             None => value.to_vec(),

@@ -10,14 +10,15 @@
 
 use super::report::{Kind, Problem, Progress, Summary};
 use super::tree::FileRef;
-use crate::daemon::{self, Fatal};
+use crate::exit::Fatal;
 use crate::format::FileId;
 use crate::format::block::{
-    BLOCK_SIZE, ContentCipher, RECORD_LEN, RECORD_OVERHEAD, SizeError, backing_len, block_count,
-    block_plain_len, is_hole, plaintext_size, record_offset,
+    Block, BlockError, ContentCipher, Extent, RECORD_OVERHEAD, block_count, block_plain_len, extent,
+    record_offset,
 };
 use crate::format::header::{self, HEADER_LEN, Header, SlotState};
-use crate::kms::{Kms, KmsBackend, KmsError, WrappedDek};
+use crate::kms::{Binding, KmsError, WrappedDek};
+use crate::volume::{Volume, explain_kms};
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
@@ -28,30 +29,6 @@ const BATCH: usize = 200;
 /// Records read per `pread` (1 MiB of plaintext, as the mount reads).
 const RECORDS_PER_READ: u64 = 16;
 
-/// Why a block does not open.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Failure {
-    /// A middle block fails authentication.
-    Auth,
-    /// The last block fails authentication.
-    FinalAuth,
-    /// The last block opens only as a middle block: the file was cut at a block boundary.
-    Cut,
-    /// The last block is all zeros (only a middle block can be a hole).
-    FinalZero,
-}
-
-impl Failure {
-    fn message(self) -> &'static str {
-        match self {
-            Failure::Auth => "fails authentication (altered, torn, or moved from another place)",
-            Failure::FinalAuth => "the last block fails authentication (altered or torn)",
-            Failure::Cut => "the last block was sealed as a middle block: the file was cut short",
-            Failure::FinalZero => "the last block is all zeros (only a middle block can be a hole)",
-        }
-    }
-}
-
 /// The outcome of checking one file's records.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct BlockCheck {
@@ -59,27 +36,21 @@ pub struct BlockCheck {
     pub size: u64,
     pub blocks: u64,
     pub holes: u64,
-    pub failed: Vec<(u64, Failure)>,
-    /// Bytes of a torn record after the last whole one (`SizeError::TornRecord`).
+    pub failed: Vec<(u64, BlockError)>,
+    /// Bytes of a torn record after the last whole one.
     pub torn: Option<u64>,
 }
 
-/// Opens every record of a backing file of `len` bytes.
+/// Opens every record of a backing file of `len` bytes, by the rules the mount reads them by.
 pub fn check_blocks(file: &File, len: u64, cipher: &ContentCipher) -> std::io::Result<BlockCheck> {
     let mut out = BlockCheck::default();
-    out.size = match plaintext_size(len) {
-        Ok(size) => size,
-        Err(SizeError::TornRecord) => {
-            // As the mount does: the intact records are the file, the torn bytes are not.
-            let size = (len - HEADER_LEN) / RECORD_LEN * BLOCK_SIZE;
-            out.torn = Some(len - backing_len(size));
-            size
-        }
-        Err(SizeError::NoHeader) => return Ok(out),
+    let Ok(Extent { size, torn }) = extent(len) else {
+        return Ok(out);
     };
+    out.size = size;
+    out.torn = (torn > 0).then_some(torn);
     out.blocks = block_count(out.size);
     let mut buf = Vec::new();
-    let mut scratch = Vec::new();
     let mut first = 0;
     while first < out.blocks {
         let last = (first + RECORDS_PER_READ).min(out.blocks) - 1;
@@ -89,10 +60,10 @@ pub fn check_blocks(file: &File, len: u64, cipher: &ContentCipher) -> std::io::R
         file.read_exact_at(&mut buf, start)?;
         for b in first..=last {
             let at = (record_offset(b) - start) as usize;
-            let rec = &buf[at..at + (block_plain_len(out.size, b) + RECORD_OVERHEAD) as usize];
-            match open_block(cipher, b, b + 1 == out.blocks, rec, &mut scratch) {
-                Ok(true) => out.holes += 1,
-                Ok(false) => {}
+            let rec = &mut buf[at..at + (block_plain_len(out.size, b) + RECORD_OVERHEAD) as usize];
+            match cipher.open_block(b, b + 1 == out.blocks, rec) {
+                Ok(Block::Hole) => out.holes += 1,
+                Ok(Block::Data) => {}
                 Err(f) => out.failed.push((b, f)),
             }
         }
@@ -101,46 +72,9 @@ pub fn check_blocks(file: &File, len: u64, cipher: &ContentCipher) -> std::io::R
     Ok(out)
 }
 
-/// Opens one record as `fs::content` does; `Ok(true)` for a hole.
-fn open_block(
-    cipher: &ContentCipher,
-    b: u64,
-    is_final: bool,
-    rec: &[u8],
-    scratch: &mut Vec<u8>,
-) -> Result<bool, Failure> {
-    if !is_final && is_hole(rec) {
-        return Ok(true);
-    }
-    // Opening works in place and leaves a failed record scrambled: each try gets a copy.
-    let mut attempt = |as_final: bool| {
-        scratch.clear();
-        scratch.extend_from_slice(rec);
-        cipher.open(b, as_final, scratch).is_ok()
-    };
-    if attempt(is_final) {
-        return Ok(false);
-    }
-    if !is_final {
-        // An old final block whose extension stopped before its last step: readable.
-        return if attempt(true) {
-            Ok(false)
-        } else {
-            Err(Failure::Auth)
-        };
-    }
-    if is_hole(rec) {
-        Err(Failure::FinalZero)
-    } else if attempt(false) {
-        Err(Failure::Cut)
-    } else {
-        Err(Failure::FinalAuth)
-    }
-}
-
 /// Consecutive failed blocks with the same cause, as (first, last, cause).
-fn runs(failed: &[(u64, Failure)]) -> Vec<(u64, u64, Failure)> {
-    let mut out: Vec<(u64, u64, Failure)> = Vec::new();
+fn runs(failed: &[(u64, BlockError)]) -> Vec<(u64, u64, BlockError)> {
+    let mut out: Vec<(u64, u64, BlockError)> = Vec::new();
     for &(b, f) in failed {
         match out.last_mut() {
             Some((_, last, cause)) if *last + 1 == b && *cause == f => *last = b,
@@ -161,7 +95,7 @@ struct Opened<'a> {
 /// file id of every backing path whose header parsed.
 pub struct ContentCheck<'a> {
     pub root: &'a Path,
-    pub kms: &'a Kms,
+    pub volume: &'a Volume,
     pub rt: &'a tokio::runtime::Runtime,
     pub summary: &'a mut Summary,
     pub problems: &'a mut Vec<Problem>,
@@ -195,17 +129,17 @@ impl ContentCheck<'_> {
                 }
             }
             // The one KMS request of each batch.
-            let items: Vec<(WrappedDek, Vec<u8>)> = opened
+            let items: Vec<(WrappedDek, Binding)> = opened
                 .iter()
                 .map(|o| {
                     let w = WrappedDek {
                         key_ref: o.header.slot.key_ref.clone(),
                         blob: o.header.slot.wrapped.clone(),
                     };
-                    (w, o.header.file_id.0.to_vec())
+                    (w, self.volume.file_binding(o.header.file_id))
                 })
                 .collect();
-            let keys = self.rt.block_on(self.kms.unwrap_many(&items));
+            let keys = self.rt.block_on(self.volume.kms.unwrap_many(&items));
             for (o, key) in opened.iter().zip(keys) {
                 match key {
                     Ok(dek) => {
@@ -223,7 +157,7 @@ impl ContentCheck<'_> {
                         let p = Problem::new(&f.paths[0], f.inode, Kind::Key, msg);
                         self.problems.push(with_id(p, o).quarantine(&f.paths[1..]));
                     }
-                    Err(e) => return Err(daemon::explain_kms(e)),
+                    Err(e) => return Err(explain_kms(e)),
                 }
             }
             done += chunk.len();
@@ -236,7 +170,7 @@ impl ContentCheck<'_> {
             });
         }
         if unwrapped == 0 && refused > 1 {
-            return Err(Fatal(format!(
+            return Err(Fatal::new(format!(
                 "none of the {refused} file keys unwraps ({}): is the KMS key in the volume config \
                  the one this volume was made with (for a local keystore: the right keystore file)? \
                  Nothing was changed",
@@ -422,32 +356,32 @@ mod tests {
 
         let mut flipped = good.clone();
         flipped[record_offset(2) as usize + 500] ^= 1;
-        assert_eq!(check(&flipped, &c).failed, vec![(2, Failure::Auth)]);
+        assert_eq!(check(&flipped, &c).failed, vec![(2, BlockError::Auth)]);
 
         // Cut at a block boundary: the new last block was sealed as a middle one.
         let cut = &good[..record_offset(3) as usize];
-        assert_eq!(check(cut, &c).failed, vec![(2, Failure::Cut)]);
+        assert_eq!(check(cut, &c).failed, vec![(2, BlockError::Cut)]);
 
         // Cut inside the last record's overhead: torn, and block 4 is then last but not final.
         let torn = &good[..record_offset(5) as usize + 10];
         let r = check(torn, &c);
-        assert_eq!((r.torn, r.failed.clone()), (Some(10), vec![(4, Failure::Cut)]));
+        assert_eq!((r.torn, r.failed.clone()), (Some(10), vec![(4, BlockError::Cut)]));
 
         let mut zero_last = good.clone();
         zero_last[record_offset(5) as usize..].fill(0);
-        assert_eq!(check(&zero_last, &c).failed, vec![(5, Failure::FinalZero)]);
+        assert_eq!(check(&zero_last, &c).failed, vec![(5, BlockError::FinalZero)]);
 
         let mut bad_last = good.clone();
         let end = bad_last.len() - 1;
         bad_last[end] ^= 1;
-        assert_eq!(check(&bad_last, &c).failed, vec![(5, Failure::FinalAuth)]);
+        assert_eq!(check(&bad_last, &c).failed, vec![(5, BlockError::FinalAuth)]);
 
         // Another file's key opens nothing.
         let r = check(&good, &cipher());
         assert_eq!(r.failed.len(), 6);
         assert_eq!(
             runs(&r.failed),
-            vec![(0, 4, Failure::Auth), (5, 5, Failure::FinalAuth)]
+            vec![(0, 4, BlockError::Auth), (5, 5, BlockError::FinalAuth)]
         );
     }
 

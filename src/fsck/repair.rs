@@ -6,11 +6,12 @@
 //! The daemon's lock is taken for the whole run: a mounted volume is refused, and a mount
 //! attempted meanwhile is refused too.
 
-use super::report::{Moved, Problem};
-use crate::daemon::{self, Fatal};
+use super::report::{Moved, Problem, REPORT_FILE, report_path};
+use crate::exit::Fatal;
 use crate::format::config::LOST_FOUND_NAME;
 use crate::format::name::MAX_BACKING_NAME_LEN;
 use crate::sys;
+use crate::volume::{VolumeLock, lock_volume};
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
@@ -22,20 +23,12 @@ use std::path::{Path, PathBuf};
 /// How `move_one` says the new name is taken.
 const EXISTS: &str = "name taken";
 
-/// The report of moves, inside lost+found.
-pub const REPORT_FILE: &str = "report.jsonl";
-
-/// The report file, relative to the backing root.
-pub fn report_path() -> PathBuf {
-    Path::new(LOST_FOUND_NAME).join(REPORT_FILE)
-}
-
 /// Takes the daemon's lock file (as the daemon does), refusing a mounted volume. Held until
 /// the returned file is dropped.
 pub fn lock(root: &Path) -> Result<File, Fatal> {
-    match daemon::lock_volume(root)? {
-        daemon::VolumeLock::Held(f) => Ok(f),
-        daemon::VolumeLock::Busy { pid } => Err(Fatal(format!(
+    match lock_volume(root)? {
+        VolumeLock::Held(f) => Ok(f),
+        VolumeLock::Busy { pid } => Err(Fatal::new(format!(
             "{} is mounted (kmsfs pid {pid}): --repair needs it unmounted; unmount it first, or \
              check it read-only without --repair",
             root.display()
@@ -70,19 +63,19 @@ pub fn quarantine(root: &Path, problems: &[Problem], keep_names: bool) -> Result
     match std::fs::DirBuilder::new().mode(0o700).create(&lf_path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(Fatal(format!("cannot create {}: {e}", lf_path.display()))),
+        Err(e) => return Err(Fatal::new(format!("cannot create {}: {e}", lf_path.display()))),
     }
     let lost_found = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
         .open(&lf_path)
-        .map_err(|e| Fatal(format!("cannot use {}: {e}", lf_path.display())))?;
+        .map_err(|e| Fatal::new(format!("cannot use {}: {e}", lf_path.display())))?;
     let mut report = OpenOptions::new()
         .append(true)
         .create(true)
         .mode(0o600)
         .open(lf_path.join(REPORT_FILE))
-        .map_err(|e| Fatal(format!("cannot write {}: {e}", report_path().display())))?;
+        .map_err(|e| Fatal::new(format!("cannot write {}: {e}", report_path().display())))?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -114,7 +107,7 @@ pub fn quarantine(root: &Path, problems: &[Problem], keep_names: bool) -> Result
                 "inode": inode,
             });
             writeln!(report, "{line}")
-                .map_err(|e| Fatal(format!("cannot write {}: {e}", report_path().display())))?;
+                .map_err(|e| Fatal::new(format!("cannot write {}: {e}", report_path().display())))?;
         }
         moved.push(Moved {
             from: from.clone(),

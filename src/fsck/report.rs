@@ -8,6 +8,14 @@ use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+/// The report of moves `--repair` writes, inside lost+found.
+pub const REPORT_FILE: &str = "report.jsonl";
+
+/// The repair report file, relative to the backing root.
+pub fn report_path() -> PathBuf {
+    Path::new(crate::format::config::LOST_FOUND_NAME).join(REPORT_FILE)
+}
+
 /// What kind of damage a problem is; the `kind` field of `--json`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Kind {
@@ -257,7 +265,7 @@ impl Report<'_> {
                     "repair: moved {} into {}/ (see {}); nothing was deleted",
                     plural(ok, "entry", "entries"),
                     crate::format::config::LOST_FOUND_NAME,
-                    super::repair::report_path().display()
+                    report_path().display()
                 )?;
             }
         }

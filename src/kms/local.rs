@@ -5,7 +5,7 @@
 //! re-read whenever it changes on disk, so `kmsfs key disable` takes effect on a live mount at
 //! its next unwrap.
 
-use super::{KeyStatus, KmsBackend, KmsError, WrappedDek};
+use super::{Binding, BoxFuture, Description, KeyProvider, KeyStatus, KmsError, WrappedDek};
 use crate::crypto::{Aead, KEY_LEN, NONCE_LEN, SecretKey, TAG_LEN};
 use serde::{Deserialize, Serialize};
 use std::os::unix::fs::MetadataExt;
@@ -341,34 +341,58 @@ impl LocalKms {
     }
 }
 
-impl KmsBackend for LocalKms {
-    async fn generate_dek(&self, context: &[u8]) -> Result<(SecretKey, WrappedDek), KmsError> {
-        let dek = SecretKey::generate();
-        let wrapped = self.store()?.wrap(&self.key, &dek, context)?;
-        Ok((dek, wrapped))
+impl KeyProvider for LocalKms {
+    fn describe(&self) -> Description {
+        Description {
+            backend: "local",
+            key_ref: self.key.clone(),
+        }
     }
 
-    async fn unwrap_dek(&self, wrapped: &WrappedDek, context: &[u8]) -> Result<SecretKey, KmsError> {
-        self.store()?.unwrap(wrapped, context)
+    fn generate<'a>(
+        &'a self,
+        binding: &'a Binding,
+    ) -> BoxFuture<'a, Result<(SecretKey, WrappedDek), KmsError>> {
+        Box::pin(async move {
+            let dek = SecretKey::generate();
+            let wrapped = self.store()?.wrap(&self.key, &dek, &binding.v1_context())?;
+            Ok((dek, wrapped))
+        })
     }
 
-    async fn rewrap(&self, wrapped: &WrappedDek, context: &[u8]) -> Result<WrappedDek, KmsError> {
-        let store = self.store()?;
-        let dek = store.unwrap(wrapped, context)?;
-        store.wrap(&self.key, &dek, context)
+    fn unwrap<'a>(
+        &'a self,
+        wrapped: &'a WrappedDek,
+        binding: &'a Binding,
+    ) -> BoxFuture<'a, Result<SecretKey, KmsError>> {
+        Box::pin(async move { self.store()?.unwrap(wrapped, &binding.v1_context()) })
+    }
+
+    fn rewrap<'a>(
+        &'a self,
+        wrapped: &'a WrappedDek,
+        binding: &'a Binding,
+    ) -> BoxFuture<'a, Result<WrappedDek, KmsError>> {
+        Box::pin(async move {
+            let store = self.store()?;
+            let context = binding.v1_context();
+            let dek = store.unwrap(wrapped, &context)?;
+            store.wrap(&self.key, &dek, &context)
+        })
     }
 
     fn version_of(&self, wrapped: &WrappedDek) -> Option<u32> {
         Some(u32::from_be_bytes(wrapped.blob.get(..4)?.try_into().ok()?))
     }
 
-    async fn check_access(&self) -> Result<KeyStatus, KmsError> {
-        let store = self.store()?;
-        let key = store.usable_key(&self.key)?;
-        Ok(KeyStatus {
-            backend: "local",
-            key_ref: key.name.clone(),
-            current_version: key.current().version,
+    fn check_access(&self) -> BoxFuture<'_, Result<KeyStatus, KmsError>> {
+        Box::pin(async move {
+            let store = self.store()?;
+            let key = store.usable_key(&self.key)?;
+            Ok(KeyStatus {
+                key_ref: key.name.clone(),
+                current_version: key.current().version,
+            })
         })
     }
 }
@@ -385,6 +409,15 @@ mod tests {
             .block_on(f)
     }
 
+    fn ctx(name: &[u8]) -> Binding {
+        let mut f = [0u8; crate::format::FILE_ID_LEN];
+        f[..name.len()].copy_from_slice(name);
+        Binding::file(
+            crate::format::VolumeId([9; crate::format::VOLUME_ID_LEN]),
+            crate::format::FileId(f),
+        )
+    }
+
     fn setup() -> (tempfile::TempDir, PathBuf) {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("ks");
@@ -398,13 +431,13 @@ mod tests {
     fn wrap_unwrap_is_bound_to_context_and_survives_rotation() {
         let (_d, p) = setup();
         let kms = LocalKms::new(p.clone(), "default".into());
-        let (dek, w) = block_on(kms.generate_dek(b"file-a")).unwrap();
+        let (dek, w) = block_on(kms.generate(&ctx(b"file-a"))).unwrap();
         assert_eq!(
-            block_on(kms.unwrap_dek(&w, b"file-a")).unwrap().expose(),
+            block_on(kms.unwrap(&w, &ctx(b"file-a"))).unwrap().expose(),
             dek.expose()
         );
         assert!(matches!(
-            block_on(kms.unwrap_dek(&w, b"file-b")),
+            block_on(kms.unwrap(&w, &ctx(b"file-b"))),
             Err(KmsError::Corrupt(_))
         ));
 
@@ -412,15 +445,15 @@ mod tests {
         assert_eq!(ks.rotate("default").unwrap(), 2);
         ks.save(&p).unwrap();
         assert_eq!(block_on(kms.check_access()).unwrap().current_version, 2);
-        let w2 = block_on(kms.rewrap(&w, b"file-a")).unwrap();
+        let w2 = block_on(kms.rewrap(&w, &ctx(b"file-a"))).unwrap();
         assert_ne!(w2.blob, w.blob);
         assert_eq!(u32::from_be_bytes(w2.blob[..4].try_into().unwrap()), 2);
         assert_eq!(
-            block_on(kms.unwrap_dek(&w2, b"file-a")).unwrap().expose(),
+            block_on(kms.unwrap(&w2, &ctx(b"file-a"))).unwrap().expose(),
             dek.expose()
         );
         assert_eq!(
-            block_on(kms.unwrap_dek(&w, b"file-a")).unwrap().expose(),
+            block_on(kms.unwrap(&w, &ctx(b"file-a"))).unwrap().expose(),
             dek.expose()
         );
     }
@@ -429,12 +462,12 @@ mod tests {
     fn disabled_key_is_denied_on_a_live_kms() {
         let (_d, p) = setup();
         let kms = LocalKms::new(p.clone(), "default".into());
-        let (_, w) = block_on(kms.generate_dek(b"f")).unwrap();
+        let (_, w) = block_on(kms.generate(&ctx(b"f"))).unwrap();
         let mut ks = Keystore::load(&p).unwrap();
         ks.set_enabled("default", false).unwrap();
         ks.save(&p).unwrap();
         assert!(matches!(
-            block_on(kms.unwrap_dek(&w, b"f")),
+            block_on(kms.unwrap(&w, &ctx(b"f"))),
             Err(KmsError::Denied(_))
         ));
         assert!(matches!(block_on(kms.check_access()), Err(KmsError::Denied(_))));

@@ -12,8 +12,9 @@
 //! pre-wrapped DEKs cheap. The mount's token needs `update` on encrypt, decrypt and rewrap of
 //! its key, nothing else (with `create`, a typo'd key name would silently create a key).
 
-use super::{KeyStatus, KmsBackend, KmsError, WrappedDek};
+use super::{Binding, BoxFuture, Description, KeyProvider, KeyStatus, KmsError, NewFileKey, WrappedDek};
 use crate::crypto::{SecretKey, fill_random};
+use crate::format::{FileId, VolumeId};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use serde_json::{Value, json};
@@ -191,7 +192,7 @@ struct Session {
     renewable: bool,
 }
 
-type Pending = (WrappedDek, Vec<u8>, oneshot::Sender<Result<SecretKey, KmsError>>);
+type Pending = (WrappedDek, Binding, oneshot::Sender<Result<SecretKey, KmsError>>);
 
 pub struct OpenBaoKms {
     http: reqwest::Client,
@@ -205,13 +206,15 @@ pub struct OpenBaoKms {
     session: Mutex<Option<Session>>,
     /// Index of the server that answered last: HA clients stick to the active node.
     preferred: AtomicU64,
+    /// Ourselves, for background tasks (set by `connect`).
+    me: std::sync::OnceLock<std::sync::Weak<OpenBaoKms>>,
     /// Unwraps waiting to be sent as one batch (see `run_batcher`).
     unwrap_queue: mpsc::UnboundedSender<Pending>,
     unwrap_rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<Pending>>>,
     /// HTTP requests sent to the server (for status and tests).
     requests: AtomicU64,
-    /// Pre-wrapped keys for new files: (file id, DEK, wrapped DEK), each used once.
-    pool: std::sync::Mutex<std::collections::VecDeque<(Vec<u8>, SecretKey, WrappedDek)>>,
+    /// Pre-wrapped keys for new files of one volume, each used once.
+    pool: std::sync::Mutex<Pool>,
     /// A background refill of `pool` is under way.
     refilling: std::sync::atomic::AtomicBool,
     /// Set by `clear_pool` (on lock and unmount): nothing is pooled again.
@@ -224,8 +227,12 @@ pub struct OpenBaoKms {
 const POOL_LOW: usize = 32;
 /// … with one batch of this many.
 const POOL_BATCH: usize = 128;
-/// Length of the contexts (file ids) the pool makes.
-const POOL_CONTEXT_LEN: usize = 16;
+/// Keys made ahead for new files, all bound to one volume.
+#[derive(Default)]
+struct Pool {
+    volume_id: Option<VolumeId>,
+    keys: std::collections::VecDeque<NewFileKey>,
+}
 
 /// What an HTTP exchange came to.
 enum Answer {
@@ -270,7 +277,15 @@ fn error_text(v: &Value) -> String {
 }
 
 impl OpenBaoKms {
-    pub fn new(s: Settings) -> Result<Self, KmsError> {
+    /// A provider for `s` with its unwrap batcher running on `runtime`.
+    pub fn connect(s: Settings, runtime: &tokio::runtime::Handle) -> Result<std::sync::Arc<Self>, KmsError> {
+        let kms = std::sync::Arc::new(Self::new(s)?);
+        let _in_runtime = runtime.enter();
+        kms.start_batcher();
+        Ok(kms)
+    }
+
+    fn new(s: Settings) -> Result<Self, KmsError> {
         // reqwest is built without a default TLS crypto provider: use ring (installing twice
         // is harmless).
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -314,24 +329,21 @@ impl OpenBaoKms {
             credentials: s.credentials,
             session: Mutex::new(None),
             preferred: AtomicU64::new(0),
+            me: std::sync::OnceLock::new(),
             unwrap_queue: tx,
             unwrap_rx: std::sync::Mutex::new(Some(rx)),
             requests: AtomicU64::new(0),
-            pool: std::sync::Mutex::new(std::collections::VecDeque::new()),
+            pool: std::sync::Mutex::new(Pool::default()),
             refilling: std::sync::atomic::AtomicBool::new(false),
             pool_closed: std::sync::atomic::AtomicBool::new(false),
             batching: std::env::var_os("KMSFS_NO_BATCHING").is_none(),
         })
     }
 
-    /// HTTP requests sent so far.
-    pub fn request_count(&self) -> u64 {
-        self.requests.load(Ordering::Relaxed)
-    }
-
     /// Starts the task that coalesces concurrent unwraps into batch requests. Call once,
     /// from inside the runtime, with the backend in an `Arc`.
-    pub fn start_batcher(self: &std::sync::Arc<Self>) {
+    fn start_batcher(self: &std::sync::Arc<Self>) {
+        let _ = self.me.set(std::sync::Arc::downgrade(self));
         if !self.batching {
             log::warn!("KMSFS_NO_BATCHING is set: one KMS request per unwrap and per new file");
             return;
@@ -343,40 +355,49 @@ impl OpenBaoKms {
         }
     }
 
-    /// A fresh (file id, DEK, wrapped DEK) for a new file, from the pool when it has one. The
-    /// pool is refilled in the background with one batch request; no key is handed out twice.
-    pub async fn new_file_key(
-        self: &std::sync::Arc<Self>,
-    ) -> Result<(Vec<u8>, SecretKey, WrappedDek), KmsError> {
+    /// A fresh file id, DEK and wrapped DEK for a new file, from the pool when it has one.
+    /// The pool is refilled in the background with one batch request; no key is handed out
+    /// twice.
+    async fn pooled_file_key(&self, volume_id: VolumeId) -> Result<NewFileKey, KmsError> {
+        let Some(me) = self.me.get().and_then(std::sync::Weak::upgrade) else {
+            return self.one_new_key(volume_id).await;
+        };
         if !self.batching {
-            return self.one_new_key().await;
+            return self.one_new_key(volume_id).await;
         }
         let (taken, left) = {
             let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-            (pool.pop_front(), pool.len())
+            if pool.volume_id != Some(volume_id) {
+                // A provider serves one volume; should another ask, start over for it.
+                pool.keys.clear();
+                pool.volume_id = Some(volume_id);
+            }
+            (pool.keys.pop_front(), pool.keys.len())
         };
         if left < POOL_LOW && !self.refilling.swap(true, Ordering::AcqRel) {
-            let me = self.clone();
             tokio::spawn(async move {
-                let contexts: Vec<Vec<u8>> = (0..POOL_BATCH)
-                    .map(|_| {
-                        let mut c = vec![0u8; POOL_CONTEXT_LEN];
-                        fill_random(&mut c);
-                        c
-                    })
+                let bindings: Vec<Binding> = (0..POOL_BATCH)
+                    .map(|_| Binding::file(volume_id, FileId::generate()))
                     .collect();
-                let made = me.generate_many(&contexts).await;
+                let made = me.generate_many(&bindings).await;
                 let mut pool = me.pool.lock().unwrap_or_else(|p| p.into_inner());
                 if me.pool_closed.load(Ordering::Acquire) {
                     return; // locked while we were away: drop (and wipe) what we made
                 }
-                for (ctx, r) in contexts.into_iter().zip(made) {
-                    match r {
-                        Ok((dek, w)) => pool.push_back((ctx, dek, w)),
-                        Err(e) => {
+                for (b, r) in bindings.into_iter().zip(made) {
+                    match (r, b.file_id) {
+                        (Ok((dek, wrapped)), Some(file_id)) if pool.volume_id == Some(volume_id) => {
+                            pool.keys.push_back(NewFileKey {
+                                file_id,
+                                dek,
+                                wrapped,
+                            })
+                        }
+                        (Err(e), _) => {
                             log::warn!("could not refill the pool of new-file keys: {e}");
                             break;
                         }
+                        _ => break,
                     }
                 }
                 me.refilling.store(false, Ordering::Release);
@@ -384,22 +405,18 @@ impl OpenBaoKms {
         }
         match taken {
             Some(k) => Ok(k),
-            None => self.one_new_key().await,
+            None => self.one_new_key(volume_id).await,
         }
     }
 
-    async fn one_new_key(&self) -> Result<(Vec<u8>, SecretKey, WrappedDek), KmsError> {
-        let mut ctx = vec![0u8; POOL_CONTEXT_LEN];
-        fill_random(&mut ctx);
-        let (dek, w) = self.generate_dek(&ctx).await?;
-        Ok((ctx, dek, w))
-    }
-
-    /// Drops every pooled key (they are wiped as they drop) and pools nothing again.
-    pub fn clear_pool(&self) {
-        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-        self.pool_closed.store(true, Ordering::Release);
-        pool.clear();
+    async fn one_new_key(&self, volume_id: VolumeId) -> Result<NewFileKey, KmsError> {
+        let file_id = FileId::generate();
+        let (dek, wrapped) = self.generate(&Binding::file(volume_id, file_id)).await?;
+        Ok(NewFileKey {
+            file_id,
+            dek,
+            wrapped,
+        })
     }
 
     fn transit(&self, op: &str) -> String {
@@ -619,22 +636,24 @@ impl OpenBaoKms {
     }
 
     /// Encrypts many DEKs at once, each bound to its context.
-    async fn wrap_many(&self, items: &[(SecretKey, Vec<u8>)]) -> Vec<Result<WrappedDek, KmsError>> {
+    async fn wrap_many(&self, items: &[(SecretKey, Binding)]) -> Vec<Result<WrappedDek, KmsError>> {
         self.batched(
             "encrypt",
             items,
-            |(dek, ctx)| json!({"plaintext": Zeroizing::new(b64(dek.expose())).as_str(), "context": b64(ctx)}),
+            |(dek, b)| {
+                json!({"plaintext": Zeroizing::new(b64(dek.expose())).as_str(), "context": b64(&b.v1_context())})
+            },
             |item| self.wrapped_from(item),
         )
         .await
     }
 
     /// Decrypts many wrapped DEKs in batch requests.
-    async fn unwrap_batch(&self, items: &[(WrappedDek, Vec<u8>)]) -> Vec<Result<SecretKey, KmsError>> {
+    async fn unwrap_batch(&self, items: &[(WrappedDek, Binding)]) -> Vec<Result<SecretKey, KmsError>> {
         self.batched(
             "decrypt",
             items,
-            |(w, ctx)| json!({"ciphertext": String::from_utf8_lossy(&w.blob), "context": b64(ctx)}),
+            |(w, b)| json!({"ciphertext": String::from_utf8_lossy(&w.blob), "context": b64(&b.v1_context())}),
             |item| {
                 let pt = item
                     .get("plaintext")
@@ -696,8 +715,7 @@ async fn run_batcher(kms: std::sync::Weak<OpenBaoKms>, mut rx: mpsc::UnboundedRe
             }
         }
         let Some(kms) = kms.upgrade() else { return };
-        let items: Vec<(WrappedDek, Vec<u8>)> =
-            batch.iter().map(|(w, c, _)| (w.clone(), c.clone())).collect();
+        let items: Vec<(WrappedDek, Binding)> = batch.iter().map(|(w, b, _)| (w.clone(), *b)).collect();
         let results = kms.unwrap_batch(&items).await;
         for ((_, _, reply), r) in batch.into_iter().zip(results) {
             let _ = reply.send(r);
@@ -705,94 +723,36 @@ async fn run_batcher(kms: std::sync::Weak<OpenBaoKms>, mut rx: mpsc::UnboundedRe
     }
 }
 
-impl KmsBackend for OpenBaoKms {
-    async fn generate_dek(&self, context: &[u8]) -> Result<(SecretKey, WrappedDek), KmsError> {
-        let dek = SecretKey::generate();
-        let w = self
-            .wrap_many(&[(dek.clone(), context.to_vec())])
-            .await
-            .pop()
-            .expect("one result per item")?;
-        Ok((dek, w))
-    }
-
-    async fn generate_many(&self, contexts: &[Vec<u8>]) -> Vec<Result<(SecretKey, WrappedDek), KmsError>> {
-        let items: Vec<(SecretKey, Vec<u8>)> = contexts
-            .iter()
-            .map(|c| (SecretKey::generate(), c.clone()))
-            .collect();
-        let wrapped = self.wrap_many(&items).await;
-        items
-            .into_iter()
-            .zip(wrapped)
-            .map(|((dek, _), w)| w.map(|w| (dek, w)))
-            .collect()
-    }
-
-    async fn unwrap_dek(&self, wrapped: &WrappedDek, context: &[u8]) -> Result<SecretKey, KmsError> {
+impl OpenBaoKms {
+    async fn unwrap_one(&self, wrapped: &WrappedDek, binding: &Binding) -> Result<SecretKey, KmsError> {
+        let direct = || async {
+            self.unwrap_batch(&[(wrapped.clone(), *binding)])
+                .await
+                .pop()
+                .expect("one result")
+        };
         let (tx, rx) = oneshot::channel();
         // The batcher takes the receiver when it starts; until then (or with batching off)
         // ask directly.
         let batcher_running =
             self.batching && self.unwrap_rx.lock().unwrap_or_else(|p| p.into_inner()).is_none();
-        if !batcher_running
-            || self
-                .unwrap_queue
-                .send((wrapped.clone(), context.to_vec(), tx))
-                .is_err()
-        {
-            return self
-                .unwrap_batch(&[(wrapped.clone(), context.to_vec())])
-                .await
-                .pop()
-                .expect("one result");
+        if !batcher_running || self.unwrap_queue.send((wrapped.clone(), *binding, tx)).is_err() {
+            return direct().await;
         }
         match rx.await {
             Ok(r) => r,
-            // The batcher is not running (not started, or shutting down): ask directly.
-            Err(_) => self
-                .unwrap_batch(&[(wrapped.clone(), context.to_vec())])
-                .await
-                .pop()
-                .expect("one result"),
+            // The batcher is not running (shutting down): ask directly.
+            Err(_) => direct().await,
         }
     }
 
-    async fn unwrap_many(&self, items: &[(WrappedDek, Vec<u8>)]) -> Vec<Result<SecretKey, KmsError>> {
-        self.unwrap_batch(items).await
-    }
-
-    async fn rewrap(&self, wrapped: &WrappedDek, context: &[u8]) -> Result<WrappedDek, KmsError> {
-        self.rewrap_many(&[(wrapped.clone(), context.to_vec())])
-            .await
-            .pop()
-            .expect("one result")
-    }
-
-    async fn rewrap_many(&self, items: &[(WrappedDek, Vec<u8>)]) -> Vec<Result<WrappedDek, KmsError>> {
-        self.batched(
-            "rewrap",
-            items,
-            |(w, ctx)| json!({"ciphertext": String::from_utf8_lossy(&w.blob), "context": b64(ctx)}),
-            |item| self.wrapped_from(item),
-        )
-        .await
-    }
-
-    fn version_of(&self, wrapped: &WrappedDek) -> Option<u32> {
-        // "vault:v<N>:…"
-        let s = std::str::from_utf8(&wrapped.blob).ok()?;
-        s.strip_prefix("vault:v")?.split(':').next()?.parse().ok()
-    }
-
-    async fn check_access(&self) -> Result<KeyStatus, KmsError> {
+    async fn probe_binding(&self) -> Result<KeyStatus, KmsError> {
         // Prove the binding: a wrap under one context must not unwrap under another. This also
         // proves we may encrypt and decrypt, and tells us the key's current version.
-        let mut a = vec![0u8; 16];
-        let mut b = vec![0u8; 16];
-        fill_random(&mut a);
-        fill_random(&mut b);
-        let (_, w) = self.generate_dek(&a).await?;
+        let volume = VolumeId::generate();
+        let a = Binding::file(volume, FileId::generate());
+        let b = Binding::file(volume, FileId::generate());
+        let (_, w) = self.generate(&a).await?;
         self.unwrap_batch(&[(w.clone(), a)])
             .await
             .pop()
@@ -814,9 +774,113 @@ impl KmsBackend for OpenBaoKms {
             Err(e) => return Err(e),
         }
         Ok(KeyStatus {
-            backend: "openbao",
             key_ref: self.key.clone(),
             current_version: self.version_of(&w).unwrap_or(0),
         })
+    }
+}
+
+impl KeyProvider for OpenBaoKms {
+    fn describe(&self) -> Description {
+        Description {
+            backend: "openbao",
+            key_ref: self.key.clone(),
+        }
+    }
+
+    fn generate<'a>(
+        &'a self,
+        binding: &'a Binding,
+    ) -> BoxFuture<'a, Result<(SecretKey, WrappedDek), KmsError>> {
+        Box::pin(async move {
+            let dek = SecretKey::generate();
+            let w = self
+                .wrap_many(&[(dek.clone(), *binding)])
+                .await
+                .pop()
+                .expect("one result per item")?;
+            Ok((dek, w))
+        })
+    }
+
+    fn generate_many<'a>(
+        &'a self,
+        bindings: &'a [Binding],
+    ) -> BoxFuture<'a, Vec<Result<(SecretKey, WrappedDek), KmsError>>> {
+        Box::pin(async move {
+            let items: Vec<(SecretKey, Binding)> =
+                bindings.iter().map(|b| (SecretKey::generate(), *b)).collect();
+            let wrapped = self.wrap_many(&items).await;
+            items
+                .into_iter()
+                .zip(wrapped)
+                .map(|((dek, _), w)| w.map(|w| (dek, w)))
+                .collect()
+        })
+    }
+
+    fn unwrap<'a>(
+        &'a self,
+        wrapped: &'a WrappedDek,
+        binding: &'a Binding,
+    ) -> BoxFuture<'a, Result<SecretKey, KmsError>> {
+        Box::pin(self.unwrap_one(wrapped, binding))
+    }
+
+    fn unwrap_many<'a>(
+        &'a self,
+        items: &'a [(WrappedDek, Binding)],
+    ) -> BoxFuture<'a, Vec<Result<SecretKey, KmsError>>> {
+        Box::pin(self.unwrap_batch(items))
+    }
+
+    fn rewrap<'a>(
+        &'a self,
+        wrapped: &'a WrappedDek,
+        binding: &'a Binding,
+    ) -> BoxFuture<'a, Result<WrappedDek, KmsError>> {
+        Box::pin(async move {
+            self.rewrap_many(std::slice::from_ref(&(wrapped.clone(), *binding)))
+                .await
+                .pop()
+                .expect("one result")
+        })
+    }
+
+    fn rewrap_many<'a>(
+        &'a self,
+        items: &'a [(WrappedDek, Binding)],
+    ) -> BoxFuture<'a, Vec<Result<WrappedDek, KmsError>>> {
+        Box::pin(self.batched(
+            "rewrap",
+            items,
+            |(w, b)| json!({"ciphertext": String::from_utf8_lossy(&w.blob), "context": b64(&b.v1_context())}),
+            |item| self.wrapped_from(item),
+        ))
+    }
+
+    fn version_of(&self, wrapped: &WrappedDek) -> Option<u32> {
+        // "vault:v<N>:…"
+        let s = std::str::from_utf8(&wrapped.blob).ok()?;
+        s.strip_prefix("vault:v")?.split(':').next()?.parse().ok()
+    }
+
+    fn check_access(&self) -> BoxFuture<'_, Result<KeyStatus, KmsError>> {
+        Box::pin(self.probe_binding())
+    }
+
+    fn new_file_key(&self, volume_id: VolumeId) -> BoxFuture<'_, Result<NewFileKey, KmsError>> {
+        Box::pin(self.pooled_file_key(volume_id))
+    }
+
+    /// Drops every pooled key (they are wiped as they drop) and pools nothing again.
+    fn forget_secrets(&self) {
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        self.pool_closed.store(true, Ordering::Release);
+        pool.keys.clear();
+    }
+
+    fn request_count(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
     }
 }

@@ -1,0 +1,135 @@
+//! `kmsfs init`: a new volume in an empty directory, its KMS proven to work first.
+
+use crate::exit::Fatal;
+use crate::format::config::{CONFIG_FILE_NAME, KmsConfig, NamesConfig, VolumeConfig};
+use crate::kms::Binding;
+use crate::kms::local::Keystore;
+use crate::volume::explain_kms;
+use std::path::{Path, PathBuf};
+
+fn absolute(p: &Path) -> Result<PathBuf, Fatal> {
+    std::path::absolute(p).map_err(|e| Fatal::new(format!("{}: {e}", p.display())))
+}
+
+fn default_keystore(backing: &Path) -> Result<PathBuf, Fatal> {
+    let backing = absolute(backing)?;
+    let name = backing
+        .file_name()
+        .ok_or_else(|| Fatal::new(format!("{} has no directory name", backing.display())))?;
+    let mut file = name.to_os_string();
+    file.push(".keystore");
+    Ok(backing.with_file_name(file))
+}
+
+/// Where the new volume's keys will live.
+pub enum InitKms {
+    Local {
+        keystore: Option<PathBuf>,
+        key: String,
+    },
+    OpenBao {
+        addrs: String,
+        key: String,
+        mount: String,
+    },
+}
+
+pub fn init(backing: &Path, kms: InitKms, plaintext_names: bool) -> Result<(), Fatal> {
+    if backing.join(CONFIG_FILE_NAME).exists() {
+        return Err(Fatal::new(format!(
+            "{} is already a kmsfs volume",
+            backing.display()
+        )));
+    }
+    match std::fs::read_dir(backing) {
+        Ok(mut d) => {
+            if d.next().is_some() {
+                return Err(Fatal::new(format!(
+                    "{} is not empty; kmsfs initialises only an empty or new directory",
+                    backing.display()
+                )));
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(backing)
+                .map_err(|e| Fatal::new(format!("cannot create {}: {e}", backing.display())))?;
+        }
+        Err(e) => return Err(Fatal::new(format!("{}: {e}", backing.display()))),
+    }
+    let backing =
+        std::fs::canonicalize(backing).map_err(|e| Fatal::new(format!("{}: {e}", backing.display())))?;
+    let (kms_config, about) = match kms {
+        InitKms::Local { keystore, key } => {
+            let keystore = match keystore {
+                Some(k) => absolute(&k)?,
+                None => default_keystore(&backing)?,
+            };
+            if keystore.starts_with(&backing) {
+                return Err(Fatal::new(
+                    "the keystore must not live inside the backing directory: whoever holds the ciphertext would hold the keys",
+                ));
+            }
+            let mut store = if keystore.exists() {
+                Keystore::load(&keystore).map_err(explain_kms)?
+            } else {
+                Keystore::default()
+            };
+            let created_key = store.key(&key).is_none();
+            if created_key {
+                store.create_key(&key).map_err(Fatal::new)?;
+                store
+                    .save(&keystore)
+                    .map_err(|e| Fatal::new(format!("cannot write keystore {}: {e}", keystore.display())))?;
+            }
+            let about = format!(
+                "keystore: {} (key {key:?}{}) — back it up and keep it off the backing storage: without it the data is lost",
+                keystore.display(),
+                if created_key { ", created" } else { "" }
+            );
+            (KmsConfig::Local { keystore, key }, about)
+        }
+        InitKms::OpenBao { addrs, key, mount } => {
+            let addrs: Vec<String> = addrs
+                .split(',')
+                .map(|a| a.trim().trim_end_matches('/').to_owned())
+                .collect();
+            let about = format!("KMS: OpenBao Transit key {key:?} at {}", addrs.join(", "));
+            (KmsConfig::Openbao { addrs, mount, key }, about)
+        }
+    };
+    let mut config = VolumeConfig::new(kms_config);
+    // Prove the key works before the volume exists, and have it wrap the volume name key.
+    let rt = crate::volume::cli_runtime()?;
+    let kms = crate::kms::connect(&config.kms, true, rt.handle()).map_err(explain_kms)?;
+    rt.block_on(kms.check_access()).map_err(explain_kms)?;
+    if !plaintext_names {
+        let (_name_key, wrapped) = rt
+            .block_on(kms.generate(&Binding::volume(config.volume_id())))
+            .map_err(explain_kms)?;
+        let mut root_id = [0u8; crate::format::name::DIR_ID_LEN];
+        crate::crypto::fill_random(&mut root_id);
+        config.names = NamesConfig::Encrypted {
+            root_dir_id: crate::hex::encode(&root_id),
+            key_ref: wrapped.key_ref,
+            wrapped_key: crate::hex::encode(&wrapped.blob),
+        };
+    }
+    crate::durable::atomic_write(&backing.join(CONFIG_FILE_NAME), &config.encode(), 0o644)
+        .map_err(|e| Fatal::new(format!("cannot write volume config: {e}")))?;
+    let names = if plaintext_names {
+        "plaintext names"
+    } else {
+        "encrypted names"
+    };
+    println!(
+        "initialised volume {} in {} ({names})",
+        config.volume_id,
+        backing.display()
+    );
+    println!("{about}");
+    Ok(())
+}

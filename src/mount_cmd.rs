@@ -1,0 +1,191 @@
+//! `kmsfs mount`: in the foreground (the daemon proper), or daemonised: a child runs the
+//! daemon with its log in a file, and the parent returns once the child reports the mount
+//! ready (or its one-line error).
+
+use crate::exit::Fatal;
+use crate::fatal;
+use clap::Args;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+/// Environment variable through which a daemonising `kmsfs mount` asks its child to report
+/// readiness (a `READY` or `ERROR: …` line on stdout).
+const READY_ENV: &str = "KMSFS_READY_STDOUT";
+#[derive(Args)]
+pub struct MountArgs {
+    pub backing: PathBuf,
+    pub mountpoint: PathBuf,
+    /// Stay in the foreground and log to stderr.
+    #[arg(short, long)]
+    pub foreground: bool,
+    /// Mount options, comma-separated (ro, allow_other, allow_root, noexec, …).
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    pub options: Vec<String>,
+    /// Log file of a daemonised mount (default: /var/log/kmsfs/MOUNTPOINT.log).
+    #[arg(long)]
+    pub log_file: Option<PathBuf>,
+    /// FUSE worker threads. A thread waiting on the KMS blocks only itself, and concurrent
+    /// opens that wait together are sent to the KMS as one batch, so more threads than cores.
+    #[arg(long, default_value_t = 16)]
+    pub threads: usize,
+    /// Seconds between checks that the KMS still grants access.
+    #[arg(long, default_value_t = 30)]
+    pub check_interval: u64,
+    /// Seconds an unreachable KMS is tolerated before the mount locks (default: the key TTL).
+    #[arg(long)]
+    pub grace: Option<u64>,
+    /// Seconds an unwrapped key stays cached after the KMS gave it.
+    #[arg(long, default_value_t = 300)]
+    pub key_ttl: u64,
+    /// Most unwrapped keys kept cached.
+    #[arg(long, default_value_t = 4096)]
+    pub key_cache: usize,
+    /// Refuse to mount if memory cannot be locked against swapping.
+    #[arg(long)]
+    pub require_mlock: bool,
+    /// Append JSON-lines audit events of key operations to this file (also logged).
+    #[arg(long)]
+    pub audit_log: Option<PathBuf>,
+}
+
+fn absolute(p: &Path) -> Result<PathBuf, Fatal> {
+    std::path::absolute(p).map_err(|e| fatal!("{}: {e}", p.display()))
+}
+
+fn log_path_for(mountpoint: &Path) -> Result<PathBuf, Fatal> {
+    let mp = absolute(mountpoint)?;
+    let escaped: String = mp
+        .to_string_lossy()
+        .trim_start_matches('/')
+        .chars()
+        .map(|c| if c == '/' { '-' } else { c })
+        .collect();
+    Ok(PathBuf::from("/var/log/kmsfs").join(format!("{escaped}.log")))
+}
+
+pub fn mount(args: MountArgs) -> Result<(), Fatal> {
+    if args.foreground {
+        return mount_foreground(args);
+    }
+    let log_path = match &args.log_file {
+        Some(p) => absolute(p)?,
+        None => log_path_for(&args.mountpoint)?,
+    };
+    if let Some(dir) = log_path.parent() {
+        use std::os::unix::fs::DirBuilderExt;
+        let _ = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir);
+    }
+    let log = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(&log_path)
+            .map_err(|e| Fatal::new(format!("cannot open log file {}: {e}", log_path.display())))?
+    };
+    let exe = std::env::current_exe().map_err(|e| Fatal::new(format!("cannot find own executable: {e}")))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("mount")
+        .arg(absolute(&args.backing)?)
+        .arg(absolute(&args.mountpoint)?)
+        .arg("--foreground")
+        .arg("--threads")
+        .arg(args.threads.to_string())
+        .arg("--check-interval")
+        .arg(args.check_interval.to_string())
+        .arg("--key-ttl")
+        .arg(args.key_ttl.to_string())
+        .arg("--key-cache")
+        .arg(args.key_cache.to_string());
+    if let Some(g) = args.grace {
+        cmd.arg("--grace").arg(g.to_string());
+    }
+    if args.require_mlock {
+        cmd.arg("--require-mlock");
+    }
+    if let Some(a) = &args.audit_log {
+        cmd.arg("--audit-log").arg(absolute(a)?);
+    }
+    for o in &args.options {
+        cmd.arg("-o").arg(o);
+    }
+    use std::os::unix::process::CommandExt;
+    let mut child = cmd
+        .env(READY_ENV, "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log)
+        // Its own process group: a Ctrl-C in this terminal must not kill the daemon.
+        .process_group(0)
+        .spawn()
+        .map_err(|e| Fatal::new(format!("cannot start the daemon: {e}")))?;
+    let out = child.stdout.take().expect("piped stdout");
+    for line in BufReader::new(out).lines() {
+        let line = line.unwrap_or_default();
+        if line == "READY" {
+            return Ok(());
+        }
+        if let Some(msg) = line.strip_prefix("ERROR: ") {
+            let _ = child.wait();
+            return Err(Fatal::new(msg));
+        }
+    }
+    let status = child.wait().map_err(|e| Fatal::new(e.to_string()))?;
+    Err(Fatal::new(format!(
+        "the daemon exited during startup ({status}); see {}",
+        log_path.display()
+    )))
+}
+
+fn mount_foreground(args: MountArgs) -> Result<(), Fatal> {
+    let notify = std::env::var_os(READY_ENV).is_some();
+    // SAFETY of the environment: removing our own variable before any thread starts.
+    let on_ready: Box<dyn FnOnce() + Send> = Box::new(move || {
+        log::info!("mount is ready");
+        crate::notify::notify("READY=1\nSTATUS=mounted; KMS ok");
+        if notify {
+            let mut out = std::io::stdout();
+            let _ = writeln!(out, "READY");
+            let _ = out.flush();
+            // The parent stops reading once it has READY; nothing more goes to this pipe.
+            if let Ok(null) = std::fs::File::open("/dev/null") {
+                use std::os::fd::AsFd;
+                let _ = crate::sys::dup2(null.as_fd(), 1);
+            }
+        }
+    });
+    let secs = std::time::Duration::from_secs;
+    let req = crate::daemon::MountRequest {
+        backing: args.backing,
+        mountpoint: args.mountpoint,
+        options: args.options,
+        threads: args.threads,
+        on_ready,
+        check_interval: secs(args.check_interval.max(1)),
+        grace: args.grace.map(secs),
+        key_cache_ttl: secs(args.key_ttl),
+        key_cache_entries: args.key_cache,
+        require_mlock: args.require_mlock,
+        audit_log: args.audit_log,
+    };
+    match crate::daemon::run_mount(req) {
+        Ok(crate::daemon::Ended::Unmounted) => Ok(()),
+        Ok(crate::daemon::Ended::Locked(why)) => {
+            eprintln!("kmsfs: locked: {why}");
+            std::process::exit(crate::exit::LOCKED);
+        }
+        Err(e) => {
+            if notify {
+                println!("ERROR: {e}");
+            }
+            if e.cause == crate::exit::Cause::Denied {
+                // Revoked before we even mounted: not a failure to retry.
+                eprintln!("kmsfs: {e}");
+                std::process::exit(e.exit_code());
+            }
+            Err(e)
+        }
+    }
+}

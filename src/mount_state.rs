@@ -1,0 +1,124 @@
+//! A live mount as `kmsfs status` and `kmsfs lock` see it, and the lock itself: every key
+//! dropped and wiped, ENOKEY from then on, the kernel's cached plaintext invalidated, the
+//! mount detached so the daemon exits.
+
+use crate::fs::Fs;
+use crate::kms::KeyProvider;
+use serde_json::{Value, json};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// Everything about a live mount that status and lock need.
+pub struct MountState {
+    pub fs: Arc<Fs>,
+    pub kms: Arc<dyn KeyProvider>,
+    pub mountpoint: PathBuf,
+    pub backing: PathBuf,
+    pub volume_id: String,
+    pub key_ref: String,
+    pub key_version: Mutex<u32>,
+    /// Set once the FUSE session exists: tells the kernel to drop cached pages.
+    pub notifier: OnceLock<fuser::Notifier>,
+    pub started: Instant,
+    /// The last access check: "ok", "denied: …", "unreachable since … : …".
+    pub health: Mutex<String>,
+    /// Why the mount was locked, once it is.
+    pub locked: Mutex<Option<String>>,
+    /// Set when the FUSE session has ended.
+    pub session_ended: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl MountState {
+    /// Locks the mount (idempotent): keys dropped and wiped, ENOKEY from now on, kernel caches
+    /// invalidated (mapped pages included), the mount detached so the daemon can exit.
+    pub fn lock(&self, why: &str) {
+        {
+            let mut l = self.locked.lock().unwrap_or_else(|p| p.into_inner());
+            if l.is_some() {
+                return;
+            }
+            *l = Some(why.to_owned());
+        }
+        log::warn!("locking {}: {why}", self.mountpoint.display());
+        crate::notify::notify(&format!("STATUS=locked: {why}"));
+        let inodes = self.fs.lock();
+        self.kms.forget_secrets();
+        if let Some(n) = self.notifier.get() {
+            for ino in inodes {
+                // Offset 0, length -1: the whole file's cached pages, mapped ones too.
+                let _ = n.inval_inode(fuser::INodeNo(ino), 0, -1);
+            }
+        }
+        crate::audit::event("locked", json!({"reason": why}));
+        // Lazily: open files may be busy; the session ends when the kernel lets go.
+        if let Err(e) = crate::sys::umount(self.mountpoint.as_os_str(), true) {
+            log::error!("cannot detach {} after locking: {e}", self.mountpoint.display());
+        }
+    }
+
+    /// After a lock: if files held open keep the detached mount alive, the daemon does not
+    /// wait for them. It exits, which aborts the FUSE connection (their next access fails).
+    pub fn exit_if_held_open(&self, wait: Duration) {
+        let ended = self.session_ended.clone();
+        let volume_id = self.volume_id.clone();
+        let _ = std::thread::Builder::new()
+            .name("kmsfs-lock-exit".into())
+            .spawn(move || {
+                std::thread::sleep(wait);
+                if !ended.load(Ordering::Acquire) {
+                    log::warn!("files are still open on the locked mount: aborting the FUSE connection");
+                    crate::audit::event(
+                        "unmounted",
+                        json!({"volume_id": volume_id, "outcome": "locked, connection aborted"}),
+                    );
+                    std::process::exit(crate::exit::LOCKED);
+                }
+            });
+    }
+
+    pub fn locked_reason(&self) -> Option<String> {
+        self.locked.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn set_health(&self, h: String) {
+        let mut cur = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        if *cur != h {
+            crate::notify::notify(&format!("STATUS=KMS {h}"));
+            *cur = h;
+        }
+    }
+}
+
+impl crate::control::Control for MountState {
+    fn status(&self) -> Value {
+        let st = &self.fs.stats;
+        json!({
+            "mountpoint": self.mountpoint,
+            "backing": self.backing,
+            "volume_id": self.volume_id,
+            "backend": self.kms.describe().backend,
+            "key": self.key_ref,
+            "key_version": *self.key_version.lock().unwrap_or_else(|p| p.into_inner()),
+            "kms_health": *self.health.lock().unwrap_or_else(|p| p.into_inner()),
+            "locked": self.locked_reason(),
+            "uptime_secs": self.started.elapsed().as_secs(),
+            "cached_keys": self.fs.cached_keys(),
+            "counters": {
+                "kms_calls": st.kms_calls.load(Ordering::Relaxed),
+                "kms_requests": self.kms.request_count(),
+                "cache_hits": st.cache_hits.load(Ordering::Relaxed),
+                "cache_misses": st.cache_misses.load(Ordering::Relaxed),
+                "bytes_read": st.bytes_read.load(Ordering::Relaxed),
+                "bytes_written": st.bytes_written.load(Ordering::Relaxed),
+                "auth_failures": st.auth_failures.load(Ordering::Relaxed),
+            },
+        })
+    }
+
+    fn lock(&self, who: &str) {
+        MountState::lock(self, &format!("locked by {who}"));
+        self.exit_if_held_open(Duration::from_secs(2));
+    }
+}

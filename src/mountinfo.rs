@@ -1,0 +1,85 @@
+//! Reading /proc/self/mountinfo: which mounts are kmsfs's, and their backing directories.
+
+use crate::format::config::CONFIG_FILE_NAME;
+use std::path::{Path, PathBuf};
+
+/// One line of mountinfo: mountpoint, filesystem type, source (all unescaped).
+struct MountLine {
+    mountpoint: String,
+    fstype: String,
+    source: String,
+}
+
+fn parse_line(line: &str) -> Option<MountLine> {
+    let (left, right) = line.split_once(" - ")?;
+    let mp = left.split(' ').nth(4)?;
+    let mut r = right.split(' ');
+    let fstype = r.next()?;
+    let source = r.next()?;
+    Some(MountLine {
+        mountpoint: unescape(mp),
+        fstype: fstype.to_owned(),
+        source: unescape(source),
+    })
+}
+
+fn lines() -> Vec<MountLine> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(parse_line)
+        .collect()
+}
+
+/// Finds the backing directory of a kmsfs mount from /proc/self/mountinfo.
+pub fn backing_of_mount(mountpoint: &Path) -> Option<PathBuf> {
+    let target = mountpoint.to_str()?;
+    lines().into_iter().rev().find_map(|m| {
+        // fuser mounts with type "fuse"; a kmsfs source is a directory with a volume config.
+        let source = PathBuf::from(&m.source);
+        (m.fstype.starts_with("fuse") && m.mountpoint == target && source.join(CONFIG_FILE_NAME).is_file())
+            .then_some(source)
+    })
+}
+
+/// Mountpoints of FUSE mounts, newest last (the caller checks which are kmsfs's).
+pub fn fuse_mountpoints() -> Vec<PathBuf> {
+    lines()
+        .into_iter()
+        .filter(|m| m.fstype == "fuse" || m.fstype.starts_with("fuse."))
+        .map(|m| PathBuf::from(m.mountpoint))
+        .collect()
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal `\ooo`.
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_unescapes_a_line() {
+        let line = "36 35 0:42 / /mnt/my\\040media rw,nosuid - fuse /srv/back\\040ing rw,user_id=0";
+        let m = parse_line(line).unwrap();
+        assert_eq!(m.mountpoint, "/mnt/my media");
+        assert_eq!(m.fstype, "fuse");
+        assert_eq!(m.source, "/srv/back ing");
+        assert!(parse_line("garbage").is_none());
+        assert_eq!(unescape("a\\134b"), "a\\b");
+    }
+}

@@ -1,0 +1,221 @@
+//! Opening a volume, the same way for every command: read and check its config, decide where
+//! its keys come from, build the key provider, prove access, unwrap the name key.
+//!
+//! The mount, `fsck`, `rewrap` and `key --volume` all start here, so a check added here (a
+//! trust anchor, a config MAC) holds for all of them.
+
+use crate::exit::Fatal;
+use crate::fatal;
+use crate::format::VolumeId;
+use crate::format::config::{
+    CONFIG_FILE_NAME, KmsConfig, LOCK_FILE_NAME, MAX_CONFIG_LEN, NamesConfig, VolumeConfig,
+};
+use crate::format::name::{DIR_ID_LEN, NameCipher};
+use crate::fs::names::Names;
+use crate::kms::{self, Binding, KeyProvider, KeyStatus, KmsError, WrappedDek};
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::fd::AsFd;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// A volume's backing directory and its checked config, before any KMS is asked.
+pub struct Located {
+    /// The backing directory, canonical.
+    pub backing: PathBuf,
+    pub config: VolumeConfig,
+}
+
+/// An open volume: its config and the key provider that holds its keys.
+pub struct Volume {
+    /// The backing directory, canonical.
+    pub backing: PathBuf,
+    pub config: VolumeConfig,
+    pub id: VolumeId,
+    pub kms: Arc<dyn KeyProvider>,
+}
+
+impl Located {
+    /// Finds the volume in `backing` and checks where its config says its keys are.
+    pub fn find(backing: &Path) -> Result<Located, Fatal> {
+        let canonical = std::fs::canonicalize(backing).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                fatal!("backing directory {} does not exist", backing.display())
+            } else {
+                fatal!("backing directory {}: {e}", backing.display())
+            }
+        })?;
+        let config = load_config(&canonical)?;
+        check_kms_location(&config, &canonical)?;
+        Ok(Located {
+            backing: canonical,
+            config,
+        })
+    }
+
+    /// Builds the volume's key provider (no KMS request yet); background work it needs runs
+    /// on `runtime`.
+    pub fn connect(self, runtime: &tokio::runtime::Handle) -> Result<Volume, Fatal> {
+        let kms = kms::connect(&self.config.kms, false, runtime).map_err(explain_kms)?;
+        Ok(Volume {
+            backing: self.backing,
+            id: self.config.volume_id(),
+            config: self.config,
+            kms,
+        })
+    }
+}
+
+impl Volume {
+    /// [`Located::find`] then [`Located::connect`].
+    pub fn open(backing: &Path, runtime: &tokio::runtime::Handle) -> Result<Volume, Fatal> {
+        Located::find(backing)?.connect(runtime)
+    }
+
+    /// Proves the mount may use its key.
+    pub fn check_access(&self, rt: &tokio::runtime::Runtime) -> Result<KeyStatus, Fatal> {
+        rt.block_on(self.kms.check_access()).map_err(explain_kms)
+    }
+
+    /// Unwraps the volume name key (bound to the volume id) and derives the name ciphers.
+    pub fn names(&self, rt: &tokio::runtime::Runtime) -> Result<Names, Fatal> {
+        let NamesConfig::Encrypted {
+            root_dir_id,
+            key_ref,
+            wrapped_key,
+        } = &self.config.names
+        else {
+            return Ok(Names::Plain);
+        };
+        let wrapped = WrappedDek {
+            key_ref: key_ref.clone(),
+            blob: crate::hex::decode(wrapped_key).unwrap_or_default(),
+        };
+        let key = rt
+            .block_on(self.kms.unwrap(&wrapped, &Binding::volume(self.id)))
+            .map_err(explain_kms)?;
+        let mut root = [0u8; DIR_ID_LEN];
+        // Validated when the config was decoded.
+        if let Some(id) = crate::hex::decode(root_dir_id).filter(|b| b.len() == DIR_ID_LEN) {
+            root.copy_from_slice(&id);
+        }
+        Ok(Names::Encrypted {
+            cipher: Box::new(NameCipher::new(&key, &self.id.0)),
+            root_dir_id: root,
+        })
+    }
+
+    /// The binding of one of this volume's files.
+    pub fn file_binding(&self, file_id: crate::format::FileId) -> Binding {
+        Binding::file(self.id, file_id)
+    }
+}
+
+/// Reads and validates the volume config of a backing directory.
+pub fn load_config(backing: &Path) -> Result<VolumeConfig, Fatal> {
+    let path = backing.join(CONFIG_FILE_NAME);
+    let bytes = match crate::durable::read_bounded(&path, MAX_CONFIG_LEN as u64) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if !backing.is_dir() {
+                return Err(fatal!("backing directory {} does not exist", backing.display()));
+            }
+            return Err(fatal!(
+                "{} is not a kmsfs volume (no {CONFIG_FILE_NAME}); create one with `kmsfs init {}`",
+                backing.display(),
+                backing.display()
+            ));
+        }
+        Err(e) => return Err(fatal!("cannot read {}: {e}", path.display())),
+    };
+    VolumeConfig::decode(&bytes).map_err(|e| fatal!("{}: {e}", path.display()))
+}
+
+/// The volume config is stored with the data, so whoever can write the backing directory can
+/// edit it. It must not be able to send new keys somewhere the attacker controls: a local
+/// keystore must live outside the backing directory and belong to the user running kmsfs.
+pub fn check_kms_location(config: &VolumeConfig, backing: &Path) -> Result<(), Fatal> {
+    match &config.kms {
+        // Its address can be pinned on the mount side with BAO_ADDR.
+        KmsConfig::Openbao { .. } => Ok(()),
+        KmsConfig::Local { keystore, .. } => {
+            let real = std::fs::canonicalize(keystore).unwrap_or_else(|_| keystore.clone());
+            if real.starts_with(backing) {
+                return Err(fatal!(
+                    "the volume config points at a keystore inside the backing directory ({}); refusing: \
+                     whoever can write the backing directory could supply their own keys",
+                    keystore.display()
+                ));
+            }
+            if let Ok(meta) = std::fs::metadata(&real)
+                && meta.uid() != crate::sys::geteuid()
+            {
+                return Err(fatal!(
+                    "keystore {} is owned by uid {}, not by the user running kmsfs; refusing it",
+                    keystore.display(),
+                    meta.uid()
+                ));
+            }
+            Ok(())
+        }
+    }
+}
+
+/// A KMS error as the admin should read it when a command or a mount starts. A refusal
+/// becomes [`Fatal::denied`], which a daemon turns into [`crate::exit::LOCKED`].
+pub fn explain_kms(e: KmsError) -> Fatal {
+    match e {
+        KmsError::Denied(m) => Fatal::denied(format!(
+            "the KMS refuses this volume's key ({m}); re-enable the key or restore access"
+        )),
+        KmsError::Unreachable(m) => fatal!("cannot reach the KMS ({m}); check that it is up and try again"),
+        KmsError::Corrupt(m) => {
+            fatal!("the KMS could not unwrap a key ({m}): is this the volume's keystore?")
+        }
+        KmsError::Misconfigured(m) => Fatal::new(m),
+    }
+}
+
+/// A runtime for KMS calls from a command (fsck, rewrap, init): one thread is plenty.
+pub fn cli_runtime() -> Result<tokio::runtime::Runtime, Fatal> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| fatal!("cannot start the KMS runtime: {e}"))
+}
+
+/// The backing directory's lock file, held by whoever may change the volume (the daemon, or
+/// `kmsfs fsck --repair`).
+pub enum VolumeLock {
+    /// Ours until dropped; it holds our pid, so a refused mount can name us.
+    Held(File),
+    /// Another process holds it; its pid as it wrote it.
+    Busy { pid: String },
+}
+
+pub fn lock_volume(backing: &Path) -> Result<VolumeLock, Fatal> {
+    let path = backing.join(LOCK_FILE_NAME);
+    let mut f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| fatal!("cannot open lock file {}: {e}", path.display()))?;
+    match crate::sys::try_lock_exclusive(f.as_fd()) {
+        Ok(true) => {}
+        Ok(false) => {
+            // A pid is a few bytes; the file sits in the backing directory, so bound the read.
+            let pid = crate::durable::read_bounded(&path, 32)
+                .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+                .unwrap_or_default();
+            return Ok(VolumeLock::Busy { pid });
+        }
+        Err(e) => return Err(fatal!("cannot lock {}: {e}", path.display())),
+    }
+    f.set_len(0).ok();
+    let _ = writeln!(f, "{}", std::process::id());
+    Ok(VolumeLock::Held(f))
+}
