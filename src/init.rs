@@ -104,7 +104,7 @@ pub fn init(backing: &Path, kms: InitKms, plaintext_names: bool) -> Result<(), F
     let mut config = VolumeConfig::new(kms_config);
     // Prove the key works before the volume exists, and have it wrap the volume name key.
     let rt = crate::volume::cli_runtime()?;
-    let kms = crate::kms::connect(&config.kms, true, rt.handle()).map_err(explain_kms)?;
+    let kms = crate::volume::key_provider(&config.kms, true, rt.handle()).map_err(explain_kms)?;
     rt.block_on(kms.check_access()).map_err(explain_kms)?;
     if !plaintext_names {
         let (_name_key, wrapped) = rt

@@ -1,22 +1,21 @@
-//! Key management: the one trait every KMS backend implements ([`KeyProvider`]), its typed
-//! outcomes, and [`connect`], the one place a backend is chosen.
+//! Key management: the one trait every KMS backend implements ([`KeyProvider`]) and its typed
+//! outcomes. One submodule per backend; `volume::key_provider` is the one place a backend is
+//! chosen.
 //!
 //! A backend wraps and unwraps data keys (DEKs) under a key-encryption key (KEK) that it keeps.
 //! Every wrapped DEK is bound to a [`Binding`] (the volume, and the file for a file key):
 //! unwrapping it under any other binding fails, so a header copied onto another file does not
 //! open. Everything above this module (the filesystem core, fsck, rewrap, revocation) holds an
 //! `Arc<dyn KeyProvider>` and knows no backend by name; a new backend is one new module here
-//! plus one arm in [`connect`].
+//! plus one arm in `volume::key_provider`.
 
 pub mod local;
 pub mod openbao;
 
 use crate::crypto::SecretKey;
-use crate::format::config::KmsConfig;
 use crate::format::{FileId, VolumeId};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 
 /// A boxed future, so that the trait can be used through `dyn`.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -230,23 +229,4 @@ pub trait KeyProvider: Send + Sync {
     fn request_count(&self) -> u64 {
         0
     }
-}
-
-/// The provider for a volume's KMS settings: the one place backends are chosen. Background
-/// work a backend needs (OpenBao's unwrap batcher) is spawned on `runtime`.
-///
-/// `trust_config`: the settings were just typed by the admin (`kmsfs init`), so addresses in
-/// them may be used without a mount-side setting (see `openbao::Settings::from_env`).
-pub fn connect(
-    config: &KmsConfig,
-    trust_config: bool,
-    runtime: &tokio::runtime::Handle,
-) -> Result<Arc<dyn KeyProvider>, KmsError> {
-    Ok(match config {
-        KmsConfig::Local { keystore, key } => Arc::new(local::LocalKms::new(keystore.clone(), key.clone())),
-        KmsConfig::Openbao { addrs, mount, key } => {
-            let settings = openbao::Settings::from_env(addrs, mount, key, trust_config)?;
-            openbao::OpenBaoKms::connect(settings, runtime)?
-        }
-    })
 }

@@ -12,7 +12,9 @@ use crate::format::config::{
 };
 use crate::format::name::{DIR_ID_LEN, NameCipher};
 use crate::fs::names::Names;
-use crate::kms::{self, Binding, KeyProvider, KeyStatus, KmsError, WrappedDek};
+use crate::kms::local::LocalKms;
+use crate::kms::openbao;
+use crate::kms::{Binding, KeyProvider, KeyStatus, KmsError, WrappedDek};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::fd::AsFd;
@@ -57,7 +59,7 @@ impl Located {
     /// Builds the volume's key provider (no KMS request yet); background work it needs runs
     /// on `runtime`.
     pub fn connect(self, runtime: &tokio::runtime::Handle) -> Result<Volume, Fatal> {
-        let kms = kms::connect(&self.config.kms, false, runtime).map_err(explain_kms)?;
+        let kms = key_provider(&self.config.kms, false, runtime).map_err(explain_kms)?;
         Ok(Volume {
             backing: self.backing,
             id: self.config.volume_id(),
@@ -110,6 +112,26 @@ impl Volume {
     pub fn file_binding(&self, file_id: crate::format::FileId) -> Binding {
         Binding::file(self.id, file_id)
     }
+}
+
+/// The provider for a volume's KMS settings: the one place a backend is chosen (a new backend
+/// is a module under `kms/` and one arm here). Background work a backend needs (OpenBao's
+/// unwrap batcher) is spawned on `runtime`.
+///
+/// `trust_config`: the settings were just typed by the admin (`kmsfs init`), so addresses in
+/// them may be used without a mount-side setting (see `openbao::Settings::from_env`).
+pub fn key_provider(
+    config: &KmsConfig,
+    trust_config: bool,
+    runtime: &tokio::runtime::Handle,
+) -> Result<Arc<dyn KeyProvider>, KmsError> {
+    Ok(match config {
+        KmsConfig::Local { keystore, key } => Arc::new(LocalKms::new(keystore.clone(), key.clone())),
+        KmsConfig::Openbao { addrs, mount, key } => {
+            let settings = openbao::Settings::from_env(addrs, mount, key, trust_config)?;
+            openbao::OpenBaoKms::connect(settings, runtime)?
+        }
+    })
 }
 
 /// Reads and validates the volume config of a backing directory.
