@@ -52,7 +52,7 @@ fn modules() -> BTreeMap<String, String> {
 
 /// Every `prefix` followed by a path of lowercase identifiers (`crate::fs::content::X` gives
 /// `fs::content`), or by a `{…}` group whose members are taken one by one.
-fn paths_after<'a>(code: &'a str, prefix: &str) -> Vec<String> {
+fn paths_after(code: &str, prefix: &str) -> Vec<String> {
     let mut out = Vec::new();
     for (i, _) in code.match_indices(prefix) {
         let before = code[..i].chars().last();
@@ -77,9 +77,9 @@ fn paths_after<'a>(code: &'a str, prefix: &str) -> Vec<String> {
 fn resolve(mods: &BTreeMap<String, String>, path: &str) -> Option<String> {
     let segs: Vec<&str> = path.split("::").filter(|s| !s.is_empty()).collect();
     (1..=segs.len())
+        .rev()
         .map(|n| segs[..n].join("::"))
-        .filter(|c| mods.contains_key(c))
-        .last()
+        .find(|c| mods.contains_key(c))
 }
 
 /// Module → the modules of ours it uses.
