@@ -408,7 +408,7 @@ impl Fs {
             log::error!("file {file_id}: cannot encode header: {e}");
             FsError::Corrupt
         })?;
-        sys::fallocate(std::os::fd::AsRawFd::as_raw_fd(file), 0, 0, HEADER_LEN)?;
+        sys::fallocate(file.as_fd(), 0, 0, HEADER_LEN)?;
         file.write_all_at(&bytes, 0)?;
         let cipher = Arc::new(ContentCipher::new(&dek, file_id));
         // Reopening a file just made needs no KMS call.

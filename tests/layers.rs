@@ -31,7 +31,8 @@ fn modules() -> BTreeMap<String, String> {
             if parts.last().is_some_and(|l| l == "mod") {
                 parts.pop();
             }
-            if parts == ["lib"] || parts == ["main"] {
+            // Unit tests kept in their own file (`mod tests;`) belong to no layer.
+            if parts == ["lib"] || parts == ["main"] || parts.last().is_some_and(|l| l == "tests") {
                 continue;
             }
             let text = std::fs::read_to_string(&p).unwrap();
