@@ -1,7 +1,8 @@
 //! kmsfs: a transparent encrypting FUSE filesystem whose keys live in a KMS.
 //!
 //! Layers, bottom up (each uses only those below it): `crypto` → `format` → `kms` → `fs` →
-//! `fuse`; `daemon` wires them together and `cli` parses commands. See docs/design.md.
+//! `fuse`; `volume` opens a volume for every command, `daemon` wires a mount together and
+//! `cli` parses commands. docs/design.md has the module map; tests/layers.rs checks it.
 #![deny(unsafe_code)]
 
 pub mod audit;
