@@ -175,7 +175,13 @@ fn a_config_pointing_at_a_keystore_inside_the_backing_is_refused() {
     let err = run_err(&["rewrap", v.backing.to_str().unwrap()]);
     assert!(one_line(&err).contains("inside the backing directory"), "{err}");
     // So must the key commands: disabling the planted decoy would leave the real key live.
-    let err = run_err(&["key", "disable", "default", "--volume", v.backing.to_str().unwrap()]);
+    let err = run_err(&[
+        "key",
+        "disable",
+        "default",
+        "--volume",
+        v.backing.to_str().unwrap(),
+    ]);
     assert!(one_line(&err).contains("inside the backing directory"), "{err}");
     let ks = std::fs::read_to_string(&planted).unwrap();
     assert!(!ks.contains("\"enabled\": false"), "the decoy was changed: {ks}");

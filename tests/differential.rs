@@ -3,18 +3,32 @@
 //! be the same. Operations are generated without looking at state, so any subsequence of a
 //! sequence is itself a valid sequence: that is what lets a failure shrink.
 //!
-//! - CI budget: `differential_short_budget` (fixed seeds, 40,000 operations).
-//! - Long run: `KMSFS_DIFF_OPS=1000000 cargo test --test differential -- --ignored`
-//!   (random seed, printed).
-//! - Replay: `KMSFS_DIFF_SEED=<seed> KMSFS_DIFF_OPS=<n> cargo test --test differential replay_seed -- --ignored`.
+//! kmsfs is driven two ways, with the same generator, reference and comparison:
+//! - through a FUSE mount of the real daemon (`Mounted`): the whole stack, kernel included;
+//! - in process, straight into the filesystem core (`Core`, over `kmsfs::fs::Fs`), with the
+//!   kernel's part (path walk, symlinks, open flags, the checks the VFS makes before it asks
+//!   the filesystem, lookup references) emulated. No FUSE round trips, so many more operations
+//!   per second, and a mismatch there points at the core rather than at the kernel.
+//!
+//! - CI budget: `differential_short_budget` (fixed seeds, 40,000 operations, mounted) and
+//!   `differential_in_process` (fixed seeds, in process, about ten seconds in a debug build).
+//! - Long run: `KMSFS_DIFF_OPS=1000000 cargo test --test differential differential_long -- --ignored`
+//!   (random seed, printed; `differential_long_in_process` for the core).
+//! - Replay: `KMSFS_DIFF_SEED=<seed> KMSFS_DIFF_OPS=<n> cargo test --test differential replay_seed -- --ignored`
+//!   (`replay_seed_in_process` for a seed that failed in process).
 //!
 //! A failure prints the seed, the failing operation and a shrunk sequence written as Rust, ready
 //! to become a named test under `regressions` below.
 
 mod common;
 
+use common::inprocess::{InProcess, Last, Walk, caller, umask};
 use common::*;
+use kmsfs::fs::attr::Attr;
+use kmsfs::fs::inode::{Kind, ROOT_INO};
+use kmsfs::fs::{Fs, Options, SetAttr};
 use std::ffi::CString;
+use std::ffi::OsStr;
 use std::fs::{File, OpenOptions};
 use std::io::ErrorKind;
 use std::os::fd::AsRawFd;
@@ -531,20 +545,610 @@ struct Mismatch {
     detail: String,
 }
 
-/// Runs `ops` on a fresh mount and a fresh plain directory; the first difference, if any.
-fn run(ops: &[Op]) -> Option<Mismatch> {
+/// Which way operations reach kmsfs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Via {
+    /// Through a FUSE mount served by the real daemon.
+    Mount,
+    /// Straight into the filesystem core, in this process.
+    InProcess,
+}
+
+impl Via {
+    /// The test that replays a seed this way.
+    fn replay_test(self) -> &'static str {
+        match self {
+            Via::Mount => "replay_seed",
+            Via::InProcess => "replay_seed_in_process",
+        }
+    }
+}
+
+/// The kmsfs side of a run.
+trait Kmsfs {
+    fn apply(&mut self, op: &Op, paths: &[String]) -> Outcome;
+    /// Every entry of the tree, as `snapshot` lists a directory.
+    fn snapshot(&mut self) -> Vec<Entry>;
+}
+
+/// kmsfs through a FUSE mount.
+struct Mounted {
+    /// Declared first, so dropped first: its open files must be closed before the volume
+    /// unmounts.
+    side: Side,
+    vol: Volume,
+}
+
+impl Mounted {
+    fn new() -> Mounted {
+        // On tmpfs: the test is about what kmsfs computes, and it syncs a lot.
+        let mut vol = Volume::init_in(&scratch(), &[], &[]);
+        vol.mount(&[]);
+        let side = Side::new(vol.mnt.clone());
+        Mounted { vol, side }
+    }
+}
+
+impl Kmsfs for Mounted {
+    fn apply(&mut self, op: &Op, paths: &[String]) -> Outcome {
+        let a = self.side.apply(op, paths);
+        if matches!(op, Op::Remount) {
+            self.vol.remount();
+        }
+        a
+    }
+
+    fn snapshot(&mut self) -> Vec<Entry> {
+        snapshot(&self.vol.mnt)
+    }
+}
+
+/// One open slot in process: the file's inode (one lookup reference held, as an open file pins
+/// its inode in the kernel), its handle, and whether it appends.
+struct CoreSlot {
+    ino: u64,
+    fh: u64,
+    append: bool,
+}
+
+/// kmsfs in process: the filesystem core over a volume opened as the daemon opens it, with
+/// the kernel's share of each system call emulated here, as the kernel sends it to FUSE (see
+/// `src/fuse.rs` for how each request maps onto the core):
+///
+/// - paths are walked one lookup per component (`Walk`): ENOENT, ENOTDIR and ELOOP come from
+///   the walk, symlinks are followed where the system call follows them;
+/// - the checks the VFS makes before it asks a filesystem are made here: EISDIR for a
+///   directory opened for writing, truncated or unlinked, ENOTDIR for rmdir of a non-directory,
+///   EEXIST before mkdir/symlink/link, EPERM for a hard link to a directory, the rename rules
+///   (EINVAL into its own subtree, ENOTEMPTY over an ancestor, nothing at all between two
+///   names of one inode, ENOTDIR/EISDIR for mismatched types). Permissions are not checked:
+///   the mount uses `default_permissions`, and every entry belongs to the test's user;
+/// - open: O_CREAT on a missing name becomes `create` (flags as given, mode less the umask,
+///   which the kernel applies since kmsfs has no POSIX ACLs); an existing name is `open` with
+///   O_CREAT, O_EXCL and O_TRUNC taken out (kmsfs does not ask for atomic O_TRUNC), followed
+///   by setattr(size 0) on the new handle for O_TRUNC; O_APPEND writes go to the size the
+///   kernel knows (the open file's size, from getattr);
+/// - every lookup reference is forgotten as soon as the system call is done (the harshest
+///   dentry eviction the kernel may choose), except one per open file, forgotten after its
+///   release;
+/// - `Evict` has no cache to drop: every read reaches the core. It still opens, fsyncs and
+///   closes the file, so its errors (and the open path) are the mount's;
+/// - `Remount` closes every slot, drops the core and opens the volume again;
+/// - `Concurrent` runs its threads against `Fs::write` on handles of their own.
+///
+/// No operation is skipped or compared more loosely in process: each has the outcome the
+/// mount gives. After every operation the core must hold no inode but the root and the open
+/// files' (forget works, and this emulation returns every reference it takes).
+struct Core {
+    h: InProcess,
+    slots: Vec<Option<CoreSlot>>,
+    umask: u32,
+}
+
+type Errno<T> = Result<T, i32>;
+
+fn en<T>(r: kmsfs::fs::error::FsResult<T>) -> Errno<T> {
+    r.map_err(|e| e.errno())
+}
+
+fn attr_outcome(a: &Attr) -> Outcome {
+    let kind = match a.kind {
+        Kind::Dir => "dir",
+        Kind::Symlink => "symlink",
+        Kind::File => "file",
+        _ => "other",
+    };
+    Outcome::Stat {
+        kind,
+        size: (kind != "dir").then_some(a.size),
+        nlink: a.nlink as u64,
+        perm: a.perm as u32,
+    }
+}
+
+fn size_only(size: u64) -> SetAttr {
+    SetAttr {
+        size: Some(size),
+        ..SetAttr::default()
+    }
+}
+
+/// Writes all of `data` at `off`, in requests no larger than the kernel sends.
+fn core_write(fs: &Fs, fh: u64, off: u64, data: &[u8]) -> Errno<()> {
+    let mut done = 0;
+    while done < data.len() {
+        let end = (done + kmsfs::fuse::MAX_IO as usize).min(data.len());
+        let n = en(fs.write(fh, off + done as u64, &data[done..end]))?;
+        assert!(n > 0, "a write of {} bytes wrote nothing", end - done);
+        done += n;
+    }
+    Ok(())
+}
+
+/// Up to `len` bytes at `off`, in requests until a short one (as `read_at_most` does).
+fn core_read(fs: &Fs, fh: u64, off: u64, len: usize) -> Errno<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut buf = Vec::new();
+    while out.len() < len {
+        let want = (len - out.len()).min(kmsfs::fuse::MAX_IO as usize) as u32;
+        let n = en(fs.read(fh, off + out.len() as u64, want, &mut buf))?;
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+    Ok(out)
+}
+
+/// open(2) of `path` with `flags` (always asking for write access, as every open the
+/// generator makes does): the slot, holding one lookup reference to its inode.
+fn core_open(fs: &Fs, umask: u32, path: &[u8], flags: i32, mode: u32) -> Errno<CoreSlot> {
+    let mut w = Walk::new(fs);
+    let (ino, fh, created) = match w.last(path, true)? {
+        Last::Missing { dir, name } => {
+            if flags & libc::O_CREAT == 0 {
+                return Err(libc::ENOENT);
+            }
+            let mode = libc::S_IFREG | (mode & !umask);
+            let (attr, fh) = en(fs.create(dir, OsStr::from_bytes(&name), mode, flags, caller()))?;
+            w.counted(attr.ino);
+            (attr.ino, fh, true)
+        }
+        Last::Found { attr, .. } => {
+            if attr.kind == Kind::Dir {
+                return Err(libc::EISDIR);
+            }
+            let flags = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY | libc::O_TRUNC);
+            (attr.ino, en(fs.open(attr.ino, flags))?, false)
+        }
+    };
+    if flags & libc::O_TRUNC != 0
+        && !created
+        && let Err(e) = fs.setattr(ino, Some(fh), size_only(0))
+    {
+        fs.release(fh);
+        return Err(e.errno());
+    }
+    w.keep(ino);
+    Ok(CoreSlot {
+        ino,
+        fh,
+        append: flags & libc::O_APPEND != 0,
+    })
+}
+
+fn core_close(fs: &Fs, s: CoreSlot) {
+    fs.release(s.fh);
+    fs.forget(s.ino, 1);
+}
+
+/// A directory's names as readdir(3) returns them: without `.` and `..`, sorted here. Read a
+/// few entries per request, resuming at the offset the last one gave, as the kernel does.
+fn core_list(fs: &Fs, ino: u64) -> Errno<Vec<Vec<u8>>> {
+    let fh = en(fs.opendir(ino))?;
+    let mut names = Vec::new();
+    let mut offset = 0;
+    let r = loop {
+        match fs.readdir(ino, fh, offset) {
+            Ok(entries) if entries.is_empty() => break Ok(()),
+            Ok(entries) => {
+                for (next, e) in entries.into_iter().take(3) {
+                    offset = next;
+                    if e.name != "." && e.name != ".." {
+                        names.push(e.name.as_bytes().to_vec());
+                    }
+                }
+            }
+            Err(e) => break Err(e.errno()),
+        }
+    };
+    fs.releasedir(fh);
+    r?;
+    names.sort();
+    Ok(names)
+}
+
+/// std::fs::read of `path`: open (following symlinks), read to the end, close. A directory
+/// opens (opendir) and then fails the read with EISDIR.
+fn core_read_file(fs: &Fs, path: &[u8]) -> Errno<Vec<u8>> {
+    let mut w = Walk::new(fs);
+    let attr = match w.last(path, true)? {
+        Last::Missing { .. } => return Err(libc::ENOENT),
+        Last::Found { attr, .. } => attr,
+    };
+    if attr.kind == Kind::Dir {
+        let fh = en(fs.opendir(attr.ino))?;
+        fs.releasedir(fh);
+        return Err(libc::EISDIR);
+    }
+    let fh = en(fs.open(attr.ino, libc::O_RDONLY))?;
+    let r = core_read(fs, fh, 0, usize::MAX >> 1);
+    fs.release(fh);
+    r
+}
+
+impl Core {
+    fn new() -> Core {
+        Core {
+            h: InProcess::create(&scratch(), &[], Options::default()),
+            slots: (0..SLOTS).map(|_| None).collect(),
+            umask: umask(),
+        }
+    }
+
+    fn close(&mut self, slot: usize) -> bool {
+        match self.slots[slot].take() {
+            Some(s) => {
+                core_close(self.h.fs(), s);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn slot(&self, slot: usize) -> Errno<&CoreSlot> {
+        self.slots[slot].as_ref().ok_or(libc::EBADF)
+    }
+
+    fn apply_core(&mut self, op: &Op, paths: &[String]) -> Errno<Outcome> {
+        let p = |i: usize| paths[i].as_bytes();
+        let umask = self.umask;
+        match *op {
+            Op::Open {
+                slot,
+                path,
+                create,
+                trunc,
+                append,
+            } => {
+                self.close(slot);
+                let mut flags = libc::O_RDWR;
+                if append {
+                    flags |= libc::O_APPEND;
+                }
+                if create {
+                    flags |= libc::O_CREAT;
+                }
+                if trunc && !append {
+                    flags |= libc::O_TRUNC;
+                }
+                let s = core_open(self.h.fs(), umask, p(path), flags, 0o640)?;
+                self.slots[slot] = Some(s);
+                Ok(Outcome::Ok)
+            }
+            Op::Close { slot } => {
+                if self.close(slot) {
+                    Ok(Outcome::Ok)
+                } else {
+                    Err(libc::EBADF)
+                }
+            }
+            Op::Write { slot, off, len, seed } => {
+                let fs = self.h.fs();
+                let s = self.slot(slot)?;
+                let data = pseudo_random(len, seed);
+                // pwrite(2) on an O_APPEND descriptor appends, whatever the offset.
+                let off = if s.append {
+                    en(fs.getattr(s.ino))?.size
+                } else {
+                    off
+                };
+                core_write(fs, s.fh, off, &data)?;
+                Ok(Outcome::Ok)
+            }
+            Op::Read { slot, off, len } => {
+                let fh = self.slot(slot)?.fh;
+                Ok(Outcome::Bytes(core_read(self.h.fs(), fh, off, len)?))
+            }
+            Op::Fsync { slot } => {
+                let fh = self.slot(slot)?.fh;
+                en(self.h.fs().fsync(fh, false))?;
+                Ok(Outcome::Ok)
+            }
+            Op::Ftruncate { slot, len } => {
+                let s = self.slot(slot)?;
+                en(self.h.fs().setattr(s.ino, Some(s.fh), size_only(len)))?;
+                Ok(Outcome::Ok)
+            }
+            Op::Fstat { slot } => {
+                let ino = self.slot(slot)?.ino;
+                Ok(attr_outcome(&en(self.h.fs().getattr(ino))?))
+            }
+            Op::Truncate { path, len } => {
+                let fs = self.h.fs();
+                let mut w = Walk::new(fs);
+                match w.last(p(path), true)? {
+                    Last::Missing { .. } => Err(libc::ENOENT),
+                    Last::Found { attr, .. } => match attr.kind {
+                        Kind::Dir => Err(libc::EISDIR),
+                        Kind::File => {
+                            en(fs.setattr(attr.ino, None, size_only(len)))?;
+                            Ok(Outcome::Ok)
+                        }
+                        _ => Err(libc::EINVAL),
+                    },
+                }
+            }
+            Op::Rename { from, to } => {
+                let fs = self.h.fs();
+                let mut w = Walk::new(fs);
+                let (odir, ochain, oname) = w.parent(p(from))?;
+                let (ndir, nchain, nname) = w.parent(p(to))?;
+                let old = w.lookup(odir, oname)?;
+                let new = match w.lookup(ndir, nname) {
+                    Ok(a) => Some(a),
+                    Err(libc::ENOENT) => None,
+                    Err(e) => return Err(e),
+                };
+                // lock_rename's traps: the source may not be an ancestor of the target, nor
+                // the target an ancestor of the source.
+                if odir != ndir && nchain.contains(&old.ino) {
+                    return Err(libc::EINVAL);
+                }
+                if let Some(new) = &new
+                    && odir != ndir
+                    && ochain.contains(&new.ino)
+                {
+                    return Err(libc::ENOTEMPTY);
+                }
+                if let Some(new) = &new {
+                    if new.ino == old.ino {
+                        return Ok(Outcome::Ok); // two names of one inode: nothing to do
+                    }
+                    if old.kind == Kind::Dir && new.kind != Kind::Dir {
+                        return Err(libc::ENOTDIR);
+                    }
+                    if old.kind != Kind::Dir && new.kind == Kind::Dir {
+                        return Err(libc::EISDIR);
+                    }
+                }
+                en(fs.rename(odir, OsStr::from_bytes(oname), ndir, OsStr::from_bytes(nname), 0))?;
+                Ok(Outcome::Ok)
+            }
+            Op::Link { from, to } => {
+                let fs = self.h.fs();
+                let mut w = Walk::new(fs);
+                let old = match w.last(p(from), false)? {
+                    Last::Missing { .. } => return Err(libc::ENOENT),
+                    Last::Found { attr, .. } => attr,
+                };
+                let (ndir, _, nname) = w.parent(p(to))?;
+                match w.lookup(ndir, nname) {
+                    Ok(_) => return Err(libc::EEXIST),
+                    Err(libc::ENOENT) => {}
+                    Err(e) => return Err(e),
+                }
+                if old.kind == Kind::Dir {
+                    return Err(libc::EPERM);
+                }
+                let a = en(fs.link(old.ino, ndir, OsStr::from_bytes(nname)))?;
+                w.counted(a.ino);
+                Ok(Outcome::Ok)
+            }
+            Op::Unlink { path } => {
+                let fs = self.h.fs();
+                let mut w = Walk::new(fs);
+                let (dir, _, name) = w.parent(p(path))?;
+                if w.lookup(dir, name)?.kind == Kind::Dir {
+                    return Err(libc::EISDIR);
+                }
+                en(fs.unlink(dir, OsStr::from_bytes(name)))?;
+                Ok(Outcome::Ok)
+            }
+            Op::Mkdir { path } => {
+                let fs = self.h.fs();
+                let mut w = Walk::new(fs);
+                let (dir, _, name) = w.parent(p(path))?;
+                match w.lookup(dir, name) {
+                    Ok(_) => return Err(libc::EEXIST),
+                    Err(libc::ENOENT) => {}
+                    Err(e) => return Err(e),
+                }
+                let a = en(fs.mkdir(dir, OsStr::from_bytes(name), 0o777 & !umask, caller()))?;
+                w.counted(a.ino);
+                Ok(Outcome::Ok)
+            }
+            Op::Rmdir { path } => {
+                let fs = self.h.fs();
+                let mut w = Walk::new(fs);
+                let (dir, _, name) = w.parent(p(path))?;
+                if w.lookup(dir, name)?.kind != Kind::Dir {
+                    return Err(libc::ENOTDIR);
+                }
+                en(fs.rmdir(dir, OsStr::from_bytes(name)))?;
+                Ok(Outcome::Ok)
+            }
+            Op::Symlink { target, path } => {
+                let fs = self.h.fs();
+                let mut w = Walk::new(fs);
+                let (dir, _, name) = w.parent(p(path))?;
+                match w.lookup(dir, name) {
+                    Ok(_) => return Err(libc::EEXIST),
+                    Err(libc::ENOENT) => {}
+                    Err(e) => return Err(e),
+                }
+                let target = OsStr::new(&paths[target]);
+                let a = en(fs.symlink(dir, OsStr::from_bytes(name), target, caller()))?;
+                w.counted(a.ino);
+                Ok(Outcome::Ok)
+            }
+            Op::Readlink { path } => {
+                let fs = self.h.fs();
+                let mut w = Walk::new(fs);
+                match w.last(p(path), false)? {
+                    Last::Missing { .. } => Err(libc::ENOENT),
+                    Last::Found { attr, .. } if attr.kind != Kind::Symlink => Err(libc::EINVAL),
+                    Last::Found { attr, .. } => Ok(Outcome::Bytes(en(fs.readlink(attr.ino))?)),
+                }
+            }
+            Op::Lstat { path } => {
+                let mut w = Walk::new(self.h.fs());
+                match w.last(p(path), false)? {
+                    Last::Missing { .. } => Err(libc::ENOENT),
+                    Last::Found { attr, .. } => Ok(attr_outcome(&attr)),
+                }
+            }
+            Op::ReadDir { dir } => {
+                let fs = self.h.fs();
+                let mut w = Walk::new(fs);
+                match w.last(p(dir), true)? {
+                    Last::Missing { .. } => Err(libc::ENOENT),
+                    Last::Found { attr, .. } if attr.kind != Kind::Dir => Err(libc::ENOTDIR),
+                    Last::Found { attr, .. } => Ok(Outcome::Names(core_list(fs, attr.ino)?)),
+                }
+            }
+            Op::ReadFile { path } => Ok(Outcome::Bytes(core_read_file(self.h.fs(), p(path))?)),
+            Op::Evict { path } => {
+                let fs = self.h.fs();
+                let mut w = Walk::new(fs);
+                match w.last(p(path), true)? {
+                    Last::Missing { .. } => Err(libc::ENOENT),
+                    Last::Found { attr, .. } if attr.kind == Kind::Dir => {
+                        // fsync of a directory is answered by the adapter alone.
+                        let fh = en(fs.opendir(attr.ino))?;
+                        fs.releasedir(fh);
+                        Ok(Outcome::Ok)
+                    }
+                    Last::Found { attr, .. } => {
+                        let fh = en(fs.open(attr.ino, libc::O_RDONLY))?;
+                        let r = en(fs.fsync(fh, true));
+                        fs.release(fh);
+                        r.map(|()| Outcome::Ok)
+                    }
+                }
+            }
+            Op::Concurrent {
+                path,
+                threads,
+                stripe,
+                seed,
+            } => {
+                let fs = self.h.fs();
+                let total = (MAX_OFFSET as usize / 2).min(stripe * threads * 8);
+                let mut files = Vec::new();
+                for _ in 0..threads {
+                    match core_open(fs, umask, p(path), libc::O_WRONLY | libc::O_CREAT, 0o640) {
+                        Ok(s) => files.push(s),
+                        Err(e) => {
+                            files.into_iter().for_each(|s| core_close(fs, s));
+                            return Err(e);
+                        }
+                    }
+                }
+                let data = pseudo_random(total, seed);
+                let written = std::thread::scope(|sc| {
+                    let handles: Vec<_> = files
+                        .iter()
+                        .enumerate()
+                        .map(|(t, f)| {
+                            let data = &data;
+                            sc.spawn(move || -> Errno<()> {
+                                let mut off = t * stripe;
+                                while off < total {
+                                    let end = (off + stripe).min(total);
+                                    core_write(fs, f.fh, off as u64, &data[off..end])?;
+                                    off += stripe * threads;
+                                }
+                                Ok(())
+                            })
+                        })
+                        .collect();
+                    handles.into_iter().try_for_each(|h| h.join().unwrap())
+                });
+                files.into_iter().for_each(|s| core_close(fs, s));
+                written?;
+                Ok(Outcome::Bytes(core_read_file(fs, p(path))?))
+            }
+            Op::Remount => {
+                (0..SLOTS).for_each(|s| {
+                    self.close(s);
+                });
+                self.h.remount();
+                Ok(Outcome::Ok)
+            }
+        }
+    }
+}
+
+impl Kmsfs for Core {
+    fn apply(&mut self, op: &Op, paths: &[String]) -> Outcome {
+        let outcome = self.apply_core(op, paths).unwrap_or_else(Outcome::Err);
+        // Between system calls the kernel holds references to the root and to open files
+        // only (every other lookup was forgotten): the core must hold nothing else.
+        let mut open: Vec<u64> = self.slots.iter().flatten().map(|s| s.ino).collect();
+        open.sort();
+        open.dedup();
+        assert_eq!(
+            self.h.fs().inode_count(),
+            1 + open.len(),
+            "inodes left in the core after {op:?}"
+        );
+        outcome
+    }
+
+    fn snapshot(&mut self) -> Vec<Entry> {
+        fn walk(fs: &Fs, dir: u64, rel: &Path, out: &mut Vec<Entry>) {
+            for name in core_list(fs, dir).unwrap() {
+                let mut w = Walk::new(fs);
+                let attr = w.lookup(dir, &name).unwrap();
+                let path = rel.join(OsStr::from_bytes(&name));
+                let content = match attr.kind {
+                    Kind::File => {
+                        let read = en(fs.open(attr.ino, libc::O_RDONLY)).and_then(|fh| {
+                            let r = core_read(fs, fh, 0, usize::MAX >> 1);
+                            fs.release(fh);
+                            r
+                        });
+                        read.map_or_else(Outcome::Err, Outcome::Bytes)
+                    }
+                    Kind::Symlink => en(fs.readlink(attr.ino)).map_or_else(Outcome::Err, Outcome::Bytes),
+                    _ => Outcome::Ok,
+                };
+                out.push((path.clone(), attr_outcome(&attr), content));
+                if attr.kind == Kind::Dir {
+                    walk(fs, attr.ino, &path, out);
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(self.h.fs(), ROOT_INO, Path::new(""), &mut out);
+        out
+    }
+}
+
+/// Runs `ops` on a fresh kmsfs (reached `via`) and a fresh plain directory; the first
+/// difference, if any.
+fn run(ops: &[Op], via: Via) -> Option<Mismatch> {
     let paths = path_pool();
+    let mut ours: Box<dyn Kmsfs> = match via {
+        Via::Mount => Box::new(Mounted::new()),
+        Via::InProcess => Box::new(Core::new()),
+    };
     // Both trees on tmpfs: the test is about what kmsfs computes, and it syncs a lot.
-    let mut vol = Volume::init_in(&scratch(), &[], &[]);
-    vol.mount(&[]);
     let reference = tempfile::tempdir_in(scratch()).unwrap();
-    let mut ours = Side::new(vol.mnt.clone());
     let mut theirs = Side::new(reference.path().to_path_buf());
     for (index, op) in ops.iter().enumerate() {
         let a = ours.apply(op, &paths);
-        if matches!(op, Op::Remount) {
-            vol.remount();
-        }
         let b = theirs.apply(op, &paths);
         if a != b {
             return Some(Mismatch {
@@ -553,7 +1157,7 @@ fn run(ops: &[Op]) -> Option<Mismatch> {
             });
         }
         if (index + 1) % 1000 == 0 || index + 1 == ops.len() {
-            let (sa, sb) = (snapshot(&vol.mnt), snapshot(reference.path()));
+            let (sa, sb) = (ours.snapshot(), snapshot(reference.path()));
             if sa != sb {
                 let first = sa
                     .iter()
@@ -596,8 +1200,8 @@ fn fnv(b: &[u8]) -> u64 {
 }
 
 /// Delta debugging over the failing prefix: drops chunks while the sequence still fails.
-/// Each attempt is a fresh mount, so the budget is bounded.
-fn shrink(mut ops: Vec<Op>, mut budget: usize) -> Vec<Op> {
+/// Each attempt is a fresh mount (or core), so the budget is bounded.
+fn shrink(mut ops: Vec<Op>, mut budget: usize, via: Via) -> Vec<Op> {
     let mut chunk = ops.len().div_ceil(2);
     while chunk >= 1 && budget > 0 {
         let mut start = 0;
@@ -606,7 +1210,7 @@ fn shrink(mut ops: Vec<Op>, mut budget: usize) -> Vec<Op> {
             let mut candidate = ops.clone();
             candidate.drain(start..(start + chunk).min(ops.len()));
             budget -= 1;
-            if let Some(m) = run(&candidate) {
+            if let Some(m) = run(&candidate, via) {
                 candidate.truncate(m.index + 1);
                 ops = candidate;
                 removed = true;
@@ -621,26 +1225,28 @@ fn shrink(mut ops: Vec<Op>, mut budget: usize) -> Vec<Op> {
     ops
 }
 
-fn check(seed: u64, count: usize) {
+fn check(seed: u64, count: usize, via: Via) {
     let ops = generate(seed, count, path_pool().len());
-    let Some(m) = run(&ops) else {
+    let Some(m) = run(&ops, via) else {
         eprintln!("seed {seed}: {count} operations, 0 mismatches");
         return;
     };
     let failing = ops[..=m.index].to_vec();
+    // An attempt in process costs milliseconds, not a mount: it can afford more of them.
     let budget = std::env::var("KMSFS_DIFF_SHRINK")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(150);
-    let shrunk = shrink(failing, budget);
+        .unwrap_or(if via == Via::Mount { 150 } else { 1000 });
+    let shrunk = shrink(failing, budget, via);
     panic!(
         "mismatch at operation {} of seed {seed} ({:?}):\n{}\n\
-         replay: KMSFS_DIFF_SEED={seed} KMSFS_DIFF_OPS={} cargo test --test differential replay_seed -- --ignored\n\
+         replay: KMSFS_DIFF_SEED={seed} KMSFS_DIFF_OPS={} cargo test --test differential {} -- --ignored\n\
          shrunk to {} operations:\n{:#?}",
         m.index,
         ops[m.index],
         m.detail,
         m.index + 1,
+        via.replay_test(),
         shrunk.len(),
         shrunk
     );
@@ -654,13 +1260,32 @@ fn env_u64(name: &str) -> Option<u64> {
 fn differential_short_budget() {
     // 8 seeds × 5,000 operations: CI's budget.
     for seed in 1..=8 {
-        check(seed, 5_000);
+        check(seed, 5_000, Via::Mount);
+    }
+}
+
+#[test]
+fn differential_in_process() {
+    // The same 8 seeds against the core, 8,000 operations each: about ten seconds in a debug
+    // build (decryption dominates: every read reaches the core, there is no page cache).
+    for seed in 1..=8 {
+        check(seed, 8_000, Via::InProcess);
     }
 }
 
 #[test]
 #[ignore = "long run: KMSFS_DIFF_OPS (default 1,000,000) operations from a random seed"]
 fn differential_long() {
+    long_run(Via::Mount);
+}
+
+#[test]
+#[ignore = "long run in process: KMSFS_DIFF_OPS (default 1,000,000) operations from a random seed"]
+fn differential_long_in_process() {
+    long_run(Via::InProcess);
+}
+
+fn long_run(via: Via) {
     let total = env_u64("KMSFS_DIFF_OPS").unwrap_or(1_000_000) as usize;
     let seed = env_u64("KMSFS_DIFF_SEED").unwrap_or_else(|| {
         std::time::SystemTime::now()
@@ -674,7 +1299,7 @@ fn differential_long() {
     while done < total {
         let n = (total - done).min(50_000);
         eprintln!("seed {chunk_seed}: {n} operations");
-        check(chunk_seed, n);
+        check(chunk_seed, n, via);
         done += n;
         chunk_seed = chunk_seed.wrapping_add(1);
     }
@@ -686,7 +1311,15 @@ fn differential_long() {
 fn replay_seed() {
     let seed = env_u64("KMSFS_DIFF_SEED").expect("set KMSFS_DIFF_SEED");
     let count = env_u64("KMSFS_DIFF_OPS").unwrap_or(5_000) as usize;
-    check(seed, count);
+    check(seed, count, Via::Mount);
+}
+
+#[test]
+#[ignore = "replays KMSFS_DIFF_SEED for KMSFS_DIFF_OPS operations in process"]
+fn replay_seed_in_process() {
+    let seed = env_u64("KMSFS_DIFF_SEED").expect("set KMSFS_DIFF_SEED");
+    let count = env_u64("KMSFS_DIFF_OPS").unwrap_or(5_000) as usize;
+    check(seed, count, Via::InProcess);
 }
 
 /// Shrunk failures, kept as named tests. Some were found by breaking the code on purpose to
@@ -694,12 +1327,15 @@ fn replay_seed() {
 mod regressions {
     use super::*;
 
+    /// Replays through the mount, as found, and in process.
     fn replay(ops: &[Op]) {
-        if let Some(m) = run(ops) {
-            panic!(
-                "mismatch at operation {} ({:?}):\n{}",
-                m.index, ops[m.index], m.detail
-            );
+        for via in [Via::Mount, Via::InProcess] {
+            if let Some(m) = run(ops, via) {
+                panic!(
+                    "mismatch at operation {} ({:?}) via {via:?}:\n{}",
+                    m.index, ops[m.index], m.detail
+                );
+            }
         }
     }
 
@@ -711,7 +1347,8 @@ mod regressions {
 
     /// Found by the generator (and shrunk from 970 operations to these 3) when the reseal of
     /// the block that becomes final was skipped for a cut at a block boundary (a deliberate
-    /// break of `ContentFile::truncate`).
+    /// break of `ContentFile::truncate`). The in-process run finds the same break at the same
+    /// operation and shrinks it to these same 3 in under a second.
     #[test]
     fn a_cut_to_a_block_boundary_reseals_the_new_final_block() {
         replay(&[

@@ -3,6 +3,7 @@
 //! signal); Drop unmounts even when a test fails.
 #![allow(dead_code)]
 
+pub mod inprocess;
 pub mod openbao;
 
 use std::path::{Path, PathBuf};
