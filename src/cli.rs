@@ -93,6 +93,14 @@ enum Cmd {
         #[arg(long, default_value = "/")]
         root: PathBuf,
     },
+    /// Record on this machine which KMS and key a volume uses (after showing them), for a
+    /// volume made elsewhere or before anchors; authenticates its config if it is not yet.
+    Anchor {
+        backing: PathBuf,
+        /// Record the config's settings again although this machine has some.
+        #[arg(long)]
+        replace: bool,
+    },
     /// Lock a mount now: drop every key, fail all I/O with ENOKEY, unmount.
     Lock { mountpoint: PathBuf },
     /// Manage keys in a local keystore: list, create, rotate, disable, enable.
@@ -163,6 +171,7 @@ pub fn run(cli: Cli) -> Result<(), Fatal> {
         Cmd::Lock { mountpoint } => lock(&mountpoint),
         Cmd::InstallUnits { bin_dir, root } => crate::install::install_units(&bin_dir, &root),
         Cmd::Key(args) => key(args),
+        Cmd::Anchor { backing, replace } => crate::init::anchor(&backing, replace),
     }
 }
 
@@ -264,7 +273,7 @@ fn key(args: KeyArgs) -> Result<(), Fatal> {
         (Some(k), _) => std::path::absolute(&k).map_err(|e| fatal!("{}: {e}", k.display()))?,
         // Found as every command finds a volume: a config that points at a keystore planted
         // in the backing directory is refused here too.
-        (None, Some(v)) => match Located::find(&v)?.config.kms {
+        (None, Some(v)) => match Located::find(&v)?.kms {
             KmsConfig::Local { keystore, .. } => keystore,
             KmsConfig::Openbao { key, .. } => {
                 return Err(Fatal::new(format!(

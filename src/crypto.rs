@@ -3,6 +3,16 @@
 //! Everything here is pure computation over byte slices: which bytes are authenticated (the
 //! associated data) and where records live is decided by `format`, not here. Key material lives
 //! in types that wipe themselves on drop and never print their contents.
+//!
+//! **Where key bytes may be.** A key's bytes live in one heap allocation, made when the key is
+//! made and wiped when it is dropped ([`SecretKey`]); an expanded key schedule (which for
+//! AES-256 with AES instructions begins with the key itself) lives in one heap allocation too,
+//! wiped on drop by the cipher crate ([`Aead`]). Moving either moves a pointer, never the key:
+//! a Rust move is a copy, and a key returned by value would leave its bytes in the stack slot
+//! it came from. What the cipher and KDF crates put in their own locals while they work (the
+//! HKDF PRK and HMAC states, the IKM block, AES round keys broadcast for VAES, per-record
+//! subkeys) they do not wipe: every call that handles key material runs through [`scrubbed`],
+//! which overwrites the stack those calls used once they return.
 
 use aes_gcm_siv::Aes256GcmSiv;
 use aes_gcm_siv::aead::{AeadInOut, KeyInit};
@@ -16,6 +26,10 @@ pub const KEY_LEN: usize = 32;
 pub const NONCE_LEN: usize = 12;
 /// AES-GCM-SIV tag length.
 pub const TAG_LEN: usize = 16;
+
+/// Bytes of stack [`scrubbed`] overwrites below its caller: several times the deepest call
+/// tree it wraps (HKDF, an AES key expansion, one AES-GCM-SIV record; a few KiB each).
+const SCRUB_LEN: usize = 16 * 1024;
 
 /// The ciphertext did not authenticate: wrong key, wrong context, or altered bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,17 +49,53 @@ pub fn fill_random(buf: &mut [u8]) {
     getrandom::fill(buf).expect("the OS random number generator failed");
 }
 
+/// Runs `f`, then overwrites with zeros the stack that `f` and everything it called used.
+///
+/// For calls into code that leaves key material in its locals and does not wipe it (the
+/// cipher, HKDF, a base64 decoder handed a key). `f` runs in a frame of its own just below
+/// the caller's; once it returns, [`SCRUB_LEN`] bytes from there down are zeroed (volatile
+/// writes, which the compiler keeps). The caller's own frame is not touched, so `f` must hand
+/// back nothing secret by value: key bytes go to the heap (a [`SecretKey`], a `Zeroizing`
+/// buffer) through a reference or a pointer.
+pub fn scrubbed<R>(f: impl FnOnce() -> R) -> R {
+    let r = run_below(f);
+    scrub_stack();
+    r
+}
+
+/// A frame of its own, so that whatever `f` leaves on the stack is below [`scrubbed`]'s
+/// caller, where [`scrub_stack`] reaches.
+#[inline(never)]
+fn run_below<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
+/// Zeroes [`SCRUB_LEN`] bytes of stack below its caller. Not inlined: its frame must start
+/// where [`run_below`]'s did.
+#[inline(never)]
+fn scrub_stack() {
+    let mut area = [0u64; SCRUB_LEN / 8];
+    area.zeroize();
+    let _ = std::hint::black_box(&mut area);
+}
+
 /// A 256-bit secret: a data key (DEK), a key-encryption key, or a derived subkey.
 ///
-/// Wiped on drop; `Debug` shows only that it is a key.
-#[derive(Clone, Zeroize, ZeroizeOnDrop)]
-pub struct SecretKey([u8; KEY_LEN]);
+/// Its bytes live in one heap allocation for its whole life, filled in place and wiped on
+/// drop, so that moving a key (returning it, sending it, storing it) never copies it. `Debug`
+/// shows only that it is a key.
+pub struct SecretKey(Box<[u8; KEY_LEN]>);
 
 impl SecretKey {
+    /// All zeros, on the heap: the constructors fill it in place.
+    fn zeroed() -> Self {
+        SecretKey(Box::new([0u8; KEY_LEN]))
+    }
+
     /// A fresh random key.
     pub fn generate() -> Self {
-        let mut k = SecretKey([0u8; KEY_LEN]);
-        fill_random(&mut k.0);
+        let mut k = Self::zeroed();
+        fill_random(k.0.as_mut_slice());
         k
     }
 
@@ -54,8 +104,7 @@ impl SecretKey {
         if bytes.len() != KEY_LEN {
             return None;
         }
-        // Copied straight into the wiping type: no stray copy of the key on the stack.
-        let mut k = SecretKey([0u8; KEY_LEN]);
+        let mut k = Self::zeroed();
         k.0.copy_from_slice(bytes);
         Some(k)
     }
@@ -67,14 +116,46 @@ impl SecretKey {
 
     /// HKDF-SHA256 (RFC 5869): a subkey for one purpose, bound to `salt`.
     pub fn derive(&self, salt: &[u8], info: &[u8]) -> SecretKey {
-        let hk = Hkdf::<Sha256>::new(Some(salt), &self.0);
-        let mut out = SecretKey([0u8; KEY_LEN]);
-        // 32 bytes is far below HKDF-SHA256's 255 * 32 byte limit: this cannot fail.
-        hk.expand(info, &mut out.0)
-            .expect("HKDF output of 32 bytes is always valid");
+        let mut out = Self::zeroed();
+        scrubbed(|| hkdf_sha256(&self.0, salt, info, &mut out.0));
         out
     }
 }
+
+/// One HKDF-SHA256 output block, written straight into `okm`. Call it through [`scrubbed`]:
+/// the IKM block hkdf buffers, the PRK it returns by value and the HMAC states keyed with the
+/// PRK are all locals of this call and of hkdf's (the `Hkdf` type does not wipe them, and
+/// sha2 is built without its `zeroize` feature); the PRK is also wiped here explicitly.
+fn hkdf_sha256(ikm: &[u8; KEY_LEN], salt: &[u8], info: &[u8], okm: &mut [u8; KEY_LEN]) {
+    let (mut prk, hk) = Hkdf::<Sha256>::extract(Some(salt), ikm);
+    prk.as_mut_slice().zeroize();
+    // 32 bytes is far below HKDF-SHA256's 255 * 32 byte limit: this cannot fail.
+    hk.expand(info, okm)
+        .expect("HKDF output of 32 bytes is always valid");
+}
+
+impl Clone for SecretKey {
+    /// Heap to heap: the copy never passes through the stack.
+    fn clone(&self) -> Self {
+        let mut k = Self::zeroed();
+        k.0.copy_from_slice(self.0.as_slice());
+        k
+    }
+}
+
+impl Zeroize for SecretKey {
+    fn zeroize(&mut self) {
+        self.0.as_mut_slice().zeroize();
+    }
+}
+
+impl Drop for SecretKey {
+    fn drop(&mut self) {
+        self.zeroize();
+    }
+}
+
+impl ZeroizeOnDrop for SecretKey {}
 
 impl std::fmt::Debug for SecretKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -82,9 +163,14 @@ impl std::fmt::Debug for SecretKey {
     }
 }
 
-/// An AES-256-GCM-SIV instance with its expanded key schedule (wiped on drop by the cipher crate).
+/// An AES-256-GCM-SIV instance with its expanded key schedule, on the heap (so a move never
+/// copies it) and wiped on drop by the cipher crate (`aes`, feature `zeroize`).
+///
+/// Every operation runs through [`scrubbed`]: with AES instructions the crate copies the
+/// round keys (which begin with the key) into its locals for each call (broadcast to both
+/// lanes for VAES), and derives per-record subkeys there, none of which it wipes.
 pub struct Aead {
-    cipher: Aes256GcmSiv,
+    cipher: Box<Aes256GcmSiv>,
 }
 
 impl std::fmt::Debug for Aead {
@@ -95,7 +181,8 @@ impl std::fmt::Debug for Aead {
 
 impl Aead {
     pub fn new(key: &SecretKey) -> Self {
-        let cipher = Aes256GcmSiv::new_from_slice(key.expose()).expect("AES-256-GCM-SIV takes a 32-byte key");
+        // The key schedule is built on the stack and moved to the heap: scrubbed.
+        let cipher = scrubbed(|| Box::new(<Aes256GcmSiv as KeyInit>::new(key.expose().into())));
         Aead { cipher }
     }
 
@@ -110,11 +197,12 @@ impl Aead {
         let body_len = rest.len() - TAG_LEN;
         let (body, tag) = rest.split_at_mut(body_len);
         let nonce: [u8; NONCE_LEN] = (&*nonce).try_into().expect("split at NONCE_LEN");
-        let t = self
-            .cipher
-            .encrypt_inout_detached((&nonce).into(), aad, body.into())
-            // GCM-SIV only refuses messages longer than 2^36 bytes; ours are at most 64 KiB.
-            .expect("AES-GCM-SIV input within limits");
+        let t = scrubbed(|| {
+            self.cipher
+                .encrypt_inout_detached((&nonce).into(), aad, body.into())
+        })
+        // GCM-SIV only refuses messages longer than 2^36 bytes; ours are at most 64 KiB.
+        .expect("AES-GCM-SIV input within limits");
         tag.copy_from_slice(&t);
     }
 
@@ -132,9 +220,11 @@ impl Aead {
         let (body, tag) = rest.split_at_mut(body_len);
         let tag: &[u8; TAG_LEN] = (&*tag).try_into().map_err(|_| AuthError)?;
         let nonce: [u8; NONCE_LEN] = (&*nonce).try_into().map_err(|_| AuthError)?;
-        self.cipher
-            .decrypt_inout_detached((&nonce).into(), aad, body.into(), tag.into())
-            .map_err(|_| AuthError)
+        scrubbed(|| {
+            self.cipher
+                .decrypt_inout_detached((&nonce).into(), aad, body.into(), tag.into())
+        })
+        .map_err(|_| AuthError)
     }
 
     /// Allocating convenience: `nonce ‖ ciphertext ‖ tag` of `plaintext`.
@@ -145,12 +235,16 @@ impl Aead {
         rec
     }
 
-    /// Allocating convenience: the plaintext of a sealed record, in a zeroizing buffer.
+    /// Allocating convenience: the plaintext of a sealed record, in a zeroizing buffer (one
+    /// buffer: opened in place, then the nonce cut off the front; the bytes that leaves in the
+    /// spare capacity are wiped with it).
     pub fn open(&self, aad: &[u8], record: &[u8]) -> Result<zeroize::Zeroizing<Vec<u8>>, AuthError> {
         let mut buf = zeroize::Zeroizing::new(record.to_vec());
         self.open_record(aad, &mut buf)?;
         let end = buf.len() - TAG_LEN;
-        Ok(zeroize::Zeroizing::new(buf[NONCE_LEN..end].to_vec()))
+        buf.truncate(end);
+        buf.drain(..NONCE_LEN);
+        Ok(buf)
     }
 }
 
@@ -164,10 +258,11 @@ impl Aead {
         let mut out = Vec::with_capacity(plaintext.len() + TAG_LEN);
         out.extend_from_slice(plaintext);
         let nonce = [0u8; NONCE_LEN];
-        let tag = self
-            .cipher
-            .encrypt_inout_detached((&nonce).into(), aad, out.as_mut_slice().into())
-            .expect("AES-GCM-SIV input within limits");
+        let tag = scrubbed(|| {
+            self.cipher
+                .encrypt_inout_detached((&nonce).into(), aad, out.as_mut_slice().into())
+        })
+        .expect("AES-GCM-SIV input within limits");
         out.extend_from_slice(&tag);
         out
     }
@@ -181,9 +276,11 @@ impl Aead {
         let tag: &[u8; TAG_LEN] = tag.try_into().map_err(|_| AuthError)?;
         let mut out = ct.to_vec();
         let nonce = [0u8; NONCE_LEN];
-        self.cipher
-            .decrypt_inout_detached((&nonce).into(), aad, out.as_mut_slice().into(), tag.into())
-            .map_err(|_| AuthError)?;
+        scrubbed(|| {
+            self.cipher
+                .decrypt_inout_detached((&nonce).into(), aad, out.as_mut_slice().into(), tag.into())
+        })
+        .map_err(|_| AuthError)?;
         Ok(out)
     }
 }
@@ -283,6 +380,179 @@ mod tests {
         assert_eq!(a.expose(), k.derive(b"salt", b"one").expose());
         assert_ne!(a.expose(), k.derive(b"salt", b"two").expose());
         assert_ne!(a.expose(), k.derive(b"tlas", b"one").expose());
+    }
+
+    #[test]
+    fn clones_and_derived_keys_are_independent_heap_copies() {
+        let k = SecretKey::generate();
+        let c = k.clone();
+        assert_eq!(k.expose(), c.expose());
+        assert_ne!(k.expose().as_ptr(), c.expose().as_ptr());
+        let mut z = c.clone();
+        z.zeroize();
+        assert_eq!(z.expose(), &[0u8; KEY_LEN]);
+        assert_eq!(k.expose(), c.expose(), "zeroizing a clone leaves the original");
+    }
+
+    /// `derive` is HKDF-SHA256 extract-then-expand (RFC 5869; appendix A.1's salt and info),
+    /// whatever the PRK wiping and the scrub do around it.
+    #[test]
+    fn derive_matches_rfc5869() {
+        let ikm = [0x0bu8; 22];
+        // `derive` takes a 32-byte key: the RFC's IKM padded with zeros.
+        let salt = crate::hex::decode("000102030405060708090a0b0c").unwrap();
+        let info = crate::hex::decode("f0f1f2f3f4f5f6f7f8f9").unwrap();
+        let mut okm = [0u8; KEY_LEN];
+        let mut ikm32 = [0u8; KEY_LEN];
+        ikm32[..22].copy_from_slice(&ikm);
+        hkdf_sha256(&ikm32, &salt, &info, &mut okm);
+        let expected = {
+            let mut out = [0u8; KEY_LEN];
+            Hkdf::<Sha256>::new(Some(&salt), &ikm32)
+                .expand(&info, &mut out)
+                .unwrap();
+            out
+        };
+        assert_eq!(okm, expected);
+        let k = SecretKey::from_slice(&ikm32).unwrap();
+        assert_eq!(k.derive(&salt, &info).expose(), &expected);
+        // And the RFC's own 22-byte IKM, to pin that hkdf itself is RFC 5869.
+        let mut rfc = [0u8; 42];
+        Hkdf::<Sha256>::new(Some(&salt), &ikm)
+            .expand(&info, &mut rfc)
+            .unwrap();
+        assert_eq!(
+            crate::hex::encode(&rfc),
+            "3cb25f25faacd57a90434f64d0362f2a2d2d0a90cf1a5a4c5db02d56ecc4c5bf34007208d5b887185865"
+        );
+    }
+
+    #[test]
+    fn open_returns_exactly_the_plaintext() {
+        let a = Aead::new(&SecretKey::generate());
+        for len in [0usize, 1, 32, 1000] {
+            let pt: Vec<u8> = (0..len).map(|i| (i * 3) as u8).collect();
+            let out = a.open(b"x", &a.seal(b"x", &pt)).unwrap();
+            assert_eq!(&out[..], &pt[..]);
+        }
+    }
+
+    /// The pattern [`stack_below`] paints the stack with.
+    const PAINT: u64 = 0xA55A_3CC3_5AA5_C33C;
+    /// How far below its caller [`stack_below`] looks.
+    const SPAN: usize = 64 * 1024;
+
+    #[inline(never)]
+    fn paint() {
+        let mut area = [PAINT; SPAN / 8 + 64];
+        let _ = std::hint::black_box(&mut area);
+    }
+
+    /// Runs `f` where [`scrubbed`] runs its closure, on a stack painted beforehand, and
+    /// returns the `SPAN` bytes below the caller as they are afterwards (`None` where
+    /// /proc/self/mem cannot show them).
+    #[inline(never)]
+    fn stack_below(f: impl FnOnce()) -> Option<Vec<u8>> {
+        let mut marker = 0u8;
+        // Word-aligned, as the paint is.
+        let top = (std::hint::black_box(&mut marker) as *mut u8 as u64) & !7;
+        paint();
+        run_below(f);
+        let mut below = vec![0u8; SPAN];
+        let mem = std::fs::File::open("/proc/self/mem").ok()?;
+        std::os::unix::fs::FileExt::read_exact_at(&mem, &mut below, top - SPAN as u64).ok()?;
+        Some(below)
+    }
+
+    /// How deep below its caller `f` used the stack: the deepest word no longer painted.
+    fn depth_of(f: impl FnOnce()) -> Option<usize> {
+        let below = stack_below(f)?;
+        let untouched = below.chunks(8).take_while(|w| *w == PAINT.to_ne_bytes()).count();
+        Some(SPAN - untouched * 8)
+    }
+
+    /// `SCRUB_LEN` is measured, not guessed: every call `scrubbed` wraps stays well inside it
+    /// (the measure includes reading /proc/self/mem, an upper bound). A crate update that
+    /// makes them deeper fails here.
+    #[test]
+    fn scrub_len_covers_every_call_it_wraps() {
+        let key = SecretKey::generate();
+        let aead = Aead::new(&key);
+        let mut record = vec![7u8; NONCE_LEN + 65536 + TAG_LEN];
+        let mut okm = [0u8; KEY_LEN];
+        let depths = [
+            (
+                "key schedule",
+                depth_of(|| {
+                    let _ =
+                        std::hint::black_box(Box::new(<Aes256GcmSiv as KeyInit>::new(key.expose().into())));
+                }),
+            ),
+            (
+                "hkdf",
+                depth_of(|| hkdf_sha256(key.expose(), b"salt", b"info", &mut okm)),
+            ),
+            (
+                "seal 64 KiB",
+                depth_of(|| {
+                    let (_, body) = record.split_at_mut(NONCE_LEN);
+                    let body = &mut body[..65536];
+                    std::hint::black_box(aead.cipher.encrypt_inout_detached(
+                        (&[1u8; NONCE_LEN]).into(),
+                        b"aad",
+                        body.into(),
+                    ))
+                    .unwrap();
+                }),
+            ),
+            (
+                "open 64 KiB",
+                depth_of(|| {
+                    let (_, body) = record.split_at_mut(NONCE_LEN);
+                    let body = &mut body[..65536];
+                    let _ = std::hint::black_box(aead.cipher.decrypt_inout_detached(
+                        (&[1u8; NONCE_LEN]).into(),
+                        b"aad",
+                        body.into(),
+                        (&[0u8; TAG_LEN]).into(),
+                    ));
+                }),
+            ),
+        ];
+        for (what, depth) in depths {
+            let Some(depth) = depth else {
+                eprintln!("/proc/self/mem cannot show this thread's stack: skipped");
+                return;
+            };
+            eprintln!("{what}: {depth} bytes of stack");
+            assert!(depth * 2 <= SCRUB_LEN, "{what} uses {depth} bytes of stack");
+        }
+    }
+
+    /// After the calls that build and use a key schedule, no copy of the key is left on the
+    /// stack below (with AES instructions the schedule, and each call's copy of it, begins
+    /// with the key itself).
+    #[test]
+    fn scrubbed_calls_leave_no_key_on_the_stack() {
+        let key = SecretKey::generate();
+        let mut sealed = Vec::new();
+        let below = stack_below(|| {
+            let aead = Aead::new(&key);
+            let mut record = vec![7u8; NONCE_LEN + 1000 + TAG_LEN];
+            aead.seal_record(b"aad", &mut record);
+            aead.open_record(b"aad", &mut record).unwrap();
+            sealed = aead.seal_deterministic(b"aad", b"name");
+            aead.open_deterministic(b"aad", &sealed).unwrap();
+            let _ = key.derive(b"salt", b"info");
+        });
+        let Some(below) = below else {
+            eprintln!("/proc/self/mem cannot show this thread's stack: skipped");
+            return;
+        };
+        assert!(
+            !below.windows(KEY_LEN).any(|w| w == key.expose()),
+            "the key was left on the stack"
+        );
     }
 
     #[test]

@@ -27,7 +27,7 @@ use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 /// Who is asking: the caller's credentials, for ownership of what they create.
 #[derive(Debug, Clone, Copy)]
@@ -118,8 +118,12 @@ pub struct Fs {
     runtime: tokio::runtime::Handle,
     /// Root can give created files to their callers; anyone else creates them as itself.
     chown_to_caller: bool,
-    /// How names, symlink targets and xattrs are stored.
-    names: Names,
+    /// How names, symlink targets and xattrs are stored: the name ciphers, until `lock` drops
+    /// them (and so wipes them). Taken briefly by every operation on names for a reference
+    /// of its own; an operation in flight when the lock comes drops the last one.
+    names: RwLock<Option<Arc<Names>>>,
+    /// Whether names are encrypted: what the volume is, which outlives the name ciphers.
+    names_encrypted: bool,
     options: Options,
     /// Unwrapped keys of recently opened files.
     keys: KeyCache,
@@ -148,7 +152,8 @@ impl Fs {
             volume_id,
             runtime,
             chown_to_caller: sys::geteuid() == 0,
-            names,
+            names_encrypted: names.encrypted(),
+            names: RwLock::new(Some(Arc::new(names))),
             keys: KeyCache::new(options.key_cache_entries, options.key_cache_ttl),
             options,
             locked: AtomicBool::new(false),
@@ -170,11 +175,24 @@ impl Fs {
         self.locked.load(Ordering::Acquire)
     }
 
+    /// The name ciphers (with plaintext names, `Names::Plain`); `Locked` once the volume is
+    /// locked and they are gone.
+    fn names(&self) -> FsResult<Arc<Names>> {
+        self.names
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or(FsError::Locked)
+    }
+
     /// Locks the volume: from now on every operation fails with ENOKEY, and every key this
-    /// filesystem holds is dropped (and so wiped). Returns the inode numbers whose kernel
-    /// caches the caller must invalidate.
+    /// filesystem holds is dropped (and so wiped): cached and open file keys, and the name
+    /// ciphers. Returns the inode numbers whose kernel caches the caller must invalidate.
     pub fn lock(&self) -> Vec<u64> {
         self.locked.store(true, Ordering::Release);
+        // Taken out under the lock, dropped after it: never waits for an operation in flight.
+        let names = self.names.write().unwrap_or_else(|p| p.into_inner()).take();
+        drop(names);
         let cached = self.keys.close();
         self.kms.forget_secrets();
         let handles = std::mem::take(&mut *self.handles());
@@ -204,7 +222,13 @@ impl Fs {
     }
 
     /// The content cipher of the file with header `h`: from the cache, or unwrapped by the KMS.
+    ///
+    /// The DEK lives on the heap inside its `SecretKey` from the KMS's answer until the
+    /// cipher is made from it, and is wiped when it drops here; only the cipher (the derived
+    /// key's schedule) is kept.
     fn cipher_for(&self, h: &header::Header) -> FsResult<Arc<ContentCipher>> {
+        // A locked volume asks the KMS for nothing.
+        self.guard()?;
         if let Some(c) = self.keys.get(&h.file_id) {
             self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(c);
@@ -240,6 +264,7 @@ impl Fs {
             }
         })?;
         let cipher = Arc::new(ContentCipher::new(&dek, h.file_id));
+        drop(dek);
         if let Some(old) = self.keys.insert(h.file_id, cipher.clone()) {
             crate::audit::event(
                 "cache_evicted",
@@ -299,6 +324,8 @@ impl Fs {
             sys::chown_fd(inode.fd(), set.uid, set.gid)?;
         }
         if let Some(size) = set.size {
+            // Truncating by path opens the file: its key would come from the KMS.
+            self.guard()?;
             self.check_writable()?;
             if inode.kind != Kind::File {
                 return Err(FsError::InvalidArgument);
@@ -331,6 +358,7 @@ impl Fs {
         flags: i32,
         caller: Caller,
     ) -> FsResult<(Attr, u64)> {
+        self.guard()?;
         self.check_writable()?;
         let dir = self.inodes.get(parent)?;
         let b = self.backing(&dir, name)?;
@@ -379,8 +407,11 @@ impl Fs {
         Ok((attr, fh))
     }
 
-    /// Gets a new file id and its wrapped DEK from the KMS and writes the header.
+    /// Gets a new file id and its wrapped DEK from the KMS and writes the header. The DEK is
+    /// wiped as soon as the file's cipher is made from it.
     fn write_new_header(&self, file: &File) -> FsResult<Arc<ContentCipher>> {
+        // A locked volume asks the KMS for nothing.
+        self.guard()?;
         self.stats.kms_calls.fetch_add(1, Ordering::Relaxed);
         let NewFileKey {
             file_id,
@@ -411,6 +442,7 @@ impl Fs {
         sys::fallocate(file.as_fd(), 0, 0, HEADER_LEN)?;
         file.write_all_at(&bytes, 0)?;
         let cipher = Arc::new(ContentCipher::new(&dek, file_id));
+        drop(dek);
         // Reopening a file just made needs no KMS call.
         self.keys.insert(file_id, cipher.clone());
         Ok(cipher)
@@ -465,6 +497,7 @@ impl Fs {
     }
 
     pub fn open(&self, ino: u64, flags: i32) -> FsResult<u64> {
+        self.guard()?;
         let inode = self.inodes.get(ino)?;
         let write = flags & libc::O_ACCMODE != libc::O_RDONLY;
         if write {

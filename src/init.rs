@@ -1,7 +1,8 @@
 //! `kmsfs init`: a new volume in an empty directory, its KMS proven to work first.
 
+use crate::anchor::Anchor;
 use crate::exit::Fatal;
-use crate::format::config::{CONFIG_FILE_NAME, KmsConfig, NamesConfig, VolumeConfig};
+use crate::format::config::{CONFIG_FILE_NAME, KmsConfig, NamesConfig, VolumeConfig, WrappedKeyConfig};
 use crate::kms::Binding;
 use crate::kms::local::Keystore;
 use crate::volume::explain_kms;
@@ -118,6 +119,19 @@ pub fn init(backing: &Path, kms: InitKms, plaintext_names: bool) -> Result<(), F
             wrapped_key: crate::hex::encode(&wrapped.blob),
         };
     }
+    // The volume key authenticates the config: every volume has one, plaintext names too.
+    let (volume_key, wrapped) = rt
+        .block_on(kms.generate(&Binding::volume(config.volume_id())))
+        .map_err(explain_kms)?;
+    config.volume_key = Some(WrappedKeyConfig {
+        key_ref: wrapped.key_ref,
+        wrapped: crate::hex::encode(&wrapped.blob),
+    });
+    config.seal(&volume_key);
+    drop(volume_key);
+    // The mount side's record first: a config without it would not mount.
+    let anchor_path = crate::anchor::path_for(&backing);
+    crate::anchor::save(&anchor_path, &Anchor::for_config(&backing, &config))?;
     crate::durable::atomic_write(&backing.join(CONFIG_FILE_NAME), &config.encode(), 0o644)
         .map_err(|e| Fatal::new(format!("cannot write volume config: {e}")))?;
     let names = if plaintext_names {
@@ -131,5 +145,89 @@ pub fn init(backing: &Path, kms: InitKms, plaintext_names: bool) -> Result<(), F
         backing.display()
     );
     println!("{about}");
+    println!(
+        "this machine's settings for it: {} (which KMS and key; the backing directory is never trusted for that)",
+        anchor_path.display()
+    );
+    Ok(())
+}
+
+/// `kmsfs anchor BACKING`: records on this machine which KMS and key a volume made elsewhere
+/// (or before anchors existed) uses, after the admin has seen them; authenticates its config
+/// if it is not yet (adds a volume key and a MAC).
+pub fn anchor(backing: &Path, replace: bool) -> Result<(), Fatal> {
+    let (backing, mut config) = crate::volume::read(backing)?;
+    let anchor_path = crate::anchor::path_for(&backing);
+    if !replace && crate::anchor::load(&anchor_path)?.is_some() {
+        return Err(Fatal::new(format!(
+            "{} already has settings for this volume ({}); give --replace to record the config's again",
+            anchor_path.display(),
+            backing.display()
+        )));
+    }
+    let names = match &config.names {
+        NamesConfig::Encrypted { .. } => "encrypted",
+        NamesConfig::Plaintext => "PLAINTEXT",
+    };
+    match &config.kms {
+        KmsConfig::Local { keystore, key } => {
+            println!(
+                "volume {}: local keystore {} key {key:?}; names {names}",
+                config.volume_id,
+                keystore.display()
+            )
+        }
+        KmsConfig::Openbao { addrs, mount, key } => println!(
+            "volume {}: OpenBao Transit {mount}/{key} at {}; names {names}",
+            config.volume_id,
+            addrs.join(", ")
+        ),
+    }
+    crate::volume::check_kms_location(&config.kms, &backing)?;
+    let rt = crate::volume::cli_runtime()?;
+    let kms = crate::volume::key_provider(&config.kms, false, rt.handle()).map_err(explain_kms)?;
+    rt.block_on(kms.check_access()).map_err(explain_kms)?;
+    let binding = Binding::volume(config.volume_id());
+    match &config.volume_key {
+        Some(k) => {
+            let wrapped = crate::kms::WrappedDek {
+                key_ref: k.key_ref.clone(),
+                blob: crate::hex::decode(&k.wrapped).unwrap_or_default(),
+            };
+            let key = rt.block_on(kms.unwrap(&wrapped, &binding)).map_err(explain_kms)?;
+            if !config.mac_matches(&key) {
+                return Err(Fatal::new(format!(
+                    "the volume config in {} fails its authentication: not recording it",
+                    backing.display()
+                )));
+            }
+        }
+        None => {
+            let (key, wrapped) = rt.block_on(kms.generate(&binding)).map_err(explain_kms)?;
+            config.volume_key = Some(WrappedKeyConfig {
+                key_ref: wrapped.key_ref,
+                wrapped: crate::hex::encode(&wrapped.blob),
+            });
+            config.seal(&key);
+        }
+    }
+    // The name key must unwrap too, or the recorded KMS is not this volume's.
+    if let NamesConfig::Encrypted {
+        key_ref, wrapped_key, ..
+    } = &config.names
+    {
+        let wrapped = crate::kms::WrappedDek {
+            key_ref: key_ref.clone(),
+            blob: crate::hex::decode(wrapped_key).unwrap_or_default(),
+        };
+        rt.block_on(kms.unwrap(&wrapped, &binding)).map_err(explain_kms)?;
+    }
+    crate::anchor::save(&anchor_path, &Anchor::for_config(&backing, &config))?;
+    crate::durable::atomic_write(&backing.join(CONFIG_FILE_NAME), &config.encode(), 0o644)
+        .map_err(|e| Fatal::new(format!("cannot write volume config: {e}")))?;
+    println!(
+        "recorded in {}; the config is authenticated",
+        anchor_path.display()
+    );
     Ok(())
 }

@@ -45,7 +45,8 @@ impl KeyCache {
         self.ttl
     }
 
-    /// The cached key of `id`, if present and younger than the TTL.
+    /// The cached key of `id`, if present and younger than the TTL (an expired one is dropped
+    /// here).
     pub fn get(&self, id: &FileId) -> Option<Arc<ContentCipher>> {
         let mut g = self.lock();
         let c = &mut g.0;
@@ -74,7 +75,9 @@ impl KeyCache {
         evicted.filter(|(old, _)| *old != id).map(|(old, _)| old)
     }
 
-    /// Drops entries older than the TTL; returns their ids.
+    /// Drops entries older than the TTL; returns their ids. The cache's reference is the last
+    /// one unless the file is open (its `ContentFile` holds one, dropped at its last
+    /// release): whichever goes last wipes the key schedule.
     pub fn sweep(&self) -> Vec<FileId> {
         let mut g = self.lock();
         let c = &mut g.0;
@@ -115,6 +118,41 @@ mod tests {
     fn cipher() -> (FileId, Arc<ContentCipher>) {
         let id = FileId::generate();
         (id, Arc::new(ContentCipher::new(&SecretKey::generate(), id)))
+    }
+
+    /// Nothing in the cache keeps a clone of an evicted cipher: the caller's reference is the
+    /// last one, and the cipher goes with it.
+    #[test]
+    fn eviction_sweep_and_close_let_go_of_the_cipher() {
+        let c = KeyCache::new(1, Duration::from_millis(50));
+        let (a, ka) = cipher();
+        let weak_a = Arc::downgrade(&ka);
+        c.insert(a, ka);
+        assert!(weak_a.upgrade().is_some(), "held by the cache");
+        let (b, kb) = cipher();
+        let weak_b = Arc::downgrade(&kb);
+        assert_eq!(c.insert(b, kb), Some(a), "pushed out by the LRU bound");
+        assert!(weak_a.upgrade().is_none(), "an LRU eviction drops the cipher");
+        std::thread::sleep(Duration::from_millis(80));
+        assert_eq!(c.sweep(), vec![b]);
+        assert!(weak_b.upgrade().is_none(), "a TTL sweep drops the cipher");
+
+        let (d, kd) = cipher();
+        let weak_d = Arc::downgrade(&kd);
+        c.insert(d, kd);
+        let open = c.get(&d).expect("fresh");
+        std::thread::sleep(Duration::from_millis(80));
+        assert!(c.get(&d).is_none(), "expired");
+        assert!(weak_d.upgrade().is_some(), "an open file keeps its own reference");
+        drop(open);
+        assert!(weak_d.upgrade().is_none(), "its last release drops the cipher");
+
+        let (e, ke) = cipher();
+        let weak_e = Arc::downgrade(&ke);
+        let c = KeyCache::new(4, Duration::from_secs(60));
+        c.insert(e, ke);
+        assert_eq!(c.close(), 1);
+        assert!(weak_e.upgrade().is_none(), "close drops every cipher");
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! `cli` parses commands. docs/design.md has the module map; tests/layers.rs checks it.
 #![deny(unsafe_code)]
 
+pub mod anchor;
 pub mod audit;
 pub mod cli;
 pub mod control;

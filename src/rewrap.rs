@@ -10,11 +10,13 @@ use crate::format::config::{CONFIG_FILE_NAME, NamesConfig};
 use crate::format::header::{self, HEADER_LEN, SLOT_LEN, slot_offset};
 use crate::format::name::{BackingEntry, classify};
 use crate::kms::{Binding, WrappedDek};
+use crate::sys;
 use crate::volume::{Volume, explain_kms};
 use std::collections::{BTreeMap, HashSet};
 use std::fs::{File, OpenOptions};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 /// Files re-wrapped per KMS batch.
@@ -23,6 +25,8 @@ const BATCH: usize = 200;
 struct Candidate {
     path: PathBuf,
     header: header::Header,
+    /// The file whose header was read (device, inode): the slot is written to it, or to nothing.
+    id: (u64, u64),
 }
 
 /// Every backing file that holds content (skips kmsfs's own files; follows no symlinks).
@@ -57,20 +61,35 @@ pub fn run(backing: &Path, dry_run: bool) -> Result<(), Fatal> {
 
     let mut files = Vec::new();
     content_files(backing, &mut files).map_err(|e| fatal!("cannot walk {}: {e}", backing.display()))?;
+    // Every file is opened relative to the root, following no symlink anywhere on its path: the
+    // walk saw regular files, but whoever writes the backing directory may swap a name for a
+    // link (or a directory on the way for one) before we read or write it.
+    let root = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY)
+        .open(backing)
+        .map_err(|e| fatal!("cannot open {}: {e}", backing.display()))?;
     let mut seen = HashSet::new();
     let mut by_version: BTreeMap<Option<u32>, usize> = BTreeMap::new();
     let mut todo = Vec::new();
     let mut unreadable = 0usize;
     for path in files {
-        let Ok(meta) = std::fs::metadata(&path) else {
-            continue;
+        let rel = path.strip_prefix(backing).unwrap_or(&path);
+        let (file, id) = match sys::open_regular_beneath(root.as_fd(), rel, libc::O_RDONLY, 0) {
+            Ok((fd, st)) => (File::from(fd), (st.st_dev, st.st_ino)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue, // removed meanwhile
+            Err(e) => {
+                unreadable += 1;
+                eprintln!("kmsfs: skipping {}: {e}", path.display());
+                continue;
+            }
         };
-        if !seen.insert((meta.dev(), meta.ino())) {
+        if !seen.insert(id) {
             continue; // another link to a file already counted
         }
         let mut buf = vec![0u8; HEADER_LEN as usize];
-        let header = File::open(&path)
-            .and_then(|f| f.read_exact_at(&mut buf, 0))
+        let header = file
+            .read_exact_at(&mut buf, 0)
             .ok()
             .and_then(|()| header::decode(&buf).ok());
         let Some(header) = header else {
@@ -88,7 +107,7 @@ pub fn run(backing: &Path, dry_run: bool) -> Result<(), Fatal> {
         let v = kms.version_of(&w);
         *by_version.entry(v).or_default() += 1;
         if v.is_none_or(|v| v < latest) {
-            todo.push(Candidate { path, header });
+            todo.push(Candidate { path, header, id });
         }
     }
     println!("key {:?} is at version {latest}", status.key_ref);
@@ -122,7 +141,7 @@ pub fn run(backing: &Path, dry_run: bool) -> Result<(), Fatal> {
         for (c, r) in chunk.iter().zip(results) {
             let result = r
                 .map_err(|e| e.to_string())
-                .and_then(|w| write_slot(&c.path, &c.header, w).map_err(|e| e.to_string()));
+                .and_then(|w| write_slot(root.as_fd(), backing, c, w).map_err(|e| e.to_string()));
             match result {
                 Ok(()) => done += 1,
                 Err(e) => {
@@ -158,41 +177,70 @@ pub fn run(backing: &Path, dry_run: bool) -> Result<(), Fatal> {
     Ok(())
 }
 
-/// Writes the new wrap into the header's inactive slot and syncs it.
-fn write_slot(path: &Path, h: &header::Header, w: WrappedDek) -> std::io::Result<()> {
+/// Writes the new wrap into the header's inactive slot and syncs it. The file is opened again
+/// below `root` following no symlink, and written only if it is still the regular file whose
+/// header was read: a name swapped for a link (or another file) since then gets nothing.
+fn write_slot(root: BorrowedFd<'_>, backing: &Path, c: &Candidate, w: WrappedDek) -> std::io::Result<()> {
+    let h = &c.header;
     let invalid =
         |e: header::HeaderError| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string());
     let (index, slot) = h.next_slot(w.key_ref, w.blob).map_err(invalid)?;
     let bytes = header::encode_slot(&h.file_id, &slot).map_err(invalid)?;
     debug_assert_eq!(bytes.len(), SLOT_LEN);
-    let f = OpenOptions::new().write(true).open(path)?;
+    let rel = c.path.strip_prefix(backing).unwrap_or(&c.path);
+    let (fd, st) = sys::open_regular_beneath(root, rel, libc::O_WRONLY, 0)?;
+    if (st.st_dev, st.st_ino) != c.id {
+        return Err(std::io::Error::other(
+            "the file was replaced since its header was read; run `kmsfs rewrap` again",
+        ));
+    }
+    let f = File::from(fd);
     f.write_all_at(&bytes, slot_offset(index))?;
     f.sync_data()
 }
 
-/// Re-wraps the volume name key in the config if it is older than `latest`.
+/// Re-wraps the volume's own keys in the config (the name key and the volume key) if they
+/// are older than `latest`, and seals the config again.
 fn rewrap_name_key(volume: &Volume, rt: &tokio::runtime::Runtime, latest: u32) -> Result<bool, Fatal> {
-    // Re-read: another rewrap may have changed it since the volume was opened.
+    // Re-read, and check again: another rewrap may have changed it since the volume was opened.
     let mut config = crate::volume::load_config(&volume.backing)?;
+    if config != volume.config {
+        return Err(fatal!(
+            "the volume config in {} changed while rewrap ran; run `kmsfs rewrap` again",
+            volume.backing.display()
+        ));
+    }
     let kms = &volume.kms;
-    let NamesConfig::Encrypted {
+    let binding = Binding::volume(volume.id);
+    let volume_key = volume.volume_key(rt)?;
+    let mut changed = false;
+    let mut fields: Vec<(&mut String, &mut String)> = Vec::new();
+    if let NamesConfig::Encrypted {
         key_ref, wrapped_key, ..
     } = &mut config.names
-    else {
-        return Ok(false);
-    };
-    let w = WrappedDek {
-        key_ref: key_ref.clone(),
-        blob: crate::hex::decode(wrapped_key).unwrap_or_default(),
-    };
-    if kms.version_of(&w).is_some_and(|v| v >= latest) {
+    {
+        fields.push((key_ref, wrapped_key));
+    }
+    if let Some(k) = &mut config.volume_key {
+        fields.push((&mut k.key_ref, &mut k.wrapped));
+    }
+    for (key_ref, wrapped) in fields {
+        let w = WrappedDek {
+            key_ref: key_ref.clone(),
+            blob: crate::hex::decode(wrapped).unwrap_or_default(),
+        };
+        if kms.version_of(&w).is_some_and(|v| v >= latest) {
+            continue;
+        }
+        let new = rt.block_on(kms.rewrap(&w, &binding)).map_err(explain_kms)?;
+        *key_ref = new.key_ref;
+        *wrapped = crate::hex::encode(&new.blob);
+        changed = true;
+    }
+    if !changed {
         return Ok(false);
     }
-    let new = rt
-        .block_on(kms.rewrap(&w, &Binding::volume(volume.id)))
-        .map_err(explain_kms)?;
-    *key_ref = new.key_ref;
-    *wrapped_key = crate::hex::encode(&new.blob);
+    config.seal(&volume_key);
     crate::durable::atomic_write(&volume.backing.join(CONFIG_FILE_NAME), &config.encode(), 0o644)
         .map_err(|e| fatal!("cannot write volume config: {e}"))?;
     Ok(true)

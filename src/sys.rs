@@ -16,8 +16,9 @@
 
 use std::ffi::{CStr, CString, OsStr};
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path};
 
 use rustix::fs::{AtFlags, CWD, FileType, Mode, OFlags, Timespec, Timestamps};
 use rustix::io::Errno;
@@ -74,6 +75,137 @@ pub fn fstatat(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<libc::stat> {
     check(unsafe { libc::fstatat(dir.as_raw_fd(), n.as_ptr(), st.as_mut_ptr(), flags) })?;
     // SAFETY: fstatat succeeded, so it filled `st`.
     Ok(unsafe { st.assume_init() })
+}
+
+/// fstat(2) of an open (or O_PATH) descriptor; a symlink's own status for an O_PATH|O_NOFOLLOW
+/// one.
+pub fn fstat(fd: BorrowedFd<'_>) -> io::Result<libc::stat> {
+    fstatat(fd, OsStr::new(""))
+}
+
+/// What a `st_mode` describes, for messages: "a FIFO", "a symbolic link".
+pub fn kind_name(mode: u32) -> &'static str {
+    match mode & libc::S_IFMT {
+        libc::S_IFREG => "a regular file",
+        libc::S_IFDIR => "a directory",
+        libc::S_IFLNK => "a symbolic link",
+        libc::S_IFIFO => "a FIFO",
+        libc::S_IFSOCK => "a socket",
+        libc::S_IFCHR => "a character device",
+        libc::S_IFBLK => "a block device",
+        _ => "of an unknown type",
+    }
+}
+
+/// The error for an object that is not what kmsfs expects there (`InvalidData`: "it is a
+/// FIFO, not a regular file").
+pub fn wrong_type(mode: u32, expected: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("it is {}, not {expected}", kind_name(mode)),
+    )
+}
+
+/// Opens `name` in `dir` with `flags` (O_RDONLY, O_RDWR|O_CREAT, O_WRONLY|O_APPEND|O_CREAT, …)
+/// only if it is a regular file, for objects whoever writes the backing directory may have
+/// planted. It is first opened O_PATH|O_NOFOLLOW, which neither follows a symlink nor opens
+/// anything (a FIFO cannot block it, a device's driver is not called), its type checked with
+/// fstat on that descriptor, and only a regular file is then opened for real through that same
+/// descriptor (`reopen`), so nothing swapped in after the check is read or written. With
+/// O_CREAT a missing file is created with O_EXCL|O_NOFOLLOW, so the new descriptor is a new
+/// regular file. Anything but a regular file is an `InvalidData` error that says what it is
+/// ("it is a FIFO, not a regular file"). Returns the descriptor (close-on-exec, O_NONBLOCK,
+/// which changes nothing for a regular file) and its status.
+pub fn open_regular_at(
+    dir: BorrowedFd<'_>,
+    name: &OsStr,
+    flags: i32,
+    mode: u32,
+) -> io::Result<(OwnedFd, libc::stat)> {
+    let create = flags & libc::O_CREAT != 0;
+    let access =
+        (flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW)) | libc::O_NONBLOCK | libc::O_NOCTTY;
+    // Twice at most: a file created by someone else between our look and our create is looked
+    // at again (and one that keeps appearing and vanishing is an error, not a loop).
+    for _ in 0..2 {
+        match openat(dir, name, libc::O_PATH | libc::O_NOFOLLOW, 0) {
+            Ok(path_fd) => {
+                let st = fstat(path_fd.as_fd())?;
+                if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+                    return Err(wrong_type(st.st_mode, "a regular file"));
+                }
+                if create && flags & libc::O_EXCL != 0 {
+                    return Err(io::Error::from_raw_os_error(libc::EEXIST));
+                }
+                return Ok((reopen(path_fd.as_fd(), access)?, st));
+            }
+            Err(e) if create && e.raw_os_error() == Some(libc::ENOENT) => {
+                let excl = access | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW;
+                match openat(dir, name, excl, mode) {
+                    Ok(fd) => {
+                        let st = fstat(fd.as_fd())?;
+                        return Ok((fd, st));
+                    }
+                    Err(e) if e.raw_os_error() == Some(libc::EEXIST) && flags & libc::O_EXCL == 0 => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(io::Error::from_raw_os_error(libc::EAGAIN))
+}
+
+/// [`open_regular_at`] for a path: symlinks before its last component are followed (they are
+/// the admin's: a backing directory, a keystore's directory), the last one never is.
+pub fn open_regular(path: &Path, flags: i32, mode: u32) -> io::Result<(OwnedFd, libc::stat)> {
+    open_regular_at(CWD, path.as_os_str(), flags, mode)
+}
+
+/// An O_PATH descriptor of the directory `rel` below `root`, entered one component at a time
+/// with O_DIRECTORY|O_NOFOLLOW: a symlink anywhere on the way (even one swapped in after a
+/// walk saw a directory there) fails with ENOTDIR instead of leading out of `root`. `rel` is
+/// relative without `..` (else EINVAL); empty, it names `root` itself.
+pub fn open_dir_beneath(root: BorrowedFd<'_>, rel: &Path) -> io::Result<OwnedFd> {
+    let flags = libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW;
+    let mut cur = openat(root, OsStr::new("."), flags, 0)?;
+    for c in rel.components() {
+        match c {
+            Component::Normal(name) => cur = openat(cur.as_fd(), name, flags, 0)?,
+            Component::CurDir => {}
+            _ => return Err(io::Error::from_raw_os_error(libc::EINVAL)),
+        }
+    }
+    Ok(cur)
+}
+
+/// The directory holding `rel`'s last component (see [`open_dir_beneath`]), and that component.
+pub fn parent_beneath<'p>(root: BorrowedFd<'_>, rel: &'p Path) -> io::Result<(OwnedFd, &'p OsStr)> {
+    let name = rel
+        .file_name()
+        .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let parent = rel.parent().unwrap_or(Path::new(""));
+    Ok((open_dir_beneath(root, parent)?, name))
+}
+
+/// [`open_regular_at`] of `rel` below `root`, following no symlink on the way.
+pub fn open_regular_beneath(
+    root: BorrowedFd<'_>,
+    rel: &Path,
+    flags: i32,
+    mode: u32,
+) -> io::Result<(OwnedFd, libc::stat)> {
+    let (dir, name) = parent_beneath(root, rel)?;
+    open_regular_at(dir.as_fd(), name, flags, mode)
+}
+
+/// lstat of `rel` below `root`, following no symlink on the way (`root` itself if empty).
+pub fn stat_beneath(root: BorrowedFd<'_>, rel: &Path) -> io::Result<libc::stat> {
+    if rel.file_name().is_none() {
+        return fstat(open_dir_beneath(root, rel)?.as_fd());
+    }
+    let (dir, name) = parent_beneath(root, rel)?;
+    fstatat(dir.as_fd(), name)
 }
 
 pub fn mkdirat(dir: BorrowedFd<'_>, name: &OsStr, mode: u32) -> io::Result<()> {
@@ -366,3 +498,99 @@ pub fn raise_nofile_limit() {
 
 #[cfg(test)]
 mod tests;
+
+/// Tests of the helpers that open what the backing directory holds without trusting it.
+#[cfg(test)]
+mod untrusted_tests {
+    use super::*;
+    use std::os::unix::fs::{MetadataExt, symlink};
+
+    fn dir(path: &Path) -> OwnedFd {
+        std::fs::File::open(path).unwrap().into()
+    }
+
+    fn mkfifo(path: &Path) {
+        rustix::fs::mknodat(CWD, path, FileType::Fifo, Mode::from_bits_retain(0o600), 0).unwrap();
+    }
+
+    #[test]
+    fn regular_files_open_and_nothing_else_does_nor_blocks() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = dir(tmp.path());
+        std::fs::write(tmp.path().join("reg"), b"x").unwrap();
+        symlink(tmp.path().join("reg"), tmp.path().join("link")).unwrap();
+        symlink("nowhere", tmp.path().join("dangling")).unwrap();
+        mkfifo(&tmp.path().join("fifo"));
+        std::fs::create_dir(tmp.path().join("sub")).unwrap();
+        let (_, st) = open_regular_at(d.as_fd(), OsStr::new("reg"), libc::O_RDONLY, 0).unwrap();
+        assert_eq!(st.st_size, 1);
+        for (name, flags, what) in [
+            ("link", libc::O_RDONLY, "a symbolic link"),
+            ("dangling", libc::O_WRONLY | libc::O_CREAT, "a symbolic link"),
+            ("fifo", libc::O_RDONLY, "a FIFO"),
+            ("fifo", libc::O_RDWR | libc::O_CREAT, "a FIFO"),
+            ("sub", libc::O_RDONLY, "a directory"),
+        ] {
+            let e = open_regular_at(d.as_fd(), OsStr::new(name), flags, 0o600).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{name}: {e}");
+            assert_eq!(
+                e.to_string(),
+                format!("it is {what}, not a regular file"),
+                "{name}"
+            );
+        }
+        // The dangling link was not followed to create its target.
+        assert!(!tmp.path().join("nowhere").exists());
+        // A missing file is created, as a new regular file with the mode asked for.
+        let flags = libc::O_RDWR | libc::O_CREAT;
+        let (_, st) = open_regular_at(d.as_fd(), OsStr::new("new"), flags, 0o600).unwrap();
+        assert_eq!(st.st_mode & (libc::S_IFMT | 0o077), libc::S_IFREG);
+        let (_, again) = open_regular_at(d.as_fd(), OsStr::new("new"), flags, 0o600).unwrap();
+        assert_eq!(again.st_ino, st.st_ino);
+        let excl = flags | libc::O_EXCL;
+        let e = open_regular_at(d.as_fd(), OsStr::new("new"), excl, 0o600).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EEXIST));
+        let e = open_regular(&tmp.path().join("link"), libc::O_RDONLY, 0).unwrap_err();
+        assert!(e.to_string().contains("symbolic link"), "{e}");
+    }
+
+    #[test]
+    fn beneath_follows_no_link_on_the_way() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("root");
+        let outside = tmp.path().join("outside");
+        std::fs::create_dir_all(root.join("a/b")).unwrap();
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(root.join("a/b/f"), b"in").unwrap();
+        std::fs::write(outside.join("f"), b"out").unwrap();
+        symlink(&outside, root.join("a/l")).unwrap();
+        let r = dir(&root);
+        let (fd, _) = open_regular_beneath(r.as_fd(), Path::new("a/b/f"), libc::O_RDONLY, 0).unwrap();
+        let mut s = String::new();
+        io::Read::read_to_string(&mut std::fs::File::from(fd), &mut s).unwrap();
+        assert_eq!(s, "in");
+        for bad in ["a/l/f", "a/l"] {
+            let e = open_regular_beneath(r.as_fd(), Path::new(bad), libc::O_RDONLY, 0).unwrap_err();
+            assert!(
+                matches!(e.raw_os_error(), Some(libc::ENOTDIR)) || e.kind() == io::ErrorKind::InvalidData,
+                "{bad}: {e}"
+            );
+        }
+        assert_eq!(
+            open_dir_beneath(r.as_fd(), Path::new("a/l"))
+                .unwrap_err()
+                .raw_os_error(),
+            Some(libc::ENOTDIR)
+        );
+        for bad in ["../outside/f", "/etc/passwd", "a/../../outside/f"] {
+            let e = open_regular_beneath(r.as_fd(), Path::new(bad), libc::O_RDONLY, 0).unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::EINVAL), "{bad}");
+        }
+        let st = stat_beneath(r.as_fd(), Path::new("a/l")).unwrap();
+        assert_eq!(st.st_mode & libc::S_IFMT, libc::S_IFLNK);
+        assert_eq!(
+            stat_beneath(r.as_fd(), Path::new("")).unwrap().st_ino,
+            std::fs::metadata(&root).unwrap().ino()
+        );
+    }
+}

@@ -4,7 +4,6 @@ use crate::exit::Fatal;
 use crate::fatal;
 use crate::format::config::LOCK_FILE_NAME;
 use crate::sys;
-use std::fs::File;
 use std::os::fd::AsFd;
 use std::path::Path;
 
@@ -48,7 +47,8 @@ pub fn unmount(mountpoint: &Path, lazy: bool) -> Result<(), Fatal> {
 
 /// Waits (up to 30 s) until no daemon holds the backing directory's lock; false on timeout.
 pub fn wait_for_daemon_exit(backing: &Path) -> bool {
-    let Ok(f) = File::open(backing.join(LOCK_FILE_NAME)) else {
+    // The lock file sits in the backing directory: never through a link, never a FIFO.
+    let Ok((f, _)) = sys::open_regular(&backing.join(LOCK_FILE_NAME), libc::O_RDONLY, 0) else {
         return true;
     };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);

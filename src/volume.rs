@@ -15,10 +15,10 @@ use crate::fs::names::Names;
 use crate::kms::local::LocalKms;
 use crate::kms::openbao;
 use crate::kms::{Binding, KeyProvider, KeyStatus, KmsError, WrappedDek};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Write;
 use std::os::fd::AsFd;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -26,7 +26,11 @@ use std::sync::Arc;
 pub struct Located {
     /// The backing directory, canonical.
     pub backing: PathBuf,
+    /// The config as stored, checked against the anchor (its MAC is checked by
+    /// [`Volume::check_access`], which needs the KMS).
     pub config: VolumeConfig,
+    /// Where the volume's keys are: from the anchor.
+    pub kms: KmsConfig,
 }
 
 /// An open volume: its config and the key provider that holds its keys.
@@ -39,27 +43,34 @@ pub struct Volume {
 }
 
 impl Located {
-    /// Finds the volume in `backing` and checks where its config says its keys are.
+    /// Finds the volume in `backing` and checks its config against this machine's settings
+    /// for it (the anchor): where its keys are comes from the anchor, never from the config.
     pub fn find(backing: &Path) -> Result<Located, Fatal> {
-        let canonical = std::fs::canonicalize(backing).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                fatal!("backing directory {} does not exist", backing.display())
-            } else {
-                fatal!("backing directory {}: {e}", backing.display())
-            }
-        })?;
-        let config = load_config(&canonical)?;
-        check_kms_location(&config, &canonical)?;
+        let (canonical, config) = read(backing)?;
+        let anchor_path = crate::anchor::path_for(&canonical);
+        let Some(anchor) = crate::anchor::load(&anchor_path)? else {
+            return Err(fatal!(
+                "this machine has no settings for the volume in {} ({} is missing): where its keys are \
+                 must not come from the backing directory alone; if this is your volume, check what \
+                 `kmsfs anchor {}` shows and confirm",
+                canonical.display(),
+                anchor_path.display(),
+                canonical.display()
+            ));
+        };
+        anchor.check(&canonical, &config, &anchor_path)?;
+        check_kms_location(&anchor.kms, &canonical)?;
         Ok(Located {
             backing: canonical,
             config,
+            kms: anchor.kms,
         })
     }
 
-    /// Builds the volume's key provider (no KMS request yet); background work it needs runs
-    /// on `runtime`.
+    /// Builds the volume's key provider from the anchor's settings (no KMS request yet);
+    /// background work it needs runs on `runtime`.
     pub fn connect(self, runtime: &tokio::runtime::Handle) -> Result<Volume, Fatal> {
-        let kms = key_provider(&self.config.kms, false, runtime).map_err(explain_kms)?;
+        let kms = key_provider(&self.kms, false, runtime).map_err(explain_kms)?;
         Ok(Volume {
             backing: self.backing,
             id: self.config.volume_id(),
@@ -69,15 +80,63 @@ impl Located {
     }
 }
 
+/// The canonical backing directory and its config as stored (not yet trusted).
+pub fn read(backing: &Path) -> Result<(PathBuf, VolumeConfig), Fatal> {
+    let canonical = std::fs::canonicalize(backing).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            fatal!("backing directory {} does not exist", backing.display())
+        } else {
+            fatal!("backing directory {}: {e}", backing.display())
+        }
+    })?;
+    let config = load_config(&canonical)?;
+    Ok((canonical, config))
+}
+
 impl Volume {
     /// [`Located::find`] then [`Located::connect`].
     pub fn open(backing: &Path, runtime: &tokio::runtime::Handle) -> Result<Volume, Fatal> {
         Located::find(backing)?.connect(runtime)
     }
 
-    /// Proves the mount may use its key.
+    /// Proves the mount may use its key, and that the config is the one kmsfs wrote: its MAC
+    /// is checked under the volume key, which the anchored KMS unwraps. Every command calls
+    /// this before it trusts anything in the config.
     pub fn check_access(&self, rt: &tokio::runtime::Runtime) -> Result<KeyStatus, Fatal> {
-        rt.block_on(self.kms.check_access()).map_err(explain_kms)
+        let status = rt.block_on(self.kms.check_access()).map_err(explain_kms)?;
+        let key = self.volume_key(rt)?;
+        if !self.config.mac_matches(&key) {
+            return Err(fatal!(
+                "the volume config in {} fails its authentication: it was changed outside kmsfs and is \
+                 not trusted; restore kmsfs.json from a backup",
+                self.backing.display()
+            ));
+        }
+        Ok(status)
+    }
+
+    /// The volume key (the config's MAC key), unwrapped by the KMS.
+    pub fn volume_key(&self, rt: &tokio::runtime::Runtime) -> Result<crate::crypto::SecretKey, Fatal> {
+        let Some(k) = &self.config.volume_key else {
+            return Err(fatal!(
+                "the volume config in {} carries no volume key: it was changed outside kmsfs and is not \
+                 trusted; restore kmsfs.json from a backup",
+                self.backing.display()
+            ));
+        };
+        let wrapped = WrappedDek {
+            key_ref: k.key_ref.clone(),
+            blob: crate::hex::decode(&k.wrapped).unwrap_or_default(),
+        };
+        rt.block_on(self.kms.unwrap(&wrapped, &Binding::volume(self.id)))
+            .map_err(|e| match e {
+                KmsError::Corrupt(m) => fatal!(
+                    "the KMS could not unwrap the volume key of {} ({m}): is this the volume's keystore? \
+                     If it is, the config was changed outside kmsfs: restore kmsfs.json from a backup",
+                    self.backing.display()
+                ),
+                e => explain_kms(e),
+            })
     }
 
     /// Unwraps the volume name key (bound to the volume id) and derives the name ciphers.
@@ -154,11 +213,11 @@ pub fn load_config(backing: &Path) -> Result<VolumeConfig, Fatal> {
     VolumeConfig::decode(&bytes).map_err(|e| fatal!("{}: {e}", path.display()))
 }
 
-/// The volume config is stored with the data, so whoever can write the backing directory can
-/// edit it. It must not be able to send new keys somewhere the attacker controls: a local
-/// keystore must live outside the backing directory and belong to the user running kmsfs.
-pub fn check_kms_location(config: &VolumeConfig, backing: &Path) -> Result<(), Fatal> {
-    match &config.kms {
+/// Whoever can write the backing directory must never hold the keys: a local keystore must
+/// live outside it and belong to the user running kmsfs (checked on the anchor's settings,
+/// so also a mistyped anchor is caught).
+pub fn check_kms_location(kms: &KmsConfig, backing: &Path) -> Result<(), Fatal> {
+    match kms {
         // Its address can be pinned on the mount side with BAO_ADDR.
         KmsConfig::Openbao { .. } => Ok(()),
         KmsConfig::Local { keystore, .. } => {
@@ -218,21 +277,39 @@ pub enum VolumeLock {
 
 pub fn lock_volume(backing: &Path) -> Result<VolumeLock, Fatal> {
     let path = backing.join(LOCK_FILE_NAME);
-    let mut f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .open(&path)
-        .map_err(|e| fatal!("cannot open lock file {}: {e}", path.display()))?;
+    // Whoever can write the backing directory may have put a symlink, a FIFO, a device or a
+    // hard link to some other file here: follow no link, open nothing but a regular file
+    // (`sys::open_regular`: checked on a descriptor before it is opened for real), and write
+    // only to one with no other name.
+    let refuse = |what: &str| {
+        fatal!(
+            "refusing lock file {}: {what} (kmsfs writes its lock only to a regular file of its \
+             own, never through a link); remove it (`rm {}`) and try again",
+            path.display(),
+            path.display()
+        )
+    };
+    let (fd, st) = match crate::sys::open_regular(&path, libc::O_RDWR | libc::O_CREAT, 0o600) {
+        Ok(opened) => opened,
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => return Err(refuse(&e.to_string())),
+        Err(e) => return Err(fatal!("cannot open lock file {}: {e}", path.display())),
+    };
+    if st.st_nlink != 1 {
+        return Err(refuse(&format!("it has {} hard links", st.st_nlink)));
+    }
+    let mut f = File::from(fd);
     match crate::sys::try_lock_exclusive(f.as_fd()) {
         Ok(true) => {}
         Ok(false) => {
-            // A pid is a few bytes; the file sits in the backing directory, so bound the read.
-            let pid = crate::durable::read_bounded(&path, 32)
-                .map(|b| String::from_utf8_lossy(&b).trim().to_string())
-                .unwrap_or_default();
+            // A pid is a few bytes, read from the descriptor we hold; only its digits reach a
+            // message (the file sits in the backing directory).
+            let mut buf = [0u8; 32];
+            let n = crate::durable::read_up_to(&f, &mut buf).unwrap_or(0);
+            let pid = buf[..n]
+                .iter()
+                .map(|&b| b as char)
+                .filter(char::is_ascii_digit)
+                .collect();
             return Ok(VolumeLock::Busy { pid });
         }
         Err(e) => return Err(fatal!("cannot lock {}: {e}", path.display())),

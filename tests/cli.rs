@@ -92,11 +92,13 @@ fn a_wrong_keystore_is_refused_at_mount() {
 
 #[test]
 fn a_wrong_keystore_fails_opens_not_with_garbage() {
-    // With plaintext names nothing is unwrapped at mount: the first open finds out.
+    // With plaintext names too, the volume key (the config's MAC key) is unwrapped at mount: a
+    // wrong keystore is refused there. One swapped in while mounted fails the next cold open.
     let mut v = Volume::init_with(&["--plaintext-names"], &[]);
     v.mount(&[]);
     std::fs::write(v.m("f"), b"data").unwrap();
     v.unmount();
+    let real = std::fs::read(&v.keystore).unwrap();
     std::fs::remove_file(&v.keystore).unwrap();
     run_ok(&[
         "key",
@@ -105,7 +107,12 @@ fn a_wrong_keystore_fails_opens_not_with_garbage() {
         "--keystore",
         v.keystore.to_str().unwrap(),
     ]);
+    let err = v.mount_err(&[]);
+    assert!(one_line(&err).contains("is this the volume's keystore"), "{err}");
+    let wrong = std::fs::read(&v.keystore).unwrap();
+    std::fs::write(&v.keystore, &real).unwrap();
     v.mount(&[]);
+    std::fs::write(&v.keystore, &wrong).unwrap();
     let err = std::fs::read(v.m("f")).unwrap_err();
     assert_eq!(errno_of(&err), libc::EIO);
     assert!(v.log_text().contains("cannot unwrap its key"), "{}", v.log_text());
@@ -169,11 +176,13 @@ fn a_config_pointing_at_a_keystore_inside_the_backing_is_refused() {
         text.replace(v.keystore.to_str().unwrap(), planted.to_str().unwrap()),
     )
     .unwrap();
+    // The KMS comes from this machine's settings for the volume (its anchor), never from the
+    // config: a config that names another keystore is not trusted.
     let err = v.mount_err(&[]);
-    assert!(one_line(&err).contains("inside the backing directory"), "{err}");
+    assert!(one_line(&err).contains("not trusted"), "{err}");
     // rewrap writes new wraps: it must refuse the planted keystore too.
     let err = run_err(&["rewrap", v.backing.to_str().unwrap()]);
-    assert!(one_line(&err).contains("inside the backing directory"), "{err}");
+    assert!(one_line(&err).contains("not trusted"), "{err}");
     // So must the key commands: disabling the planted decoy would leave the real key live.
     let err = run_err(&[
         "key",
@@ -182,7 +191,7 @@ fn a_config_pointing_at_a_keystore_inside_the_backing_is_refused() {
         "--volume",
         v.backing.to_str().unwrap(),
     ]);
-    assert!(one_line(&err).contains("inside the backing directory"), "{err}");
+    assert!(one_line(&err).contains("not trusted"), "{err}");
     let ks = std::fs::read_to_string(&planted).unwrap();
     assert!(!ks.contains("\"enabled\": false"), "the decoy was changed: {ks}");
 }

@@ -86,6 +86,16 @@ fn the_frozen_v1_volume_reads_byte_for_byte() {
     config["kms"]["keystore"] = keystore.to_str().unwrap().into();
     std::fs::write(&config_path, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
 
+    // The upgrade path of a volume made before anchors: it does not mount until this machine
+    // has recorded its KMS (`kmsfs anchor`, which also authenticates its config).
+    let err = run_err(&["mount", backing.to_str().unwrap(), mnt.to_str().unwrap()]);
+    assert!(err.contains("kmsfs anchor"), "{err}");
+    let out = run_ok(&["anchor", backing.to_str().unwrap()]);
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        shown.contains("local keystore") && shown.contains("names encrypted"),
+        "{shown}"
+    );
     run_ok(&["mount", backing.to_str().unwrap(), mnt.to_str().unwrap()]);
     let got = describe(&mnt);
     run_ok(&["unmount", mnt.to_str().unwrap()]);

@@ -437,7 +437,8 @@ fn a_missing_keystore_or_refusing_kms_is_one_fatal_line() {
 
 #[test]
 fn the_wrong_keystore_is_one_fatal_line_and_repair_moves_nothing() {
-    // With plaintext names no key is unwrapped before the files: each one would fail alone.
+    // With plaintext names too, the volume key is unwrapped before the files: the wrong
+    // keystore is one line, before anything is judged or moved.
     let mut v = Volume::init_with(&["--plaintext-names"], &[]);
     v.mount(&[]);
     for i in 0..5 {
@@ -455,7 +456,7 @@ fn the_wrong_keystore_is_one_fatal_line_and_repair_moves_nothing() {
     let r = fsck(&v, &["--repair"]);
     assert_eq!(r.code, 2, "{}{}", r.stdout, r.stderr);
     assert!(
-        one_line(&r.stderr).contains("none of the 5 file keys unwraps"),
+        one_line(&r.stderr).contains("is this the volume's keystore?"),
         "{}",
         r.stderr
     );

@@ -179,12 +179,14 @@ pub struct ContentCipher {
 }
 
 impl ContentCipher {
+    /// Derives the file's content key (HKDF, salted with the file id) and keeps only its
+    /// cipher. The derived key sits in its heap `SecretKey` only while the key schedule is
+    /// built, and is wiped when this returns; the DEK is the caller's to drop.
     pub fn new(dek: &SecretKey, file_id: FileId) -> Self {
         let key = dek.derive(&file_id.0, CONTENT_KEY_INFO);
-        ContentCipher {
-            file_id,
-            aead: Aead::new(&key),
-        }
+        let aead = Aead::new(&key);
+        drop(key);
+        ContentCipher { file_id, aead }
     }
 
     pub fn file_id(&self) -> &FileId {

@@ -28,6 +28,41 @@ pub struct VolumeConfig {
     pub block_size: u64,
     pub kms: KmsConfig,
     pub names: NamesConfig,
+    /// The volume key, wrapped by the KMS bound to the volume id: the key the config's MAC is
+    /// made with. Absent in configs made before kmsfs authenticated them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume_key: Option<WrappedKeyConfig>,
+    /// HMAC-SHA256 over the rest of the config (see [`VolumeConfig::mac_input`]), hex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+}
+
+/// A key the KMS wrapped, as the config stores it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WrappedKeyConfig {
+    pub key_ref: String,
+    /// The wrapped key, hex.
+    pub wrapped: String,
+}
+
+/// HKDF info of the config MAC key, derived from the volume key with the volume id as salt.
+pub const CONFIG_MAC_INFO: &[u8] = b"kmsfs config mac";
+/// Length of the config MAC.
+pub const CONFIG_MAC_LEN: usize = 32;
+
+/// The config's MAC under `volume_key`: HMAC-SHA256 with a key derived for this purpose only.
+pub fn config_mac(
+    volume_key: &crate::crypto::SecretKey,
+    volume_id: &VolumeId,
+    input: &[u8],
+) -> [u8; CONFIG_MAC_LEN] {
+    use hmac::{KeyInit, Mac};
+    let key = volume_key.derive(&volume_id.0, CONFIG_MAC_INFO);
+    let mut mac = <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(key.expose())
+        .expect("HMAC takes any key length");
+    mac.update(input);
+    mac.finalize().into_bytes().into()
 }
 
 /// How entry names, symlink targets and xattrs are stored.
@@ -103,7 +138,36 @@ impl VolumeConfig {
             block_size: BLOCK_SIZE,
             kms,
             names: NamesConfig::Plaintext,
+            volume_key: None,
+            mac: None,
         }
+    }
+
+    /// The bytes the MAC covers: the config as written, with no `mac` field. Everything else
+    /// is covered: names mode and keys, ids, KMS settings, sizes.
+    pub fn mac_input(&self) -> Vec<u8> {
+        let mut c = self.clone();
+        c.mac = None;
+        c.encode()
+    }
+
+    /// Sets the MAC under `volume_key` (after every change).
+    pub fn seal(&mut self, volume_key: &crate::crypto::SecretKey) {
+        let mac = config_mac(volume_key, &self.volume_id(), &self.mac_input());
+        self.mac = Some(crate::hex::encode(&mac));
+    }
+
+    /// Whether the MAC is the one `volume_key` makes (in constant time).
+    pub fn mac_matches(&self, volume_key: &crate::crypto::SecretKey) -> bool {
+        use hmac::{KeyInit, Mac};
+        let Some(given) = self.mac.as_deref().and_then(crate::hex::decode) else {
+            return false;
+        };
+        let key = volume_key.derive(&self.volume_id().0, CONFIG_MAC_INFO);
+        let mut mac = <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(key.expose())
+            .expect("HMAC takes any key length");
+        mac.update(&self.mac_input());
+        mac.verify_slice(&given).is_ok()
     }
 
     /// The volume id (validated at decode; all zeros if the field was changed since).
@@ -188,6 +252,28 @@ impl VolumeConfig {
                 }
             }
         }
+        if let Some(k) = &self.volume_key {
+            if k.key_ref.is_empty() || k.key_ref.len() > super::header::MAX_KEY_REF_LEN {
+                return Err(ConfigError::Invalid("volume_key key_ref must be 1 to 256 bytes"));
+            }
+            match crate::hex::decode(&k.wrapped) {
+                Some(w) if !w.is_empty() && w.len() <= super::header::MAX_WRAPPED_LEN => {}
+                _ => {
+                    return Err(ConfigError::Invalid(
+                        "volume_key wrapped must be 1 to 1024 bytes of hex",
+                    ));
+                }
+            }
+        }
+        match (&self.volume_key, &self.mac) {
+            (None, None) => {}
+            (Some(_), Some(m)) if crate::hex::decode(m).is_some_and(|m| m.len() == CONFIG_MAC_LEN) => {}
+            _ => {
+                return Err(ConfigError::Invalid(
+                    "volume_key and a 64-hex-digit mac go together",
+                ));
+            }
+        }
         // kmsfs writes the config back pretty-printed (rewrap), which can be longer than a
         // compact original: accept only what can be written back and read again.
         if self.encode().len() > MAX_CONFIG_LEN {
@@ -212,6 +298,43 @@ mod tests {
             wrapped_key: "abcd".into(),
         };
         c
+    }
+
+    #[test]
+    fn the_mac_covers_every_field() {
+        let key = crate::crypto::SecretKey::generate();
+        let mut c = sample();
+        c.volume_key = Some(WrappedKeyConfig {
+            key_ref: "default".into(),
+            wrapped: "beef".into(),
+        });
+        c.seal(&key);
+        let c = VolumeConfig::decode(&c.encode()).unwrap();
+        assert!(c.mac_matches(&key));
+        assert!(!c.mac_matches(&crate::crypto::SecretKey::generate()));
+        let changes: [fn(&mut VolumeConfig); 5] = [
+            |c| c.names = NamesConfig::Plaintext,
+            |c| c.volume_id = "ffeeddccbbaa99887766554433221100".into(),
+            |c| {
+                c.kms = KmsConfig::Local {
+                    keystore: "/tmp/decoy".into(),
+                    key: "default".into(),
+                }
+            },
+            |c| c.volume_key.as_mut().unwrap().wrapped = "beee".into(),
+            |c| c.mac = Some("00".repeat(CONFIG_MAC_LEN)),
+        ];
+        for change in changes {
+            let mut bad = c.clone();
+            change(&mut bad);
+            assert!(!bad.mac_matches(&key), "{bad:?}");
+        }
+        let mut stripped = c.clone();
+        stripped.mac = None;
+        assert!(
+            VolumeConfig::decode(&stripped.encode()).is_err(),
+            "a key without a mac"
+        );
     }
 
     #[test]

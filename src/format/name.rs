@@ -119,7 +119,10 @@ pub enum NameError {
     Invalid,
 }
 
-/// The per-purpose ciphers derived from the volume name key.
+/// The per-purpose ciphers derived from the volume name key. It holds no key bytes of its
+/// own: each subkey is derived into a heap `SecretKey`, expanded into its cipher's heap key
+/// schedule and wiped; the name key is the caller's to drop. Dropping a `NameCipher` wipes
+/// the four key schedules (the cipher crate's `Drop`).
 pub struct NameCipher {
     names: Aead,
     symlinks: Aead,
@@ -160,7 +163,10 @@ pub fn check_name(name: &[u8]) -> Result<(), NameError> {
 
 impl NameCipher {
     pub fn new(volume_name_key: &SecretKey, volume_id: &[u8]) -> Self {
-        let sub = |info| Aead::new(&volume_name_key.derive(volume_id, info));
+        let sub = |info| {
+            let key = volume_name_key.derive(volume_id, info);
+            Aead::new(&key)
+        };
         NameCipher {
             names: sub(NAME_KEY_INFO),
             symlinks: sub(SYMLINK_KEY_INFO),

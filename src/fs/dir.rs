@@ -21,7 +21,8 @@ use std::sync::Arc;
 impl Fs {
     /// The id names in `dir` are bound to (`None` with plaintext names).
     pub(super) fn dir_id(&self, dir: &Inode) -> FsResult<Option<DirId>> {
-        let Names::Encrypted { root_dir_id, .. } = &self.names else {
+        let names = self.names()?;
+        let Names::Encrypted { root_dir_id, .. } = &*names else {
             return Ok(None);
         };
         if dir.ino == ROOT_INO {
@@ -39,13 +40,13 @@ impl Fs {
 
     pub(super) fn backing(&self, dir: &Inode, name: &OsStr) -> FsResult<BackingName> {
         let id = self.dir_id(dir)?;
-        self.names.to_backing(id.as_ref(), dir.ino == ROOT_INO, name)
+        self.names()?.to_backing(id.as_ref(), dir.ino == ROOT_INO, name)
     }
 
     /// Attributes as the mount shows them.
     pub(super) fn attr_from(&self, inode: &Inode, st: &libc::stat) -> Attr {
         let mut attr = Attr::from_stat(inode.ino, st, inode.content().map(|c| c.size()));
-        if inode.kind == Kind::Symlink && self.names.encrypted() {
+        if inode.kind == Kind::Symlink && self.names_encrypted {
             attr.size = symlink_plain_len(attr.size);
         }
         attr
@@ -136,7 +137,7 @@ impl Fs {
 
     pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, caller: Caller) -> FsResult<Attr> {
         let (dir, b) = self.prepare_change(parent, name)?;
-        if !self.names.encrypted() {
+        if !self.names_encrypted {
             sys::mkdirat(dir.fd(), &b.name, mode & 0o7777)?;
             return self.finish_create(&dir, &b.name, caller);
         }
@@ -189,7 +190,7 @@ impl Fs {
 
     pub fn symlink(&self, parent: u64, name: &OsStr, target: &OsStr, caller: Caller) -> FsResult<Attr> {
         let (dir, b) = self.prepare_change(parent, name)?;
-        let stored: OsString = match self.names.cipher() {
+        let stored: OsString = match self.names()?.cipher() {
             Some(c) => c.encrypt_symlink(target.as_bytes()).into(),
             None => target.to_os_string(),
         };
@@ -203,7 +204,7 @@ impl Fs {
     pub fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
         let inode = self.inodes.get(ino)?;
         let stored = sys::readlink_fd(inode.fd())?;
-        match self.names.cipher() {
+        match self.names()?.cipher() {
             None => Ok(stored),
             Some(c) => c.decrypt_symlink(&stored).map_err(|_| {
                 log::error!("symlink inode {ino}: target does not decrypt");
@@ -228,7 +229,7 @@ impl Fs {
 
     pub fn rmdir(&self, parent: u64, name: &OsStr) -> FsResult<()> {
         let (dir, b) = self.prepare_change(parent, name)?;
-        if self.names.encrypted() {
+        if self.names_encrypted {
             let sub = sys::openat(
                 dir.fd(),
                 &b.name,
@@ -304,7 +305,7 @@ impl Fs {
         dir: &Inode,
         backing: &OsStr,
     ) -> FsResult<Option<(std::os::fd::OwnedFd, DirId)>> {
-        if !self.names.encrypted() {
+        if !self.names_encrypted {
             return Ok(None);
         }
         let Ok(sub) = sys::openat(
@@ -331,15 +332,13 @@ impl Fs {
     pub fn opendir(&self, ino: u64) -> FsResult<u64> {
         let inode = self.inodes.get(ino)?;
         let id = self.dir_id(&inode)?;
+        let names = self.names()?;
         let path = sys::proc_fd_path(inode.fd());
         let mut entries = Vec::new();
         let mut undecryptable = 0usize;
         for e in std::fs::read_dir(std::path::Path::new(OsStr::from_bytes(path.as_bytes())))? {
             let e = e?;
-            let name = match self
-                .names
-                .from_backing(inode.fd(), id.as_ref(), ino == ROOT_INO, &e.file_name())
-            {
+            let name = match names.from_backing(inode.fd(), id.as_ref(), ino == ROOT_INO, &e.file_name()) {
                 None => continue,
                 Some(Ok(name)) => name,
                 Some(Err(_)) => {

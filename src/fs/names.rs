@@ -114,15 +114,11 @@ impl Names {
     }
 }
 
-/// Reads a long-name entry's sidecar and checks that it belongs to that entry.
+/// Reads a long-name entry's sidecar and checks that it belongs to that entry. Only a regular
+/// file is read (no symlink followed, no FIFO or device waited on: `sys::open_regular_at`),
+/// and at most `MAX_SIDECAR_LEN` + 1 bytes of it.
 fn read_sidecar(dir: BorrowedFd<'_>, long: &str) -> Option<String> {
-    let fd = sys::openat(
-        dir,
-        OsStr::new(&name::sidecar_of(long)),
-        libc::O_RDONLY | libc::O_NOFOLLOW,
-        0,
-    )
-    .ok()?;
+    let (fd, _) = sys::open_regular_at(dir, OsStr::new(&name::sidecar_of(long)), libc::O_RDONLY, 0).ok()?;
     let mut buf = Vec::new();
     std::fs::File::from(fd)
         .take(MAX_SIDECAR_LEN as u64 + 1)
@@ -141,7 +137,8 @@ pub fn write_sidecar(dir: BorrowedFd<'_>, long: &OsStr, encoded: &str) -> FsResu
         return Ok(false);
     }
     let tmp = temp_name();
-    let fd = sys::openat(dir, &tmp, libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL, 0o444)?;
+    let flags = libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW;
+    let fd = sys::openat(dir, &tmp, flags, 0o444)?;
     let mut f = std::fs::File::from(fd);
     let sidecar = OsString::from(name::sidecar_of(long));
     let result = f
@@ -163,9 +160,11 @@ pub fn temp_name() -> OsString {
     format!("{TEMP_PREFIX}{}", crate::hex::encode(&r)).into()
 }
 
-/// Reads the id of the directory `dir` from its id file.
+/// Reads the id of the directory `dir` from its id file: only a regular file (a symlink, FIFO
+/// or device there is an `InvalidData` error, and never blocks), and at most `DIR_ID_LEN` + 1
+/// bytes of it.
 pub fn read_dir_id(dir: BorrowedFd<'_>) -> std::io::Result<DirId> {
-    let fd = sys::openat(dir, OsStr::new(DIR_ID_FILE), libc::O_RDONLY | libc::O_NOFOLLOW, 0)?;
+    let (fd, _) = sys::open_regular_at(dir, OsStr::new(DIR_ID_FILE), libc::O_RDONLY, 0)?;
     let mut buf = Vec::with_capacity(DIR_ID_LEN + 1);
     std::fs::File::from(fd)
         .take(DIR_ID_LEN as u64 + 1)
@@ -183,7 +182,7 @@ pub fn write_dir_id(dir: BorrowedFd<'_>, id: &DirId) -> std::io::Result<()> {
     let fd = sys::openat(
         dir,
         OsStr::new(DIR_ID_FILE),
-        libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL,
+        libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW,
         0o444,
     )?;
     let mut f = std::fs::File::from(fd);

@@ -6,6 +6,7 @@
 
 use super::Fs;
 use super::error::{FsError, FsResult};
+use super::names::Names;
 use crate::format::name::XATTR_USER_PREFIX;
 use crate::sys;
 use std::ffi::{OsStr, OsString};
@@ -22,8 +23,8 @@ fn user_name(name: &OsStr) -> Option<&[u8]> {
 
 impl Fs {
     /// The backing attribute name for `user.NAME`.
-    fn stored_xattr_name(&self, name: &[u8]) -> OsString {
-        match self.names.cipher() {
+    fn stored_xattr_name(names: &Names, name: &[u8]) -> OsString {
+        match names.cipher() {
             Some(c) => c.encrypt_xattr_name(name).into(),
             None => {
                 let mut n = OsString::from(XATTR_USER_PREFIX);
@@ -38,11 +39,12 @@ impl Fs {
         let Some(plain) = user_name(name) else {
             return Err(FsError::NoAttribute);
         };
-        let stored_name = self.stored_xattr_name(plain);
+        let names = self.names()?;
+        let stored_name = Self::stored_xattr_name(&names, plain);
         let mut buf = vec![0u8; XATTR_SIZE_MAX + 256];
         let n = sys::getxattr_fd(inode.fd(), &stored_name, &mut buf)?;
         buf.truncate(n);
-        match self.names.cipher() {
+        match names.cipher() {
             None => Ok(buf),
             Some(c) => c
                 .decrypt_xattr_value(&stored_name.to_string_lossy(), &buf)
@@ -58,9 +60,10 @@ impl Fs {
         let inode = self.inodes.get(ino)?;
         let mut buf = vec![0u8; XATTR_SIZE_MAX];
         let n = sys::listxattr_fd(inode.fd(), &mut buf)?;
+        let names = self.names()?;
         let mut out = Vec::new();
         for stored in buf[..n].split(|&b| b == 0).filter(|s| !s.is_empty()) {
-            let plain = match self.names.cipher() {
+            let plain = match names.cipher() {
                 None => user_name(OsStr::from_bytes(stored)).map(<[u8]>::to_vec),
                 Some(c) => c.decrypt_xattr_name(stored).ok(),
             };
@@ -82,11 +85,12 @@ impl Fs {
         if plain.len() > 255 - XATTR_USER_PREFIX.len() {
             return Err(FsError::Range);
         }
-        let stored_name = self.stored_xattr_name(plain);
+        let names = self.names()?;
+        let stored_name = Self::stored_xattr_name(&names, plain);
         if stored_name.len() > 255 {
             return Err(FsError::Range);
         }
-        let stored = match self.names.cipher() {
+        let stored = match names.cipher() {
             None => value.to_vec(),
             Some(c) => c.encrypt_xattr_value(&stored_name.to_string_lossy(), value),
         };
@@ -99,6 +103,10 @@ impl Fs {
         let Some(plain) = user_name(name) else {
             return Err(FsError::NoAttribute);
         };
-        Ok(sys::removexattr_fd(inode.fd(), &self.stored_xattr_name(plain))?)
+        let names = self.names()?;
+        Ok(sys::removexattr_fd(
+            inode.fd(),
+            &Self::stored_xattr_name(&names, plain),
+        )?)
     }
 }

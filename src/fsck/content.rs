@@ -18,9 +18,11 @@ use crate::format::block::{
 };
 use crate::format::header::{self, HEADER_LEN, Header, SlotState};
 use crate::kms::{Binding, KmsError, WrappedDek};
+use crate::sys;
 use crate::volume::{Volume, explain_kms};
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -104,6 +106,12 @@ pub struct ContentCheck<'a> {
 
 impl ContentCheck<'_> {
     pub fn run(mut self, files: &[FileRef]) -> Result<HashMap<PathBuf, FileId>, Fatal> {
+        // Files are opened relative to the root, following no symlink on the way.
+        let root = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY)
+            .open(self.root)
+            .map_err(|e| Fatal::new(format!("cannot open {}: {e}", self.root.display())))?;
         let mut ids: HashMap<FileId, u64> = HashMap::new();
         let mut by_path = HashMap::new();
         let (mut unwrapped, mut refused, mut done) = (0u64, 0u64, 0usize);
@@ -111,7 +119,7 @@ impl ContentCheck<'_> {
         for chunk in files.chunks(BATCH) {
             let mut opened = Vec::with_capacity(chunk.len());
             for f in chunk {
-                if let Some(o) = self.open(f) {
+                if let Some(o) = self.open(root.as_fd(), f) {
                     if let Some(other) = ids.insert(o.header.file_id, f.inode) {
                         let msg = format!(
                             "another file (inode {other}) has the same file id: a copy made \
@@ -180,16 +188,14 @@ impl ContentCheck<'_> {
         Ok(by_path)
     }
 
-    /// Opens a file and parses its header; a problem (and `None`) if that fails.
-    fn open<'f>(&mut self, f: &'f FileRef) -> Option<Opened<'f>> {
+    /// Opens a file and parses its header; a problem (and `None`) if that fails. Only a regular
+    /// file is read: no symlink is followed on the way or at the end, no FIFO waited on (the
+    /// walk saw a regular file here, but the name may have been swapped since).
+    fn open<'f>(&mut self, root: BorrowedFd<'_>, f: &'f FileRef) -> Option<Opened<'f>> {
         self.summary.files += 1;
         let path = &f.paths[0];
-        let file = match OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-            .open(self.root.join(path))
-        {
-            Ok(file) => file,
+        let file = match sys::open_regular_beneath(root, path, libc::O_RDONLY, 0) {
+            Ok((fd, _)) => File::from(fd),
             Err(e) => {
                 let msg = format!("file cannot be opened ({e})");
                 self.problems

@@ -5,6 +5,11 @@
 //!
 //! The daemon's lock is taken for the whole run: a mounted volume is refused, and a mount
 //! attempted meanwhile is refused too.
+//!
+//! The backing directory is not ours: lost+found, its report and every directory an entry
+//! moves from are opened relative to the root, following no symlink (a planted link makes the
+//! run stop with one line before anything moves, or leaves that one entry where it is), and
+//! the report is appended to only if it is a regular file with no other name.
 
 use super::report::{Moved, Problem, REPORT_FILE, report_path};
 use crate::exit::Fatal;
@@ -13,11 +18,11 @@ use crate::format::name::MAX_BACKING_NAME_LEN;
 use crate::sys;
 use crate::volume::{VolumeLock, lock_volume};
 use std::collections::BTreeMap;
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::os::fd::AsFd;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// How `move_one` says the new name is taken.
@@ -59,23 +64,13 @@ pub fn quarantine(root: &Path, problems: &[Problem], keep_names: bool) -> Result
     if targets.is_empty() {
         return Ok(Vec::new());
     }
-    let lf_path = root.join(LOST_FOUND_NAME);
-    match std::fs::DirBuilder::new().mode(0o700).create(&lf_path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(Fatal::new(format!("cannot create {}: {e}", lf_path.display()))),
-    }
-    let lost_found = OpenOptions::new()
+    let root_dir = OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
-        .open(&lf_path)
-        .map_err(|e| Fatal::new(format!("cannot use {}: {e}", lf_path.display())))?;
-    let mut report = OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(0o600)
-        .open(lf_path.join(REPORT_FILE))
-        .map_err(|e| Fatal::new(format!("cannot write {}: {e}", report_path().display())))?;
+        .custom_flags(libc::O_DIRECTORY)
+        .open(root)
+        .map_err(|e| Fatal::new(format!("cannot open {}: {e}", root.display())))?;
+    let root_fd = root_dir.as_fd();
+    let (lost_found, mut report) = open_lost_found(root, root_fd)?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -83,13 +78,12 @@ pub fn quarantine(root: &Path, problems: &[Problem], keep_names: bool) -> Result
     let mut moved = Vec::new();
     let mut parents = Vec::new();
     for (i, (from, why)) in targets.iter().enumerate() {
-        let inode = std::fs::symlink_metadata(root.join(from))
-            .map(|m| m.ino())
-            .unwrap_or(0);
+        let inode = sys::stat_beneath(root_fd, from).map(|st| st.st_ino).unwrap_or(0);
         // A name taken (by an earlier run in the same second) gets the next suffix.
         let mut result = Err(String::new());
         for dup in 0..100 {
-            result = move_one(root, &lost_found, from, &new_name(now, i, dup, from, keep_names));
+            let name = new_name(now, i, dup, from, keep_names);
+            result = move_one(root_fd, lost_found.as_fd(), from, &name);
             if !matches!(&result, Err(e) if e.starts_with(EXISTS)) {
                 break;
             }
@@ -121,11 +115,58 @@ pub fn quarantine(root: &Path, problems: &[Problem], keep_names: bool) -> Result
     parents.sort();
     parents.dedup();
     for p in parents {
-        if let Ok(d) = File::open(root.join(&p)) {
+        if let Ok(d) = sys::open_dir_beneath(root_fd, &p) {
             let _ = sys::fsync_dir(d.as_fd());
         }
     }
     Ok(moved)
+}
+
+/// Creates (or finds) lost+found in the root and opens its report for appending. Refuses, with
+/// one line and before anything is moved, a lost+found that is not a directory of its own (a
+/// symlink to a directory elsewhere) and a report that is not a regular file with one name (a
+/// symlink, a FIFO, a hard link to another file).
+fn open_lost_found(root: &Path, root_fd: BorrowedFd<'_>) -> Result<(OwnedFd, File), Fatal> {
+    let lf_path = root.join(LOST_FOUND_NAME);
+    let lf = OsStr::new(LOST_FOUND_NAME);
+    let refuse = |path: &Path, what: &str| {
+        Fatal::new(format!(
+            "refusing {}: {what} (fsck --repair writes only into a directory and file of its own, \
+             never through a link); nothing was moved: move it aside (`mv {} {}.suspect`) and run \
+             `kmsfs fsck --repair` again",
+            path.display(),
+            path.display(),
+            path.display()
+        ))
+    };
+    match sys::mkdirat(root_fd, lf, 0o700) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(Fatal::new(format!("cannot create {}: {e}", lf_path.display()))),
+    }
+    let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_NONBLOCK;
+    let lost_found = sys::openat(root_fd, lf, flags, 0).map_err(|e| match sys::fstatat(root_fd, lf) {
+        Ok(st) if st.st_mode & libc::S_IFMT != libc::S_IFDIR => refuse(
+            &lf_path,
+            &format!("it is {}, not a directory", sys::kind_name(st.st_mode)),
+        ),
+        _ => Fatal::new(format!("cannot use {}: {e}", lf_path.display())),
+    })?;
+    let report_file = lf_path.join(REPORT_FILE);
+    let flags = libc::O_WRONLY | libc::O_APPEND | libc::O_CREAT;
+    let (fd, st) = sys::open_regular_at(lost_found.as_fd(), OsStr::new(REPORT_FILE), flags, 0o600).map_err(
+        |e| match e.kind() {
+            std::io::ErrorKind::InvalidData => refuse(&report_file, &e.to_string()),
+            _ => Fatal::new(format!("cannot write {}: {e}", report_path().display())),
+        },
+    )?;
+    if st.st_nlink != 1 {
+        return Err(refuse(
+            &report_file,
+            &format!("it has {} hard links", st.st_nlink),
+        ));
+    }
+    Ok((lost_found, File::from(fd)))
 }
 
 /// `<unix time>.<n>[.<dup>]` and, when allowed and short enough, `-<old backing name>`.
@@ -147,28 +188,21 @@ fn new_name(now: u64, i: usize, dup: u32, from: &Path, keep_names: bool) -> OsSt
 /// Renames `root/from` into lost+found as `name`, never over an existing entry. Returns the
 /// new path and the parent directory it left (both relative to the root).
 fn move_one(
-    root: &Path,
-    lost_found: &File,
+    root: BorrowedFd<'_>,
+    lost_found: BorrowedFd<'_>,
     from: &Path,
     name: &OsString,
 ) -> Result<(PathBuf, PathBuf), String> {
     let parent = from.parent().unwrap_or(Path::new("")).to_path_buf();
     let base = from.file_name().ok_or("no file name")?;
-    let dir = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
-        .open(root.join(&parent))
-        .map_err(|e| e.to_string())?;
-    sys::renameat2(
-        dir.as_fd(),
-        base,
-        lost_found.as_fd(),
-        name,
-        libc::RENAME_NOREPLACE,
-    )
-    .map_err(|e| match e.raw_os_error() {
-        Some(libc::EEXIST) => format!("{EXISTS}: {e}"),
-        _ => e.to_string(),
+    // Entered from the root, following no symlink: a directory swapped for a link since the
+    // walk must not make us move something from outside the volume.
+    let dir = sys::open_dir_beneath(root, &parent).map_err(|e| e.to_string())?;
+    sys::renameat2(dir.as_fd(), base, lost_found, name, libc::RENAME_NOREPLACE).map_err(|e| {
+        match e.raw_os_error() {
+            Some(libc::EEXIST) => format!("{EXISTS}: {e}"),
+            _ => e.to_string(),
+        }
     })?;
     Ok((Path::new(LOST_FOUND_NAME).join(name), parent))
 }

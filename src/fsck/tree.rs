@@ -14,13 +14,14 @@ use crate::format::name::{
     NameCipher, TEMP_PREFIX,
 };
 use crate::fs::names::{Names, read_dir_id};
+use crate::sys;
 use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::fs::{File, FileType, OpenOptions};
 use std::io::Read;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirEntryExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{DirEntryExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 /// A regular file to check, once per inode.
@@ -49,7 +50,9 @@ struct Encrypted<'a> {
 }
 
 struct Walker<'a> {
-    root: &'a Path,
+    /// The backing root; everything below it is opened relative to it, one component at a
+    /// time, following no symlink (`sys::open_dir_beneath`).
+    root: BorrowedFd<'a>,
     names: &'a Names,
     tree: Tree,
     /// (device, inode) → index in `tree.files`, so hard links are checked once.
@@ -58,11 +61,26 @@ struct Walker<'a> {
     entries: u64,
 }
 
-/// Walks the tree under `root` (never following symlinks, never entering kmsfs's own
-/// directories, never writing).
+/// Walks the tree under `root` (never following symlinks, not even one swapped in for a
+/// directory during the walk; never waiting on a FIFO; never entering kmsfs's own directories;
+/// never writing).
 pub fn walk(root: &Path, names: &Names, progress: &mut Progress) -> Tree {
+    let root_fd: OwnedFd = match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY)
+        .open(root)
+    {
+        Ok(f) => f.into(),
+        Err(e) => {
+            let msg = format!("directory cannot be opened ({e})");
+            let mut tree = Tree::default();
+            tree.problems
+                .push(Problem::new(Path::new(""), 0, Kind::Unreadable, msg));
+            return tree;
+        }
+    };
     let mut w = Walker {
-        root,
+        root: root_fd.as_fd(),
         names,
         tree: Tree::default(),
         seen: HashMap::new(),
@@ -76,12 +94,15 @@ pub fn walk(root: &Path, names: &Names, progress: &mut Progress) -> Tree {
     w.tree
 }
 
-fn open_nofollow(path: &Path, extra: i32) -> std::io::Result<File> {
-    OpenOptions::new()
-        .read(true)
-        // A FIFO put where a file should be must not block us.
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | extra)
-        .open(path)
+/// Lists a directory through its descriptor (not its path, which could lead elsewhere by now).
+fn list(dir: BorrowedFd<'_>) -> std::io::Result<Vec<(OsString, FileType, u64)>> {
+    let path = sys::proc_fd_path(dir);
+    let mut entries = Vec::new();
+    for e in std::fs::read_dir(Path::new(OsStr::from_bytes(path.as_bytes())))? {
+        let e = e?;
+        entries.push((e.file_name(), e.file_type()?, e.ino()));
+    }
+    Ok(entries)
 }
 
 impl Walker<'_> {
@@ -92,17 +113,20 @@ impl Walker<'_> {
     fn dir(&mut self, rel: &Path) {
         self.tree.dirs += 1;
         let is_root = rel.as_os_str().is_empty();
-        let abs = self.root.join(rel);
-        let dir = match open_nofollow(&abs, libc::O_DIRECTORY) {
+        let opened = sys::open_dir_beneath(self.root, rel).and_then(|d| {
+            let st = sys::fstat(d.as_fd())?;
+            Ok((d, st.st_ino))
+        });
+        let (dir, ino) = match opened {
             Ok(d) => d,
             Err(e) => {
-                let ino = std::fs::symlink_metadata(&abs).map(|m| m.ino()).unwrap_or(0);
+                let ino = sys::stat_beneath(self.root, rel).map(|st| st.st_ino).unwrap_or(0);
                 let msg = format!("directory cannot be opened ({e})");
                 self.problem(Problem::new(rel, ino, Kind::Unreadable, msg));
                 return;
             }
         };
-        let ino = dir.metadata().map(|m| m.ino()).unwrap_or(0);
+        let dir = dir.as_fd();
         let encrypted = match self.names {
             Names::Plain => None,
             Names::Encrypted { cipher, root_dir_id } => Some(Encrypted {
@@ -110,23 +134,18 @@ impl Walker<'_> {
                 dir_id: if is_root {
                     Some(*root_dir_id)
                 } else {
-                    self.dir_id(&dir, rel, ino)
+                    self.dir_id(dir, rel, ino)
                 },
             }),
         };
-        let mut entries: Vec<(OsString, FileType, u64)> = Vec::new();
-        let listed = std::fs::read_dir(&abs).and_then(|it| {
-            for e in it {
-                let e = e?;
-                entries.push((e.file_name(), e.file_type()?, e.ino()));
+        let mut entries = match list(dir) {
+            Ok(entries) => entries,
+            Err(e) => {
+                let msg = format!("directory cannot be listed ({e})");
+                self.problem(Problem::new(rel, ino, Kind::Unreadable, msg));
+                return;
             }
-            Ok(())
-        });
-        if let Err(e) = listed {
-            let msg = format!("directory cannot be listed ({e})");
-            self.problem(Problem::new(rel, ino, Kind::Unreadable, msg));
-            return;
-        }
+        };
         entries.sort_by(|a, b| a.0.cmp(&b.0));
         let present: HashSet<OsString> = entries.iter().map(|e| e.0.clone()).collect();
         for (name, ft, ino) in &entries {
@@ -140,7 +159,7 @@ impl Walker<'_> {
             }
             let rel_e = rel.join(name);
             if let Some(enc) = &encrypted
-                && !self.name(enc, rel, &rel_e, name, *ino, &present)
+                && !self.name(enc, dir, rel, &rel_e, name, *ino, &present)
             {
                 continue; // one of kmsfs's own entries, checked and done with
             }
@@ -149,10 +168,10 @@ impl Walker<'_> {
             } else if ft.is_symlink() {
                 self.tree.symlinks += 1;
                 if let Some(enc) = &encrypted {
-                    self.symlink(enc.cipher, &rel_e, *ino);
+                    self.symlink(enc.cipher, dir, name, &rel_e, *ino);
                 }
             } else if ft.is_file() {
-                self.file(&rel_e);
+                self.file(dir, name, &rel_e);
             } else {
                 self.tree.other += 1;
             }
@@ -160,8 +179,8 @@ impl Walker<'_> {
     }
 
     /// The id of a directory other than the root, as `fs::names::read_dir_id` reads it.
-    fn dir_id(&mut self, dir: &File, rel: &Path, ino: u64) -> Option<DirId> {
-        match read_dir_id(dir.as_fd()) {
+    fn dir_id(&mut self, dir: BorrowedFd<'_>, rel: &Path, ino: u64) -> Option<DirId> {
+        match read_dir_id(dir) {
             Ok(id) => Some(id),
             Err(e) => {
                 let (kind, msg) = match e.raw_os_error() {
@@ -190,9 +209,11 @@ impl Walker<'_> {
 
     /// Checks one entry name of an encrypted-names directory; false for kmsfs's own entries
     /// (which the caller must not treat as user entries).
+    #[allow(clippy::too_many_arguments)]
     fn name(
         &mut self,
         enc: &Encrypted<'_>,
+        dir: BorrowedFd<'_>,
         rel: &Path,
         rel_e: &Path,
         name: &OsStr,
@@ -216,7 +237,7 @@ impl Walker<'_> {
             }
             BackingEntry::Long(long) => {
                 if let Some(id) = enc.dir_id {
-                    self.long_name(enc.cipher, &id, rel, rel_e, long, ino);
+                    self.long_name(enc.cipher, &id, dir, rel, rel_e, long, ino);
                 }
                 true
             }
@@ -244,9 +265,20 @@ impl Walker<'_> {
     }
 
     /// A long name: its sidecar must exist, hash to the entry's name, and decrypt.
-    fn long_name(&mut self, cipher: &NameCipher, id: &DirId, rel: &Path, rel_e: &Path, long: &str, ino: u64) {
-        let sidecar = rel.join(name::sidecar_of(long));
-        let problem = match read_sidecar(&self.root.join(&sidecar)) {
+    #[allow(clippy::too_many_arguments)]
+    fn long_name(
+        &mut self,
+        cipher: &NameCipher,
+        id: &DirId,
+        dir: BorrowedFd<'_>,
+        rel: &Path,
+        rel_e: &Path,
+        long: &str,
+        ino: u64,
+    ) {
+        let sidecar_name = name::sidecar_of(long);
+        let sidecar = rel.join(&sidecar_name);
+        let problem = match read_sidecar(dir, &sidecar_name) {
             Err(SidecarError::Missing) => Some((
                 Kind::Sidecar,
                 "long name without its sidecar: the name cannot be decrypted".to_string(),
@@ -282,10 +314,12 @@ impl Walker<'_> {
         }
     }
 
-    fn symlink(&mut self, cipher: &NameCipher, rel_e: &Path, ino: u64) {
-        match std::fs::read_link(self.root.join(rel_e)) {
+    fn symlink(&mut self, cipher: &NameCipher, dir: BorrowedFd<'_>, name: &OsStr, rel_e: &Path, ino: u64) {
+        let target = sys::openat(dir, name, libc::O_PATH | libc::O_NOFOLLOW, 0)
+            .and_then(|fd| sys::readlink_fd(fd.as_fd()));
+        match target {
             Ok(target) => {
-                if cipher.decrypt_symlink(target.as_os_str().as_bytes()).is_err() {
+                if cipher.decrypt_symlink(&target).is_err() {
                     let msg = "symlink target does not decrypt (altered)";
                     self.problem(Problem::new(rel_e, ino, Kind::Symlink, msg).quarantine(&[]));
                 }
@@ -297,15 +331,15 @@ impl Walker<'_> {
         }
     }
 
-    fn file(&mut self, rel_e: &Path) {
-        match std::fs::symlink_metadata(self.root.join(rel_e)) {
-            Ok(m) => match self.seen.get(&(m.dev(), m.ino())) {
+    fn file(&mut self, dir: BorrowedFd<'_>, name: &OsStr, rel_e: &Path) {
+        match sys::fstatat(dir, name) {
+            Ok(st) => match self.seen.get(&(st.st_dev, st.st_ino)) {
                 Some(&i) => self.tree.files[i].paths.push(rel_e.to_path_buf()),
                 None => {
-                    self.seen.insert((m.dev(), m.ino()), self.tree.files.len());
+                    self.seen.insert((st.st_dev, st.st_ino), self.tree.files.len());
                     self.tree.files.push(FileRef {
                         paths: vec![rel_e.to_path_buf()],
-                        inode: m.ino(),
+                        inode: st.st_ino,
                     });
                 }
             },
@@ -324,16 +358,19 @@ enum SidecarError {
     Mismatch(&'static str),
 }
 
-/// Reads a sidecar as `fs::names` does: at most `MAX_SIDECAR_LEN` + 1 bytes, UTF-8, and its
-/// hash must be the long name it sits beside (`path` minus the suffix).
-fn read_sidecar(path: &Path) -> Result<String, SidecarError> {
-    let f = open_nofollow(path, 0).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => SidecarError::Missing,
-        _ => SidecarError::Unreadable(e),
+/// Reads a sidecar (`file_name` in `dir`) as `fs::names` does: only a regular file, never
+/// through a symlink or waiting on a FIFO, at most `MAX_SIDECAR_LEN` + 1 bytes, UTF-8, and its
+/// hash must be the long name it sits beside (`file_name` minus the suffix).
+fn read_sidecar(dir: BorrowedFd<'_>, file_name: &str) -> Result<String, SidecarError> {
+    let (fd, _) = sys::open_regular_at(dir, OsStr::new(file_name), libc::O_RDONLY, 0).map_err(|e| {
+        match e.kind() {
+            std::io::ErrorKind::NotFound => SidecarError::Missing,
+            // A symlink, FIFO or device: the mount cannot read it either.
+            std::io::ErrorKind::InvalidData => SidecarError::Mismatch("not a regular file"),
+            _ => SidecarError::Unreadable(e),
+        }
     })?;
-    if !f.metadata().map_err(SidecarError::Unreadable)?.is_file() {
-        return Err(SidecarError::Mismatch("not a regular file"));
-    }
+    let f = File::from(fd);
     let mut buf = Vec::new();
     f.take(MAX_SIDECAR_LEN as u64 + 1)
         .read_to_end(&mut buf)
@@ -342,7 +379,7 @@ fn read_sidecar(path: &Path) -> Result<String, SidecarError> {
         return Err(SidecarError::Mismatch("too long"));
     }
     let encoded = String::from_utf8(buf).map_err(|_| SidecarError::Mismatch("not UTF-8"))?;
-    let file_name = path.file_name().map(|n| n.as_bytes()).unwrap_or_default();
+    let file_name = file_name.as_bytes();
     let long = &file_name[..file_name.len().saturating_sub(LONG_NAME_SIDECAR_SUFFIX.len())];
     if name::long_name_of(&encoded).as_bytes() != long {
         return Err(SidecarError::Mismatch("its hash is not the entry's name"));

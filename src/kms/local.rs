@@ -95,38 +95,76 @@ fn now_unix() -> u64 {
 }
 
 impl Keystore {
-    /// Reads and checks a keystore file. Refuses one that group or others can read.
+    /// Reads and checks a keystore file. Refuses a symlink, anything but a regular file, one
+    /// owned by someone other than us or root, and one that group or others can read.
     pub fn load(path: &Path) -> Result<Keystore, KmsError> {
-        let meta = match std::fs::metadata(path) {
-            Ok(m) => m,
+        Self::load_stamped(path).map(|(keystore, _)| keystore)
+    }
+
+    /// [`Keystore::load`], with the identity of the file it read. The file is opened once, by
+    /// descriptor (O_NOFOLLOW|O_NONBLOCK|O_CLOEXEC: a link is not followed, a FIFO does not
+    /// block), and its type, owner and mode are checked on that descriptor before its bytes are
+    /// read from it: nothing swapped in after the check is read.
+    fn load_stamped(path: &Path) -> Result<(Keystore, Stamp), KmsError> {
+        let (fd, st) = match crate::sys::open_regular(path, libc::O_RDONLY, 0) {
+            Ok(opened) => opened,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(misconfigured(
                     path,
                     "not found; restore it from your backup (without it the volume cannot be opened)",
                 ));
             }
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                let link = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink());
+                return Err(misconfigured(
+                    path,
+                    &if link {
+                        format!(
+                            "is a symbolic link, and kmsfs opens a keystore only directly, never \
+                             through a link: replace the link with the file it points to \
+                             (`readlink -f {}` names it)",
+                            path.display()
+                        )
+                    } else {
+                        format!("{e}; restore the keystore file from your backup")
+                    },
+                ));
+            }
             Err(e) => return Err(KmsError::Unreachable(format!("keystore {}: {e}", path.display()))),
         };
-        if meta.mode() & 0o077 != 0 {
+        let euid = crate::sys::geteuid();
+        if st.st_uid != euid && st.st_uid != 0 {
+            return Err(misconfigured(
+                path,
+                &format!(
+                    "owned by uid {}, not by the user running kmsfs (uid {euid}) or root; refusing it",
+                    st.st_uid
+                ),
+            ));
+        }
+        if st.st_mode & 0o077 != 0 {
             return Err(misconfigured(
                 path,
                 &format!(
                     "mode {:o} lets group or others read it; run `chmod 600 {}`",
-                    meta.mode() & 0o777,
+                    st.st_mode & 0o777,
                     path.display()
                 ),
             ));
         }
-        let bytes =
-            zeroize::Zeroizing::new(crate::durable::read_bounded(path, MAX_KEYSTORE_LEN).map_err(|e| {
-                match e.kind() {
+        let file = std::fs::File::from(fd);
+        let bytes = zeroize::Zeroizing::new(
+            crate::durable::read_all_bounded(&file, st.st_size as u64, MAX_KEYSTORE_LEN).map_err(
+                |e| match e.kind() {
                     std::io::ErrorKind::InvalidData => misconfigured(path, &e.to_string()),
                     _ => KmsError::Unreachable(format!("keystore {}: {e}", path.display())),
-                }
-            })?);
+                },
+            )?,
+        );
         let file: FileKeystore = serde_json::from_slice(&bytes)
             .map_err(|e| misconfigured(path, &format!("does not parse ({e})")))?;
-        Self::from_file(file).map_err(|what| misconfigured(path, what))
+        let keystore = Self::from_file(file).map_err(|what| misconfigured(path, what))?;
+        Ok((keystore, Stamp::of_stat(&st)))
     }
 
     fn from_file(file: FileKeystore) -> Result<Keystore, &'static str> {
@@ -295,12 +333,44 @@ fn wrap_aad(name: &str, version: u32, context: &[u8]) -> Vec<u8> {
     aad
 }
 
-/// Identity of the keystore file as last read: reload when any of these change.
+/// Identity of the keystore file as last read: reload (and so check owner and mode again) when
+/// any of these change. The change time moves with every chmod, chown and write.
 #[derive(PartialEq, Eq, Clone, Copy)]
 struct Stamp {
+    dev: u64,
     ino: u64,
     size: u64,
+    mode: u32,
+    uid: u32,
     mtime_ns: i64,
+    ctime_ns: i64,
+}
+
+impl Stamp {
+    fn of_stat(st: &libc::stat) -> Stamp {
+        Stamp {
+            dev: st.st_dev,
+            ino: st.st_ino,
+            size: st.st_size as u64,
+            mode: st.st_mode,
+            uid: st.st_uid,
+            mtime_ns: st.st_mtime * 1_000_000_000 + st.st_mtime_nsec,
+            ctime_ns: st.st_ctime * 1_000_000_000 + st.st_ctime_nsec,
+        }
+    }
+
+    /// From the path's own status (lstat): a keystore swapped for a symlink changes it.
+    fn of_meta(m: &std::fs::Metadata) -> Stamp {
+        Stamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mode: m.mode(),
+            uid: m.uid(),
+            mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+            ctime_ns: m.ctime() * 1_000_000_000 + m.ctime_nsec(),
+        }
+    }
 }
 
 /// The `local` backend: one key of one keystore file.
@@ -321,22 +391,25 @@ impl LocalKms {
         }
     }
 
-    /// The keystore as it is on disk now.
+    /// The keystore as it is on disk now. Re-read, with its type, owner and mode checked again
+    /// (`Keystore::load`), whenever the path's own status differs from that of the file last
+    /// read: a keystore chmod-ed open, given away or swapped for a link is refused at the next
+    /// call, not served from memory.
     fn store(&self) -> Result<Arc<Keystore>, KmsError> {
-        let meta = std::fs::metadata(&self.path);
-        let stamp = meta.as_ref().ok().map(|m| Stamp {
-            ino: m.ino(),
-            size: m.size(),
-            mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
-        });
+        let now = std::fs::symlink_metadata(&self.path)
+            .ok()
+            .map(|m| Stamp::of_meta(&m));
         let mut guard = self.loaded.lock().unwrap_or_else(|p| p.into_inner());
-        if let (Some(s), Some((old, store))) = (stamp, guard.as_ref())
+        if let (Some(s), Some((old, store))) = (now, guard.as_ref())
             && s == *old
         {
             return Ok(store.clone());
         }
-        let store = Arc::new(Keystore::load(&self.path)?);
-        *guard = stamp.map(|s| (s, store.clone()));
+        *guard = None;
+        let (store, read) = Keystore::load_stamped(&self.path)?;
+        let store = Arc::new(store);
+        // The identity of what was read (from its descriptor), not of what was stat-ed before.
+        *guard = Some((read, store.clone()));
         Ok(store)
     }
 }

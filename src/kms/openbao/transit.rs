@@ -1,16 +1,30 @@
 //! Transit operations on the mount's key: encrypt, decrypt and rewrap of many DEKs in batch
 //! requests of at most [`MAX_BATCH`] items, each bound to its [`Binding`]'s context, and the
 //! key version a Transit ciphertext names ([`version_of`]).
+//!
+//! **DEKs in transit.** Encrypt requests and decrypt answers carry DEKs in base64. What this
+//! module holds it wipes: each base64 plaintext is made straight into the request's JSON
+//! value (no `json!`, which would copy it) and every string of a request and of an answer is
+//! zeroized once the exchange is over; a decoded DEK goes from a `Zeroizing` buffer to its
+//! heap `SecretKey`, with the decoder's stack scrubbed. What it cannot reach, because
+//! `Transport::send` takes a `serde_json::Value` and returns one: reqwest serialises the
+//! request into a growing `Vec` and sends it as `Bytes` (the buffers it outgrew and the body
+//! are freed unwiped), hyper and rustls copy the bytes into their write and TLS record
+//! buffers, and the answer is read into hyper's read buffer, decrypted in rustls's, and
+//! collected into `Bytes` before `serde_json` parses it. Those copies of the base64 DEKs
+//! stay in freed heap memory until reused (locked in RAM by the daemon's `mlockall`, never
+//! swapped). Removing them needs a transport that takes and returns `Zeroizing` bytes, and
+//! even then the TLS and HTTP libraries keep their own buffers.
 
 use super::auth::Auth;
 use super::errors::classify;
 use super::transport::Transport;
-use crate::crypto::SecretKey;
+use crate::crypto::{SecretKey, scrubbed};
 use crate::kms::{Binding, KmsError, WrappedDek};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
-use serde_json::{Value, json};
-use zeroize::Zeroizing;
+use serde_json::{Map, Value};
+use zeroize::{Zeroize, Zeroizing};
 
 /// Items per batch request. The default listener refuses requests with more than 1000 JSON
 /// strings; an item with ciphertext and context is 4 strings (plus the key), so 249 fit.
@@ -18,6 +32,38 @@ pub const MAX_BATCH: usize = 249;
 
 fn b64(bytes: &[u8]) -> String {
     B64.encode(bytes)
+}
+
+/// A JSON object of string fields, each string moved in (where `json!` would copy it).
+fn object<const N: usize>(fields: [(&str, String); N]) -> Value {
+    Value::Object(
+        fields
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), Value::String(v)))
+            .collect::<Map<String, Value>>(),
+    )
+}
+
+/// Zeroizes every string in a JSON value in place (requests and answers that carried DEKs).
+fn wipe(v: &mut Value) {
+    match v {
+        Value::String(s) => s.zeroize(),
+        Value::Array(items) => items.iter_mut().for_each(wipe),
+        Value::Object(map) => map.values_mut().for_each(wipe),
+        Value::Null | Value::Bool(_) | Value::Number(_) => {}
+    }
+}
+
+/// A DEK from the base64 plaintext of a decrypt answer. Decoded into a buffer of ours (wiped
+/// even when the text does not decode), through [`scrubbed`]: the decoder works on the key in
+/// its locals.
+fn dek_from_base64(plaintext: &str) -> Result<SecretKey, KmsError> {
+    scrubbed(|| {
+        let mut raw = Zeroizing::new(Vec::new());
+        B64.decode_vec(plaintext, &mut raw).ok()?;
+        SecretKey::from_slice(&raw)
+    })
+    .ok_or_else(|| KmsError::Corrupt("unwrapped key has the wrong length".into()))
 }
 
 /// The key version of a Transit ciphertext, "vault:v<N>:…".
@@ -67,7 +113,8 @@ impl Transit {
 
     /// Sends `items` to Transit `op` in batch requests (at most [`MAX_BATCH`] each): `input`
     /// makes one batch item, `output` reads one result (`None` for a failed item, whose error
-    /// text is then classified).
+    /// text is then classified). Every string of each request and each answer is wiped once
+    /// the batch is done with it.
     async fn batched<T: Sync, R: Send>(
         &self,
         op: &str,
@@ -78,9 +125,12 @@ impl Transit {
         let mut out = Vec::with_capacity(items.len());
         for chunk in items.chunks(MAX_BATCH) {
             let batch: Vec<Value> = chunk.iter().map(&input).collect();
-            match self.call(op, &json!({ "batch_input": batch })).await {
+            let mut body = Value::Object(Map::from_iter([("batch_input".to_owned(), Value::Array(batch))]));
+            let answer = self.call(op, &body).await;
+            wipe(&mut body);
+            match answer {
                 Err(e) => out.extend(chunk.iter().map(|_| Err(e.clone()))),
-                Ok(v) => {
+                Ok(mut v) => {
                     let results = v.pointer("/data/batch_results").and_then(Value::as_array);
                     for i in 0..chunk.len() {
                         let item = results.and_then(|r| r.get(i));
@@ -89,6 +139,7 @@ impl Transit {
                             Err(classify(400, why.unwrap_or("no result")))
                         }));
                     }
+                    wipe(&mut v);
                 }
             }
         }
@@ -116,7 +167,10 @@ impl Transit {
             "encrypt",
             items,
             |(dek, b)| {
-                json!({"plaintext": Zeroizing::new(b64(dek.expose())).as_str(), "context": b64(&b.v1_context())})
+                object([
+                    ("plaintext", b64(dek.expose())),
+                    ("context", b64(&b.v1_context())),
+                ])
             },
             |item| self.wrapped_from(item),
         )
@@ -131,17 +185,18 @@ impl Transit {
         self.batched(
             "decrypt",
             items,
-            |(w, b)| json!({"ciphertext": String::from_utf8_lossy(&w.blob), "context": b64(&b.v1_context())}),
+            |(w, b)| {
+                object([
+                    ("ciphertext", String::from_utf8_lossy(&w.blob).into_owned()),
+                    ("context", b64(&b.v1_context())),
+                ])
+            },
             |item| {
                 let pt = item
                     .get("plaintext")
                     .and_then(Value::as_str)
                     .filter(|p| !p.is_empty())?;
-                let raw = Zeroizing::new(B64.decode(pt).unwrap_or_default());
-                Some(
-                    SecretKey::from_slice(&raw)
-                        .ok_or_else(|| KmsError::Corrupt("unwrapped key has the wrong length".into())),
-                )
+                Some(dek_from_base64(pt))
             },
         )
         .await
@@ -155,7 +210,12 @@ impl Transit {
         self.batched(
             "rewrap",
             items,
-            |(w, b)| json!({"ciphertext": String::from_utf8_lossy(&w.blob), "context": b64(&b.v1_context())}),
+            |(w, b)| {
+                object([
+                    ("ciphertext", String::from_utf8_lossy(&w.blob).into_owned()),
+                    ("context", b64(&b.v1_context())),
+                ])
+            },
             |item| self.wrapped_from(item),
         )
         .await
@@ -165,6 +225,33 @@ impl Transit {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn requests_are_the_json_they_were_and_wipe_to_nothing_readable() {
+        let dek = SecretKey::from_slice(&[0xAB; 32]).unwrap();
+        let item = object([("plaintext", b64(dek.expose())), ("context", b64(b"ctx"))]);
+        assert_eq!(
+            item,
+            serde_json::json!({"plaintext": B64.encode([0xAB; 32]), "context": B64.encode(b"ctx")})
+        );
+        let mut body = Value::Object(Map::from_iter([(
+            "batch_input".to_owned(),
+            Value::Array(vec![item]),
+        )]));
+        wipe(&mut body);
+        let text = body.to_string();
+        assert!(!text.contains(&B64.encode([0xAB; 32])), "{text}");
+        assert_eq!(body["batch_input"][0]["plaintext"], "");
+    }
+
+    #[test]
+    fn decrypt_answers_decode_to_keys_or_corrupt() {
+        let k = dek_from_base64(&B64.encode([7u8; 32])).unwrap();
+        assert_eq!(k.expose(), &[7u8; 32]);
+        for bad in [B64.encode([7u8; 31]), "not base64!".to_owned()] {
+            assert!(matches!(dek_from_base64(&bad), Err(KmsError::Corrupt(_))));
+        }
+    }
 
     #[test]
     fn version_of_reads_the_transit_prefix() {
