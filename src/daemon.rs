@@ -33,6 +33,8 @@ pub struct MountRequest {
     pub require_mlock: bool,
     /// JSON-lines audit file.
     pub audit_log: Option<PathBuf>,
+    /// This machine's settings for the volume, if not where `anchor::path_for` looks.
+    pub anchor: Option<PathBuf>,
 }
 
 /// How a mount ended.
@@ -144,7 +146,7 @@ pub fn run_mount(req: MountRequest) -> Result<Ended, Fatal> {
         crate::audit::open(p).map_err(|e| fatal!("cannot open audit log {}: {e}", p.display()))?;
     }
 
-    let located = Located::find(&req.backing)?;
+    let located = Located::find_with(&req.backing, req.anchor.as_deref())?;
     let backing = located.backing.clone();
     let mountpoint = std::fs::canonicalize(&req.mountpoint).unwrap_or_else(|_| req.mountpoint.clone());
     check_mountpoint(&req.mountpoint)?;

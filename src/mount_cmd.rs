@@ -47,6 +47,10 @@ pub struct MountArgs {
     /// Append JSON-lines audit events of key operations to this file (also logged).
     #[arg(long)]
     pub audit_log: Option<PathBuf>,
+    /// This machine's record of the volume (which KMS and key), if not in the anchor
+    /// directory (/etc/kmsfs/anchors).
+    #[arg(long)]
+    pub anchor: Option<PathBuf>,
 }
 
 fn absolute(p: &Path) -> Result<PathBuf, Fatal> {
@@ -107,6 +111,9 @@ pub fn mount(args: MountArgs) -> Result<(), Fatal> {
     }
     if let Some(a) = &args.audit_log {
         cmd.arg("--audit-log").arg(absolute(a)?);
+    }
+    if let Some(a) = &args.anchor {
+        cmd.arg("--anchor").arg(absolute(a)?);
     }
     for o in &args.options {
         cmd.arg("-o").arg(o);
@@ -169,6 +176,7 @@ fn mount_foreground(args: MountArgs) -> Result<(), Fatal> {
         key_cache_entries: args.key_cache,
         require_mlock: args.require_mlock,
         audit_log: args.audit_log,
+        anchor: args.anchor,
     };
     match crate::daemon::run_mount(req) {
         Ok(crate::daemon::Ended::Unmounted) => Ok(()),

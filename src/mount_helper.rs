@@ -48,6 +48,7 @@ const VALUED: &[(&str, &str)] = &[
     ("key_ttl", "--key-ttl"),
     ("key_cache", "--key-cache"),
     ("threads", "--threads"),
+    ("anchor", "--anchor"),
 ];
 
 /// The `kmsfs` arguments for a mount(8)-style call, and environment files to load
@@ -153,7 +154,7 @@ mod tests {
                 "/srv/v",
                 "/mnt/v",
                 "-o",
-                "rw,_netdev,nofail,x-systemd.automount,allow_other,grace=60,log=/var/log/v.log"
+                "rw,_netdev,nofail,x-systemd.automount,allow_other,grace=60,log=/var/log/v.log,anchor=/etc/kmsfs/v.json"
             ])
             .unwrap(),
             [
@@ -164,6 +165,8 @@ mod tests {
                 "60",
                 "--log-file",
                 "/var/log/v.log",
+                "--anchor",
+                "/etc/kmsfs/v.json",
                 "-o",
                 "rw,allow_other"
             ]

@@ -46,8 +46,17 @@ impl Located {
     /// Finds the volume in `backing` and checks its config against this machine's settings
     /// for it (the anchor): where its keys are comes from the anchor, never from the config.
     pub fn find(backing: &Path) -> Result<Located, Fatal> {
+        Self::find_with(backing, None)
+    }
+
+    /// [`Located::find`] with the anchor at `anchor` (from `--anchor` or fstab's `anchor=`)
+    /// instead of where [`crate::anchor::path_for`] looks.
+    pub fn find_with(backing: &Path, anchor: Option<&Path>) -> Result<Located, Fatal> {
         let (canonical, config) = read(backing)?;
-        let anchor_path = crate::anchor::path_for(&canonical);
+        let anchor_path = match anchor {
+            Some(p) => p.to_path_buf(),
+            None => crate::anchor::path_for(&canonical),
+        };
         let Some(anchor) = crate::anchor::load(&anchor_path)? else {
             return Err(fatal!(
                 "this machine has no settings for the volume in {} ({} is missing): where its keys are \

@@ -173,3 +173,17 @@ fn rewrap_keeps_the_config_authenticated() {
     v.mount(&[]);
     assert_eq!(std::fs::read(v.m("f")).unwrap(), b"data");
 }
+
+#[test]
+fn an_anchor_kept_elsewhere_is_named_with_anchor() {
+    let mut v = Volume::new();
+    let elsewhere = v.dir.path().join("media.anchor");
+    std::fs::rename(anchor_of(&v), &elsewhere).unwrap();
+    let err = v.mount_err(&[]);
+    assert!(one_line(&err).contains("kmsfs anchor"), "{err}");
+    // `--anchor FILE` on the command line, `anchor=FILE` in fstab (tests/systemd.rs covers
+    // the helper's translation: src/mount_helper.rs).
+    v.mount_full(&[], &["--anchor", elsewhere.to_str().unwrap()], &[]);
+    std::fs::write(v.m("f"), b"ok").unwrap();
+    v.unmount();
+}
