@@ -422,6 +422,13 @@ impl KeyProvider for LocalKms {
         }
     }
 
+    /// Drops the loaded keystore (its KEKs are wiped as they drop): on lock and at the end of
+    /// a mount nothing keeps them. A later call would read the file again.
+    fn forget_secrets(&self) {
+        let dropped = self.loaded.lock().unwrap_or_else(|p| p.into_inner()).take();
+        drop(dropped);
+    }
+
     fn generate<'a>(
         &'a self,
         binding: &'a Binding,
@@ -527,6 +534,21 @@ mod tests {
         );
         assert_eq!(
             block_on(kms.unwrap(&w, &ctx(b"file-a"))).unwrap().expose(),
+            dek.expose()
+        );
+    }
+
+    #[test]
+    fn forget_secrets_drops_the_loaded_keystore() {
+        let (_d, p) = setup();
+        let kms = LocalKms::new(p.clone(), "default".into());
+        let (dek, w) = block_on(kms.generate(&ctx(b"f"))).unwrap();
+        assert!(kms.loaded.lock().unwrap().is_some());
+        kms.forget_secrets();
+        assert!(kms.loaded.lock().unwrap().is_none(), "KEKs still loaded");
+        // Nothing is lost: the next call reads the keystore again.
+        assert_eq!(
+            block_on(kms.unwrap(&w, &ctx(b"f"))).unwrap().expose(),
             dek.expose()
         );
     }
