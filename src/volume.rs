@@ -79,7 +79,9 @@ impl Located {
     /// Builds the volume's key provider from the anchor's settings (no KMS request yet);
     /// background work it needs runs on `runtime`.
     pub fn connect(self, runtime: &tokio::runtime::Handle) -> Result<Volume, Fatal> {
-        let kms = key_provider(&self.kms, false, runtime).map_err(explain_kms)?;
+        // The anchor is this machine's own record, so its server addresses may be used as
+        // they are (`BAO_ADDR` still overrides them).
+        let kms = key_provider(&self.kms, true, runtime).map_err(explain_kms)?;
         Ok(Volume {
             backing: self.backing,
             id: self.config.volume_id(),

@@ -49,6 +49,21 @@ fn files_round_trip_over_openbao_with_the_minimal_policy() {
 }
 
 #[test]
+fn the_anchor_names_the_server_when_bao_addr_is_unset() {
+    let bao = Bao::start();
+    bao.minimal_policy("kmsfs", "fs-kek");
+    let token = bao.token(&["kmsfs"]);
+    let mut v = volume(&bao, &token);
+    // The server's address comes from this machine's anchor, not from the environment (nor
+    // from the volume config, which only has to agree with the anchor).
+    v.env.retain(|(k, _)| k != "BAO_ADDR");
+    v.mount(&[]);
+    std::fs::write(v.m("f"), b"over the anchored address").unwrap();
+    v.remount();
+    assert_eq!(std::fs::read(v.m("f")).unwrap(), b"over the anchored address");
+}
+
+#[test]
 fn a_non_derived_key_is_refused_at_init() {
     let bao = Bao::start();
     bao.api("POST", "transit/keys/plain", r#"{"type":"aes256-gcm96"}"#);
