@@ -211,6 +211,12 @@ fn status(mountpoint: Option<PathBuf>, as_json: bool) -> Result<(), Fatal> {
     }
     for v in all {
         let c = &v["counters"];
+        // Strings as text, numbers as numbers: no JSON quotes in the human form.
+        let t = |x: &serde_json::Value| match x {
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Null => "?".into(),
+            other => other.to_string(),
+        };
         println!("{}", v["mountpoint"].as_str().unwrap_or("?"));
         println!(
             "  volume      {} ({})",
@@ -219,7 +225,10 @@ fn status(mountpoint: Option<PathBuf>, as_json: bool) -> Result<(), Fatal> {
         );
         println!(
             "  KMS         {} key {} version {} — {}",
-            v["backend"], v["key"], v["key_version"], v["kms_health"]
+            t(&v["backend"]),
+            t(&v["key"]),
+            t(&v["key_version"]),
+            t(&v["kms_health"])
         );
         println!("  locked      {}", v["locked"].as_str().unwrap_or("no"));
         println!("  uptime      {} s", v["uptime_secs"]);

@@ -57,15 +57,40 @@ fn absolute(p: &Path) -> Result<PathBuf, Fatal> {
     std::path::absolute(p).map_err(|e| fatal!("{}: {e}", p.display()))
 }
 
+/// The default log file of a daemonised mount: named like systemd escapes paths (`/` → `-`,
+/// a `-` or other special byte → `\xNN`), so `/a-b` and `/a/b` never share one.
 fn log_path_for(mountpoint: &Path) -> Result<PathBuf, Fatal> {
     let mp = absolute(mountpoint)?;
-    let escaped: String = mp
-        .to_string_lossy()
-        .trim_start_matches('/')
-        .chars()
-        .map(|c| if c == '/' { '-' } else { c })
-        .collect();
-    Ok(PathBuf::from("/var/log/kmsfs").join(format!("{escaped}.log")))
+    Ok(PathBuf::from("/var/log/kmsfs").join(format!("{}.log", escape_path(&mp))))
+}
+
+fn escape_path(p: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = p.as_os_str().as_bytes();
+    let trimmed = bytes.strip_prefix(b"/").unwrap_or(bytes);
+    let mut out = String::new();
+    for (i, &b) in trimmed.iter().enumerate() {
+        match b {
+            b'/' => out.push('-'),
+            b'.' if i == 0 => out.push_str("\\x2e"),
+            b if b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b':' => out.push(b as char),
+            b => out.push_str(&format!("\\x{b:02x}")),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::escape_path;
+    use std::path::Path;
+
+    #[test]
+    fn log_names_do_not_collide() {
+        assert_eq!(escape_path(Path::new("/mnt/a-b")), "mnt-a\\x2db");
+        assert_eq!(escape_path(Path::new("/mnt/a/b")), "mnt-a-b");
+        assert_eq!(escape_path(Path::new("/srv/my media")), "srv-my\\x20media");
+    }
 }
 
 pub fn mount(args: MountArgs) -> Result<(), Fatal> {

@@ -151,7 +151,10 @@ pub fn run(backing: &Path, dry_run: bool) -> Result<(), Fatal> {
             }
         }
         if total > BATCH {
-            eprintln!("rewrap: {}/{total}", done + failed);
+            // Progress is for a person watching, not for a pipe or a log.
+            if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+                eprintln!("rewrap: {}/{total}", done + failed);
+            }
         }
     }
     let name_key = rewrap_name_key(&volume, &rt, latest)?;

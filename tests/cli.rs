@@ -195,3 +195,15 @@ fn a_config_pointing_at_a_keystore_inside_the_backing_is_refused() {
     let ks = std::fs::read_to_string(&planted).unwrap();
     assert!(!ks.contains("\"enabled\": false"), "the decoy was changed: {ks}");
 }
+
+#[test]
+fn status_for_people_prints_text_not_json() {
+    let v = Volume::mounted();
+    let out = run_ok(&["status", v.mnt.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("KMS         local key default version 1 — ok"),
+        "{text}"
+    );
+    assert!(!text.contains('"'), "JSON quotes in the human form: {text}");
+}
