@@ -80,19 +80,6 @@ fn escape_path(p: &Path) -> String {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::escape_path;
-    use std::path::Path;
-
-    #[test]
-    fn log_names_do_not_collide() {
-        assert_eq!(escape_path(Path::new("/mnt/a-b")), "mnt-a\\x2db");
-        assert_eq!(escape_path(Path::new("/mnt/a/b")), "mnt-a-b");
-        assert_eq!(escape_path(Path::new("/srv/my media")), "srv-my\\x20media");
-    }
-}
-
 pub fn mount(args: MountArgs) -> Result<(), Fatal> {
     if args.foreground {
         return mount_foreground(args);
@@ -220,5 +207,18 @@ fn mount_foreground(args: MountArgs) -> Result<(), Fatal> {
             }
             Err(e)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::escape_path;
+    use std::path::Path;
+
+    #[test]
+    fn log_names_do_not_collide() {
+        assert_eq!(escape_path(Path::new("/mnt/a-b")), "mnt-a\\x2db");
+        assert_eq!(escape_path(Path::new("/mnt/a/b")), "mnt-a-b");
+        assert_eq!(escape_path(Path::new("/srv/my media")), "srv-my\\x20media");
     }
 }
