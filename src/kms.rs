@@ -210,15 +210,7 @@ pub trait KeyProvider: Send + Sync {
     /// A new file's id with its fresh DEK, wrapped and bound to both. Network backends hand
     /// these out from a pool they refill in batches.
     fn new_file_key(&self, volume_id: VolumeId) -> BoxFuture<'_, Result<NewFileKey, KmsError>> {
-        Box::pin(async move {
-            let file_id = FileId::generate();
-            let (dek, wrapped) = self.generate(&Binding::file(volume_id, file_id)).await?;
-            Ok(NewFileKey {
-                file_id,
-                dek,
-                wrapped,
-            })
-        })
+        Box::pin(fresh_file_key(self, volume_id))
     }
 
     /// Drops every secret the provider holds beyond the call in flight (pooled new-file keys,
@@ -229,4 +221,19 @@ pub trait KeyProvider: Send + Sync {
     fn request_count(&self) -> u64 {
         0
     }
+}
+
+/// A new file id and a DEK generated for it, one request: what [`KeyProvider::new_file_key`]
+/// does unless a backend keeps a pool (and what a pool does when it is empty).
+pub async fn fresh_file_key<P: KeyProvider + ?Sized>(
+    provider: &P,
+    volume_id: VolumeId,
+) -> Result<NewFileKey, KmsError> {
+    let file_id = FileId::generate();
+    let (dek, wrapped) = provider.generate(&Binding::file(volume_id, file_id)).await?;
+    Ok(NewFileKey {
+        file_id,
+        dek,
+        wrapped,
+    })
 }

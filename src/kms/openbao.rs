@@ -110,13 +110,7 @@ impl OpenBaoKms {
     }
 
     async fn one_new_key(&self, volume_id: VolumeId) -> Result<NewFileKey, KmsError> {
-        let file_id = FileId::generate();
-        let (dek, wrapped) = self.generate(&Binding::file(volume_id, file_id)).await?;
-        Ok(NewFileKey {
-            file_id,
-            dek,
-            wrapped,
-        })
+        super::fresh_file_key(self, volume_id).await
     }
 
     async fn unwrap_one(&self, wrapped: &WrappedDek, binding: &Binding) -> Result<SecretKey, KmsError> {
