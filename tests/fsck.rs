@@ -12,27 +12,6 @@ use std::path::{Path, PathBuf};
 const HEADER_LEN: u64 = 4096;
 const RECORD_LEN: u64 = 65536 + 28;
 
-struct Fsck {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-fn fsck(v: &Volume, extra: &[&str]) -> Fsck {
-    let out = kmsfs()
-        .arg("fsck")
-        .arg(&v.backing)
-        .args(extra)
-        .envs(v.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .output()
-        .expect("run kmsfs fsck");
-    Fsck {
-        code: out.status.code().expect("exit code"),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
 fn fsck_json(v: &Volume) -> (i32, serde_json::Value) {
     let r = fsck(v, &["--json"]);
     let json = serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("{e}: {}", r.stdout));

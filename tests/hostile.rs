@@ -96,25 +96,8 @@ fn backing_dirs(v: &Volume) -> Vec<PathBuf> {
         .collect()
 }
 
-struct Fsck {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
 fn fsck_repair(v: &Volume) -> Fsck {
-    let out = kmsfs()
-        .arg("fsck")
-        .arg(&v.backing)
-        .arg("--repair")
-        .envs(v.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .output()
-        .expect("run kmsfs fsck");
-    Fsck {
-        code: out.status.code().expect("exit code"),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    fsck(v, &["--repair"])
 }
 
 /// Attack 1: `.kmsfs.lock` planted as a symlink to (or a hard link of) a file elsewhere. The

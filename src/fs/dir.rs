@@ -21,8 +21,12 @@ use std::sync::Arc;
 impl Fs {
     /// The id names in `dir` are bound to (`None` with plaintext names).
     pub(super) fn dir_id(&self, dir: &Inode) -> FsResult<Option<DirId>> {
-        let names = self.names()?;
-        let Names::Encrypted { root_dir_id, .. } = &*names else {
+        self.dir_id_in(&*self.names()?, dir)
+    }
+
+    /// [`Fs::dir_id`] with the name ciphers the caller already holds.
+    fn dir_id_in(&self, names: &Names, dir: &Inode) -> FsResult<Option<DirId>> {
+        let Names::Encrypted { root_dir_id, .. } = names else {
             return Ok(None);
         };
         if dir.ino == ROOT_INO {
@@ -39,8 +43,9 @@ impl Fs {
     }
 
     pub(super) fn backing(&self, dir: &Inode, name: &OsStr) -> FsResult<BackingName> {
-        let id = self.dir_id(dir)?;
-        self.names()?.to_backing(id.as_ref(), dir.ino == ROOT_INO, name)
+        let names = self.names()?;
+        let id = self.dir_id_in(&names, dir)?;
+        names.to_backing(id.as_ref(), dir.ino == ROOT_INO, name)
     }
 
     /// Attributes as the mount shows them.

@@ -363,3 +363,26 @@ impl Rng {
         self.below(100) < percent
     }
 }
+
+/// What `kmsfs fsck` said: its exit status and output.
+pub struct Fsck {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs `kmsfs fsck BACKING EXTRA…` with the volume's environment.
+pub fn fsck(v: &Volume, extra: &[&str]) -> Fsck {
+    let out = kmsfs()
+        .arg("fsck")
+        .arg(&v.backing)
+        .args(extra)
+        .envs(v.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .output()
+        .expect("run kmsfs fsck");
+    Fsck {
+        code: out.status.code().expect("exit code"),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
