@@ -376,7 +376,13 @@ impl Fs {
             let file = File::from(fd);
             let made = self
                 .write_new_header(&file)
-                .and_then(|cipher| ContentFile::new(file, cipher, true))
+                .and_then(|cipher| {
+                    // The header is durable before the entry has its name, so no cut, at any
+                    // moment, can leave a named file without its header: that would read as a
+                    // file cut by the storage (EIO), which must stay the answer to tampering.
+                    file.sync_data()?;
+                    ContentFile::new(file, cipher, true)
+                })
                 .and_then(|content| {
                     sys::renameat2(dir.fd(), &tmp, dir.fd(), n, libc::RENAME_NOREPLACE)?;
                     Ok(content)
@@ -545,6 +551,14 @@ impl Fs {
 
     pub fn fsync(&self, fh: u64, datasync: bool) -> FsResult<()> {
         self.file_handle(fh)?.0.sync(datasync)
+    }
+
+    /// Makes the directory's entries durable. Everything they depend on already is: headers
+    /// are synced before a file gets its name, id files and long-name sidecars before their
+    /// entries (docs/format.md, "Crash ordering").
+    pub fn fsyncdir(&self, ino: u64) -> FsResult<()> {
+        let dir = self.inodes.get(ino)?;
+        Ok(sys::fsync_dir(dir.fd())?)
     }
 
     pub fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> FsResult<()> {

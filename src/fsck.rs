@@ -9,7 +9,9 @@
 //! (never a plaintext name, never a key), and a summary (`report`). `--repair` moves what
 //! the mount cannot read into `kmsfs.lost+found/` with a report, and deletes nothing (`repair`).
 //!
-//! Exit status: 0 clean, [`crate::exit::FSCK_PROBLEMS`] if problems were found (repaired or not),
+//! Exit status: 0 clean (notices of crash leftovers allowed: temporary entries, orphan sidecars,
+//! torn tails, empty directories without their id), [`crate::exit::FSCK_PROBLEMS`] if problems
+//! were found (repaired or not),
 //! [`crate::exit::FSCK_FATAL`] if the check could not run (no config, KMS refused or unreachable, volume
 //! mounted under `--repair`).
 
@@ -106,5 +108,5 @@ pub fn run(backing: &Path, opts: Options) -> Result<bool, Fatal> {
     written
         .and_then(|()| out.flush())
         .map_err(|e| crate::fatal!("cannot write the report: {e}"))?;
-    Ok(problems.is_empty())
+    Ok(!report::any_damage(&problems))
 }

@@ -35,11 +35,42 @@ impl Fs {
         if let Some(id) = dir.dir_id.get() {
             return Ok(Some(*id));
         }
-        let id = names::read_dir_id(dir.fd()).map_err(|e| {
-            log::error!("directory inode {}: missing or damaged id file ({e})", dir.ino);
-            FsError::Corrupt
-        })?;
+        let id = match names::read_dir_id(dir.fd()) {
+            Ok(id) => id,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && list_backing(dir.fd())?.is_empty() => {
+                self.renew_dir_id(dir)?
+            }
+            Err(e) => {
+                log::error!("directory inode {}: missing or damaged id file ({e})", dir.ino);
+                return Err(FsError::Corrupt);
+            }
+        };
         Ok(Some(*dir.dir_id.get_or_init(|| id)))
+    }
+
+    /// An id for an empty directory that has lost its id file: what an rmdir (or a rename
+    /// over it) cut short by a crash or power cut leaves, as they remove the id file first.
+    /// No name in it can be lost, so it gets a new id and reads as the empty directory it is.
+    /// (Removing the id file of a directory that has entries still reads as damaged.)
+    fn renew_dir_id(&self, dir: &Inode) -> FsResult<DirId> {
+        let mut id = [0u8; DIR_ID_LEN];
+        crate::crypto::fill_random(&mut id);
+        if self.check_writable().is_err() {
+            // Nothing can be created in it, so an id kept in memory serves its lookups.
+            return Ok(id);
+        }
+        match names::write_dir_id(dir.fd(), &id) {
+            Ok(()) => {
+                log::warn!(
+                    "directory inode {}: empty and without its id file (an rmdir cut short?); gave it a new one",
+                    dir.ino
+                );
+                Ok(id)
+            }
+            // Another request renewed it first.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(names::read_dir_id(dir.fd())?),
+            Err(e) => Err(e.into()),
+        }
     }
 
     pub(super) fn backing(&self, dir: &Inode, name: &OsStr) -> FsResult<BackingName> {
@@ -159,12 +190,14 @@ impl Fs {
             )?;
             let mut id = [0u8; DIR_ID_LEN];
             crate::crypto::fill_random(&mut id);
-            names::write_dir_id(tfd.as_fd(), &id)?;
+            names::write_dir_id_file(tfd.as_fd(), &id)?;
             // Asked-for mode only now that the id file is in. A set-group-id parent passes its
             // bit on, as mkdir(2) would have.
             let parent_st = sys::fstatat(dir.fd(), OsStr::new(""))?;
             let inherit = parent_st.st_mode & libc::S_ISGID;
             sys::chmod_fd(tfd.as_fd(), (mode & 0o7777) | inherit)?;
+            // Its id file's entry and its mode are durable before it gets its name.
+            sys::fsync_dir(tfd.as_fd())?;
             self.create_entry(&dir, &b, |final_name| {
                 Ok(sys::renameat2(
                     dir.fd(),

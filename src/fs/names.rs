@@ -179,6 +179,13 @@ pub fn read_dir_id(dir: BorrowedFd<'_>) -> std::io::Result<DirId> {
 
 /// Writes a new directory's id file and syncs it and the directory.
 pub fn write_dir_id(dir: BorrowedFd<'_>, id: &DirId) -> std::io::Result<()> {
+    write_dir_id_file(dir, id)?;
+    sys::fsync_dir(dir)
+}
+
+/// Writes a new directory's id file and syncs it (not the directory: the caller does, once
+/// it has finished the directory).
+pub fn write_dir_id_file(dir: BorrowedFd<'_>, id: &DirId) -> std::io::Result<()> {
     let fd = sys::openat(
         dir,
         OsStr::new(DIR_ID_FILE),
@@ -187,6 +194,5 @@ pub fn write_dir_id(dir: BorrowedFd<'_>, id: &DirId) -> std::io::Result<()> {
     )?;
     let mut f = std::fs::File::from(fd);
     f.write_all(id)?;
-    f.sync_all()?;
-    sys::fsync_dir(dir)
+    f.sync_all()
 }

@@ -41,6 +41,8 @@ pub enum Kind {
     Temp,
     /// A directory's id file is missing or damaged.
     DirId,
+    /// An empty directory without its id file: an rmdir cut short (the mount gives it a new id).
+    EmptyDirWithoutId,
     /// A symlink target does not decrypt.
     Symlink,
     /// The backing entry could not be read at all.
@@ -61,9 +63,20 @@ impl Kind {
             Kind::OrphanSidecar => "orphan-sidecar",
             Kind::Temp => "temp-entry",
             Kind::DirId => "dir-id",
+            Kind::EmptyDirWithoutId => "empty-dir-without-id",
             Kind::Symlink => "symlink",
             Kind::Unreadable => "unreadable",
         }
+    }
+
+    /// What an interrupted operation leaves behind on an untampered volume (a crash, a power
+    /// cut): reported as a notice, which alone does not fail the check. The mount reads
+    /// around all of them.
+    pub fn is_notice(self) -> bool {
+        matches!(
+            self,
+            Kind::Temp | Kind::OrphanSidecar | Kind::Length | Kind::EmptyDirWithoutId
+        )
     }
 }
 
@@ -178,7 +191,13 @@ pub fn problem_line(p: &Problem, show: Show) -> String {
     } else {
         format!(" ({})", tags.join(", "))
     };
-    format!("{}{tags}: {}", show.entry(&p.path, p.inode), p.message)
+    let notice = if p.kind.is_notice() { "notice: " } else { "" };
+    format!("{notice}{}{tags}: {}", show.entry(&p.path, p.inode), p.message)
+}
+
+/// Whether any of `problems` is more than a crash leftover.
+pub fn any_damage(problems: &[Problem]) -> bool {
+    problems.iter().any(|p| !p.kind.is_notice())
 }
 
 /// Bytes for people: "1.0 MiB".
@@ -212,6 +231,10 @@ pub struct Report<'a> {
 }
 
 impl Report<'_> {
+    fn damage(&self) -> u64 {
+        self.problems.iter().filter(|p| !p.kind.is_notice()).count() as u64
+    }
+
     fn repairable(&self) -> usize {
         self.problems.iter().filter(|p| !p.quarantine.is_empty()).count()
     }
@@ -231,8 +254,15 @@ impl Report<'_> {
             plural(s.blocks, "block", "blocks"),
             s.holes,
             human_bytes(s.bytes),
-            plural(self.problems.len() as u64, "problem", "problems"),
+            plural(self.damage(), "problem", "problems"),
         );
+        let notices = self.problems.len() as u64 - self.damage();
+        if notices > 0 {
+            line += &format!(
+                ", {} (left by a crash or power cut; harmless)",
+                plural(notices, "notice", "notices")
+            );
+        }
         if s.in_use > 0 {
             line += &format!(
                 "; {} changing while checked (in use on a live mount) not judged",
@@ -244,7 +274,7 @@ impl Report<'_> {
             None if self.repairable() > 0 => writeln!(
                 out,
                 "{} can be moved into {}/ with `kmsfs fsck --repair` (unmounted; nothing is deleted)",
-                plural(self.repairable() as u64, "problem", "problems"),
+                plural(self.repairable() as u64, "entry", "entries"),
                 crate::format::config::LOST_FOUND_NAME
             )?,
             None => {}
@@ -280,6 +310,7 @@ impl Report<'_> {
             .map(|p| {
                 serde_json::json!({
                     "kind": p.kind.as_str(),
+                    "severity": if p.kind.is_notice() { "notice" } else { "problem" },
                     "path": self.show.path_json(&p.path),
                     "inode": p.inode,
                     "file_id": p.file_id.map(|id| id.to_string()),
@@ -315,7 +346,8 @@ impl Report<'_> {
                 "holes": s.holes,
                 "bytes": s.bytes,
                 "in_use": s.in_use,
-                "problems": self.problems.len(),
+                "problems": self.damage(),
+                "notices": self.problems.len() as u64 - self.damage(),
                 "repairable": self.repairable(),
             },
             "problems": problems,

@@ -183,7 +183,13 @@ impl Walker<'_> {
         match read_dir_id(dir) {
             Ok(id) => Some(id),
             Err(e) => {
+                let empty = || list(dir).is_ok_and(|l| l.is_empty());
                 let (kind, msg) = match e.raw_os_error() {
+                    _ if e.kind() == std::io::ErrorKind::NotFound && empty() => (
+                        Kind::EmptyDirWithoutId,
+                        "empty directory without its id file (an rmdir cut short); the mount gives it a new one"
+                            .to_string(),
+                    ),
                     _ if e.kind() == std::io::ErrorKind::NotFound => (
                         Kind::DirId,
                         format!(
