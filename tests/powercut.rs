@@ -355,22 +355,12 @@ fn namespace_errors_and_attributes() {
     assert!(nofollow.is_ok());
     // RENAME_NOREPLACE.
     write_unsynced(&f.p("y"), b"y");
-    let (a, b) = (
-        CString::new(f.p("y").as_os_str().as_bytes()).unwrap(),
-        CString::new(f.p("d/x").as_os_str().as_bytes()).unwrap(),
-    );
-    // SAFETY: valid C strings.
-    let r = unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            a.as_ptr(),
-            libc::AT_FDCWD,
-            b.as_ptr(),
-            libc::RENAME_NOREPLACE,
-        )
-    };
-    assert_eq!(r, -1);
-    assert_eq!(std::io::Error::last_os_error().raw_os_error(), Some(libc::EEXIST));
+    let e = renameat2(&f.p("y"), &f.p("d/x"), libc::RENAME_NOREPLACE).unwrap_err();
+    assert_eq!(errno_of(&e), libc::EEXIST);
+    // flock is the kernel's own (the daemon's lock file).
+    let (l1, l2) = (File::open(f.p("y")).unwrap(), File::open(f.p("y")).unwrap());
+    l1.try_lock().unwrap();
+    assert!(l2.try_lock().is_err());
     // Sizes, blocks, link counts, stable inode numbers.
     let m = fs::metadata(f.p("d/x")).unwrap();
     assert_eq!((m.len(), m.blocks(), m.nlink()), (5, 8, 1));
@@ -397,7 +387,7 @@ fn namespace_errors_and_attributes() {
         let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
         assert_eq!(libc::fallocate(fd, punch, 1, 2), 0);
     }
-    assert_eq!(read(&f.p("d/x")).unwrap(), b"1\0\045\0\0\0");
+    assert_eq!(read(&f.p("d/x")).unwrap(), [b'1', 0, 0, b'4', b'5', 0, 0, 0]);
     // Extended attributes.
     setxattr(&f.p("d/x"), "user.a", b"1");
     let c = CString::new(f.p("d/x").as_os_str().as_bytes()).unwrap();
@@ -405,4 +395,45 @@ fn namespace_errors_and_attributes() {
     // SAFETY: valid C string and buffer.
     let n = unsafe { libc::listxattr(c.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
     assert_eq!(&buf[..n as usize], b"user.a\0");
+}
+
+fn renameat2(from: &Path, to: &Path, flags: libc::c_uint) -> std::io::Result<()> {
+    let (a, b) = (
+        CString::new(from.as_os_str().as_bytes()).unwrap(),
+        CString::new(to.as_os_str().as_bytes()).unwrap(),
+    );
+    // SAFETY: valid C strings.
+    let r = unsafe { libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), flags) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[test]
+fn rename_exchange_is_durable_after_the_directory_fsync() {
+    let mut f = Fixture::new();
+    write_synced(&f.p("x"), b"X");
+    write_synced(&f.p("y"), b"Y");
+    fsync_dir(f.pc.path());
+    renameat2(&f.p("x"), &f.p("y"), libc::RENAME_EXCHANGE).unwrap();
+    assert_eq!(read(&f.p("x")).unwrap(), b"Y");
+    f.pc.cut(Cut::DropAll);
+    assert_eq!(
+        (read(&f.p("x")).unwrap(), read(&f.p("y")).unwrap()),
+        (b"X".to_vec(), b"Y".to_vec())
+    );
+
+    renameat2(&f.p("x"), &f.p("y"), libc::RENAME_EXCHANGE).unwrap();
+    fsync_dir(f.pc.path());
+    f.pc.cut(Cut::DropAll);
+    assert_eq!(
+        (read(&f.p("x")).unwrap(), read(&f.p("y")).unwrap()),
+        (b"Y".to_vec(), b"X".to_vec())
+    );
+    assert_eq!(
+        errno_of(&renameat2(&f.p("x"), &f.p("nope"), libc::RENAME_EXCHANGE).unwrap_err()),
+        libc::ENOENT
+    );
 }
