@@ -437,3 +437,27 @@ fn rename_exchange_is_durable_after_the_directory_fsync() {
         libc::ENOENT
     );
 }
+
+#[test]
+fn a_half_durable_directory_move_leaves_one_name() {
+    let mut f = Fixture::new();
+    for d in ["a", "b", "a/sub"] {
+        fs::create_dir(f.p(d)).unwrap();
+    }
+    write_synced(&f.p("a/sub/f"), b"f");
+    fsync_dir(&f.p("a/sub"));
+    fsync_dir(&f.p("a"));
+    fsync_dir(f.pc.path());
+    fs::rename(f.p("a/sub"), f.p("b/sub")).unwrap();
+    // Only the destination is synced: both parents durably name the directory.
+    fsync_dir(&f.p("b"));
+    let dump = f.pc.dump();
+    assert!(dump.contains("/b/sub/f") && dump.contains("pending:"), "{dump}");
+
+    f.pc.cut(Cut::DropAll);
+    let (a, b) = (f.p("a/sub").exists(), f.p("b/sub").exists());
+    assert!(a != b, "{}", f.pc.dump());
+    let sub = if a { "a/sub/f" } else { "b/sub/f" };
+    assert_eq!(read(&f.p(sub)).unwrap(), b"f");
+    assert_eq!(fs::metadata(f.pc.path()).unwrap().nlink(), 4);
+}

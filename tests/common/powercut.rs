@@ -31,6 +31,23 @@
 //! its first name only, so the result is always a tree. The mount is then replaced by a fresh
 //! one, so the kernel forgets every cached dentry, attribute and page; descriptors still open
 //! on the old mount get EIO.
+//!
+//! Use (tests run as root; the mount has `default_permissions` and `allow_other`):
+//!
+//! ```text
+//! let mut pc = PowerCut::mount(&dir);       // an empty layer at an existing directory
+//! /* set up under pc.path(), e.g. `kmsfs init` of a backing directory inside it */
+//! pc.sync_all();                            // the setup is durable (what a syncfs would do)
+//! pc.reset_syncs();
+//! /* run the program under test; kill it (SIGKILL is the power going) */
+//! pc.syncs("/vol/some/file").fsync;         // sync counters by path, pc.sync_events() in order
+//! eprintln!("{}", pc.dump());               // current and durable trees, pending changes
+//! pc.cut(Cut::DropAll);                     // or Cut::Random(seed); pc.path() is a fresh mount
+//! assert_eq!(pc.tree(View::Current), expected);
+//! ```
+//!
+//! A process still holding descriptors on the layer at the cut (a live daemon) makes the
+//! unmount lazy: its descriptors get EIO from then on, like those of a dead machine.
 #![allow(dead_code)]
 
 use super::Rng;
