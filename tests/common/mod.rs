@@ -5,6 +5,7 @@
 
 pub mod inprocess;
 pub mod openbao;
+pub mod powercut;
 pub mod workload;
 
 use std::path::{Path, PathBuf};
