@@ -288,6 +288,7 @@ pub fn run_mount(req: MountRequest) -> Result<Ended, Fatal> {
     let _ = watcher.join();
     // Every key goes now, whatever ended the session.
     state.fs.lock();
+    state.fs.finish();
     if let Some(p) = socket {
         let _ = std::fs::remove_file(p);
     }

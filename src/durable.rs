@@ -56,6 +56,15 @@ pub fn atomic_write(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()>
     result
 }
 
+/// Makes the entry `path` durable in its directory (after a mkdir, say): fsync of the parent.
+pub fn sync_parent(path: &Path) -> std::io::Result<()> {
+    let parent = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    File::open(parent)?.sync_all()
+}
+
 /// Reads from offset 0 until `buf` is full or the file ends; returns the bytes read.
 pub fn read_up_to(file: &File, buf: &mut [u8]) -> std::io::Result<usize> {
     use std::os::unix::fs::FileExt;

@@ -8,13 +8,17 @@ mod dir;
 pub mod error;
 pub mod inode;
 pub mod names;
+mod ready;
+mod stats;
 mod xattr;
+
+pub use stats::{KmsEvents, Stats};
 
 use crate::format::VolumeId;
 use crate::format::block::ContentCipher;
-use crate::format::header::{self, HEADER_LEN, KeySlot};
+use crate::format::header::{self, HEADER_LEN};
 use crate::keycache::KeyCache;
-use crate::kms::{Binding, KeyProvider, KmsError, NewFileKey, WrappedDek};
+use crate::kms::{Binding, KeyProvider, KmsError, WrappedDek};
 use crate::sys;
 use attr::Attr;
 use content::ContentFile;
@@ -25,7 +29,6 @@ use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -86,25 +89,6 @@ impl Default for Options {
     }
 }
 
-/// What the filesystem tells the daemon about the KMS as it uses it.
-pub trait KmsEvents: Send + Sync {
-    /// The KMS refused a key: access has been revoked.
-    fn denied(&self, why: &str);
-    /// The KMS could not be reached for a key.
-    fn unreachable(&self, why: &str);
-}
-
-/// Counters for `kmsfs status`.
-#[derive(Default)]
-pub struct Stats {
-    pub kms_calls: AtomicU64,
-    pub cache_hits: AtomicU64,
-    pub cache_misses: AtomicU64,
-    pub bytes_read: AtomicU64,
-    pub bytes_written: AtomicU64,
-    pub auth_failures: AtomicU64,
-}
-
 pub struct Fs {
     inodes: InodeTable,
     /// Open file and directory handles by number. Taken briefly by open, release and every
@@ -130,7 +114,9 @@ pub struct Fs {
     /// Set once by `lock`: every operation then fails with ENOKEY.
     locked: AtomicBool,
     events: Arc<dyn KmsEvents>,
-    pub stats: Stats,
+    pub stats: Arc<Stats>,
+    /// Files made ahead of their creates (`ready`).
+    ready: Arc<ready::ReadyFiles>,
 }
 
 impl Fs {
@@ -144,8 +130,11 @@ impl Fs {
         events: Arc<dyn KmsEvents>,
     ) -> FsResult<Fs> {
         let st = sys::fstatat(backing_root.as_fd(), OsStr::new(""))?;
+        let inodes = InodeTable::new(backing_root, &st);
+        let ready = Arc::new(ready::ReadyFiles::new(inodes.get(ROOT_INO)?));
         Ok(Fs {
-            inodes: InodeTable::new(backing_root, &st),
+            inodes,
+            ready,
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             kms,
@@ -158,7 +147,7 @@ impl Fs {
             options,
             locked: AtomicBool::new(false),
             events,
-            stats: Stats::default(),
+            stats: Arc::new(Stats::default()),
         })
     }
 
@@ -193,6 +182,7 @@ impl Fs {
         // Taken out under the lock, dropped after it: never waits for an operation in flight.
         let names = self.names.write().unwrap_or_else(|p| p.into_inner()).take();
         drop(names);
+        self.ready.close();
         let cached = self.keys.close();
         self.kms.forget_secrets();
         let handles = std::mem::take(&mut *self.handles());
@@ -205,6 +195,12 @@ impl Fs {
         drop(handles);
         crate::audit::event("keys_dropped", serde_json::json!({"cached": cached}));
         inodes.iter().map(|i| i.ino).collect()
+    }
+
+    /// At the end of the mount, after `lock`: waits (briefly) for files being made ahead of
+    /// creates to be removed, so that none is left in the backing directory.
+    pub fn finish(&self) {
+        self.ready.close_and_wait(std::time::Duration::from_secs(5));
     }
 
     /// Drops cached keys older than the TTL.
@@ -363,6 +359,9 @@ impl Fs {
         let dir = self.inodes.get(parent)?;
         let b = self.backing(&dir, name)?;
         let content = self.create_entry(&dir, &b, |n| {
+            if let Some(content) = self.create_from_ready(&dir, n, mode)? {
+                return Ok(content);
+            }
             // Made under a hidden name and renamed into place once its header is written: a
             // daemon killed in between (the KMS call can take a while) leaves a hidden
             // temporary file, never an entry without a header, which could not be opened.
@@ -413,45 +412,53 @@ impl Fs {
         Ok((attr, fh))
     }
 
-    /// Gets a new file id and its wrapped DEK from the KMS and writes the header. The DEK is
-    /// wiped as soon as the file's cipher is made from it.
+    /// Gets a new file id and its wrapped DEK from the KMS and writes the header.
     fn write_new_header(&self, file: &File) -> FsResult<Arc<ContentCipher>> {
         // A locked volume asks the KMS for nothing.
         self.guard()?;
-        self.stats.kms_calls.fetch_add(1, Ordering::Relaxed);
-        let NewFileKey {
-            file_id,
-            dek,
-            wrapped,
-        } = self
-            .runtime
-            .block_on(self.kms.new_file_key(self.volume_id))
-            .inspect_err(|e| match e {
-                KmsError::Denied(m) => self.events.denied(m),
-                KmsError::Unreachable(m) => self.events.unreachable(m),
-                _ => {}
-            })?;
-        crate::audit::event(
-            "dek_generated",
-            serde_json::json!({"file_id": file_id.to_string(), "key": wrapped.key_ref,
-                               "version": self.kms.version_of(&wrapped), "outcome": "ok"}),
-        );
-        let slot = KeySlot {
-            sequence: 1,
-            key_ref: wrapped.key_ref,
-            wrapped: wrapped.blob,
-        };
-        let bytes = header::encode(&file_id, &slot).map_err(|e| {
-            log::error!("file {file_id}: cannot encode header: {e}");
-            FsError::Corrupt
-        })?;
-        sys::fallocate(file.as_fd(), 0, 0, HEADER_LEN)?;
-        file.write_all_at(&bytes, 0)?;
-        let cipher = Arc::new(ContentCipher::new(&dek, file_id));
-        drop(dek);
+        let key = self.maker().new_key(false)?;
+        let file_id = key.file_id;
+        let cipher = ready::write_header(file, key)?;
         // Reopening a file just made needs no KMS call.
         self.keys.insert(file_id, cipher.clone());
         Ok(cipher)
+    }
+
+    /// A create from a file made ahead (`ready`): renamed into place as `name` in `dir` and
+    /// given its mode. `None` when no file is ready, or in a set-group-id directory (a file
+    /// made in the root would not carry the directory's group).
+    fn create_from_ready(&self, dir: &Inode, name: &OsStr, mode: u32) -> FsResult<Option<ContentFile>> {
+        if sys::fstatat(dir.fd(), OsStr::new(""))?.st_mode & libc::S_ISGID != 0 {
+            return Ok(None);
+        }
+        let Some(r) = self.ready.take(&self.maker()) else {
+            return Ok(None);
+        };
+        let root = self.ready.root();
+        if let Err(e) = sys::renameat2(root.fd(), &r.name, dir.fd(), name, libc::RENAME_NOREPLACE) {
+            self.ready.put_back(r);
+            return Err(e.into());
+        }
+        // Its mode as asked, and its times those of the create, not of when it was made.
+        let made = sys::chmod_fd(r.file.as_fd(), mode & 0o7777)
+            .and_then(|()| sys::utimens_fd(r.file.as_fd(), Some(None), Some(None)))
+            .map_err(FsError::from)
+            .and_then(|()| ContentFile::new(r.file, r.cipher.clone(), true));
+        if made.is_err() {
+            let _ = sys::unlinkat(dir.fd(), name, false);
+        }
+        self.keys.insert(r.file_id, r.cipher);
+        made.map(Some)
+    }
+
+    fn maker(&self) -> ready::Maker {
+        ready::Maker {
+            kms: self.kms.clone(),
+            volume_id: self.volume_id,
+            runtime: self.runtime.clone(),
+            events: self.events.clone(),
+            stats: self.stats.clone(),
+        }
     }
 
     /// The open content of a regular file, opening it (header + KMS unwrap) if needed, and

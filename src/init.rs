@@ -57,6 +57,7 @@ pub fn init(backing: &Path, kms: InitKms, plaintext_names: bool) -> Result<(), F
                 .recursive(true)
                 .mode(0o700)
                 .create(backing)
+                .and_then(|()| crate::durable::sync_parent(backing))
                 .map_err(|e| Fatal::new(format!("cannot create {}: {e}", backing.display())))?;
         }
         Err(e) => return Err(Fatal::new(format!("{}: {e}", backing.display()))),

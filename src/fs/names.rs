@@ -75,11 +75,7 @@ impl Names {
                 })
             }
             _ => {
-                if is_root
-                    && RESERVED_ROOT_NAMES
-                        .iter()
-                        .any(|r| name.as_bytes() == r.as_bytes())
-                {
+                if is_reserved_plain(is_root, name) {
                     return Err(FsError::Reserved);
                 }
                 Ok(BackingName::plain(name))
@@ -97,11 +93,7 @@ impl Names {
         backing: &OsStr,
     ) -> Option<Result<OsString, NameError>> {
         let (Names::Encrypted { cipher, .. }, Some(id)) = (self, dir_id) else {
-            let reserved = is_root
-                && RESERVED_ROOT_NAMES
-                    .iter()
-                    .any(|r| backing.as_bytes() == r.as_bytes());
-            return (!reserved).then(|| Ok(backing.to_os_string()));
+            return (!is_reserved_plain(is_root, backing)).then(|| Ok(backing.to_os_string()));
         };
         let plain = match name::classify(backing.as_bytes()) {
             BackingEntry::Internal => return None,
@@ -112,6 +104,17 @@ impl Names {
         };
         Some(plain.map(OsString::from_vec))
     }
+}
+
+/// With plaintext names, the names kmsfs keeps for itself: the config, lock and lost+found
+/// in the root, and its temporary entries (files being created, files made ahead of their
+/// creates) everywhere.
+fn is_reserved_plain(is_root: bool, name: &OsStr) -> bool {
+    name.as_bytes().starts_with(name::TEMP_PREFIX.as_bytes())
+        || is_root
+            && RESERVED_ROOT_NAMES
+                .iter()
+                .any(|r| name.as_bytes() == r.as_bytes())
 }
 
 /// Reads a long-name entry's sidecar and checks that it belongs to that entry. Only a regular

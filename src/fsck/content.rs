@@ -278,11 +278,20 @@ impl ContentCheck<'_> {
         self.summary.holes += check.holes;
         self.summary.bytes += check.size;
         if let Some(torn) = check.torn {
+            // After at least one whole record (whose final flag is checked with the blocks),
+            // torn bytes are an extension cut short. With none, the file would read as empty:
+            // that is also what a storage truncating it would produce, so it stays a problem.
+            let (kind, what) = if check.blocks > 0 {
+                (Kind::TornTail, "an extension cut short")
+            } else {
+                (Kind::Length, "a first write cut short, or the file truncated")
+            };
             let msg = format!(
                 "backing length {len} is not a valid size: {torn} bytes of a torn record after the \
-                 last whole block (the mount ignores them; opening the file for writing through the mount cuts them off)"
+                 last whole block ({what}; the mount ignores them, opening the file for writing \
+                 through the mount cuts them off)"
             );
-            let mut p = with_id(Problem::new(&f.paths[0], f.inode, Kind::Length, msg), o);
+            let mut p = with_id(Problem::new(&f.paths[0], f.inode, kind, msg), o);
             p.blocks = Some((check.blocks, check.blocks));
             self.problems.push(p);
         }

@@ -27,8 +27,11 @@ pub enum Kind {
     Key,
     /// One or more blocks fail authentication.
     Block,
-    /// The backing length is not the length of any valid file (a torn last record).
+    /// The backing length is not the length of any valid file, and no whole record precedes
+    /// the torn bytes (a first write cut short, or a truncation).
     Length,
+    /// Torn bytes after the last whole record: an extension cut short by a crash.
+    TornTail,
     /// Another file has the same file id.
     DuplicateId,
     /// An entry name does not decrypt under its directory's id.
@@ -57,6 +60,7 @@ impl Kind {
             Kind::Key => "key",
             Kind::Block => "block",
             Kind::Length => "length",
+            Kind::TornTail => "torn-tail",
             Kind::DuplicateId => "duplicate-file-id",
             Kind::Name => "name",
             Kind::Sidecar => "sidecar",
@@ -75,7 +79,7 @@ impl Kind {
     pub fn is_notice(self) -> bool {
         matches!(
             self,
-            Kind::Temp | Kind::OrphanSidecar | Kind::Length | Kind::EmptyDirWithoutId
+            Kind::Temp | Kind::OrphanSidecar | Kind::TornTail | Kind::EmptyDirWithoutId
         )
     }
 }

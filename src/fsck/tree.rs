@@ -158,6 +158,11 @@ impl Walker<'_> {
                 continue; // the config, the lock, lost+found: not the user's
             }
             let rel_e = rel.join(name);
+            if encrypted.is_none() && name.as_bytes().starts_with(TEMP_PREFIX.as_bytes()) {
+                // Hidden from a plaintext-names mount too.
+                self.internal(&rel_e, name, *ino, &present);
+                continue;
+            }
             if let Some(enc) = &encrypted
                 && !self.name(enc, dir, rel, &rel_e, name, *ino, &present)
             {
@@ -256,7 +261,8 @@ impl Walker<'_> {
             return;
         };
         if s.starts_with(TEMP_PREFIX) {
-            let msg = "temporary entry left by an interrupted create (hidden from the mount)";
+            let msg = "temporary entry left by an interrupted create, or a file made ahead of creates by a \
+                       mount that ended without removing it (hidden from the mount)";
             self.problem(Problem::new(rel_e, ino, Kind::Temp, msg).quarantine(&[]));
         } else if let Some(long) = s
             .strip_suffix(LONG_NAME_SIDECAR_SUFFIX)
@@ -456,6 +462,9 @@ mod tests {
         std::fs::create_dir(root.join(".kmsfs.tmp.0011")).unwrap();
         let empty = cipher.encrypt_name(root_dir_id, b"empty").unwrap();
         std::fs::create_dir(root.join(&empty)).unwrap();
+        let no_id = cipher.encrypt_name(root_dir_id, b"no id").unwrap();
+        std::fs::create_dir(root.join(&no_id)).unwrap();
+        std::fs::write(root.join(&no_id).join("AAAAAAAAAAAAAAAAAAAAAA"), b"").unwrap();
         std::fs::remove_file(root.join(&sub).join(&inner)).unwrap();
         std::os::unix::fs::symlink(
             "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
@@ -466,7 +475,8 @@ mod tests {
         let t = walk(root, &n, &mut Progress::new());
         let mut expected = vec![
             (".kmsfs.tmp.0011".to_string(), Kind::Temp),
-            (empty.clone(), Kind::DirId),
+            (empty.clone(), Kind::EmptyDirWithoutId),
+            (no_id.clone(), Kind::DirId),
             (long.clone(), Kind::Sidecar),
             ("kmsfs.long.AAAA.name".to_string(), Kind::OrphanSidecar),
             (format!("{sub}/{short}"), Kind::Name),
@@ -474,8 +484,13 @@ mod tests {
         ];
         expected.sort();
         assert_eq!(kinds(&t), expected);
-        // Every one of them is quarantined by --repair; the bad sidecar goes with its entry.
-        assert!(t.problems.iter().all(|p| !p.quarantine.is_empty()));
+        // Every one of them but the empty directory (which the mount repairs) is quarantined
+        // by --repair; the bad sidecar goes with its entry.
+        assert!(
+            t.problems
+                .iter()
+                .all(|p| p.quarantine.is_empty() == (p.kind == Kind::EmptyDirWithoutId))
+        );
         let lp = t.problems.iter().find(|p| p.kind == Kind::Sidecar).unwrap();
         assert_eq!(lp.quarantine.len(), 2);
     }

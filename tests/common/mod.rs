@@ -78,6 +78,31 @@ impl Volume {
         }
     }
 
+    /// A volume whose backing directory is `backing` (on a test layer beneath it, say); its
+    /// keystore, mountpoint and log go in a new temp directory.
+    pub fn init_backing_at(backing: &Path) -> Volume {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mnt = dir.path().join("mnt");
+        let keystore = dir.path().join("vol.keystore");
+        std::fs::create_dir(&mnt).unwrap();
+        run_ok(&[
+            "init",
+            backing.to_str().unwrap(),
+            "--keystore",
+            keystore.to_str().unwrap(),
+        ]);
+        let log = dir.path().join("kmsfs.log");
+        Volume {
+            dir,
+            backing: backing.to_path_buf(),
+            mnt,
+            keystore,
+            log,
+            env: Vec::new(),
+            mounted: false,
+        }
+    }
+
     /// A volume that is initialised and mounted.
     pub fn mounted() -> Volume {
         let mut v = Volume::new();

@@ -1,0 +1,323 @@
+//! New files made ahead of their creates. A create must not give a name to a file whose header
+//! is not yet durable: after a power cut that name could lead to a file cut below its header,
+//! which has to keep reading as damaged (it is also what a storage that truncates files
+//! produces). Syncing each header in the create costs a disk flush per file (5–6× fewer
+//! creates per second on a disk), and waits on the KMS while the kernel holds the directory.
+//!
+//! So a background thread keeps a few dozen files ready in the backing root, under hidden
+//! names: each with a new file id, a DEK from the KMS wrapped in its header, synced, in
+//! batches whose flushes run in parallel (the filesystem's journal commits them together). A
+//! create renames one into place and sets its mode: no KMS call, no flush. When none is ready
+//! (the first create of a mount, a burst, the KMS away) the create makes its file itself, and
+//! syncs it.
+//!
+//! Ready files are hidden temporary entries (`.kmsfs.tmp.ready.<hex>`): unmount and lock
+//! remove them, a crash leaves them for the next mount's first refill to remove (fsck lists
+//! them as notices meanwhile). Their keys are dropped with the volume's other keys on lock.
+
+use super::error::{FsError, FsResult};
+use super::inode::Inode;
+use super::stats::{KmsEvents, Stats};
+use crate::format::block::ContentCipher;
+use crate::format::header::{self, HEADER_LEN, KeySlot};
+use crate::format::name::TEMP_PREFIX;
+use crate::format::{FileId, VolumeId};
+use crate::kms::{KeyProvider, KmsError, NewFileKey};
+use crate::sys;
+use std::collections::VecDeque;
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+/// Files kept ready; a refill starts when fewer than half are left.
+const TARGET: usize = 64;
+/// Files made and synced together.
+const BATCH: usize = 32;
+/// Threads that flush one batch: the journal commits concurrent flushes together.
+const SYNC_THREADS: usize = 8;
+
+fn ready_prefix() -> String {
+    format!("{TEMP_PREFIX}ready.")
+}
+
+/// A file with its header, durable, under a hidden name in the backing root.
+pub(super) struct Ready {
+    pub name: OsString,
+    pub file: File,
+    pub file_id: FileId,
+    pub cipher: Arc<ContentCipher>,
+}
+
+/// What making a header needs: the KMS, and where its answers are reported.
+#[derive(Clone)]
+pub(super) struct Maker {
+    pub kms: Arc<dyn KeyProvider>,
+    pub volume_id: VolumeId,
+    pub runtime: tokio::runtime::Handle,
+    pub events: Arc<dyn KmsEvents>,
+    pub stats: Arc<Stats>,
+}
+
+impl Maker {
+    /// A new file id and its DEK, wrapped and bound to both, from the KMS; `ahead` for a file
+    /// made before its create (the audit log says so).
+    pub fn new_key(&self, ahead: bool) -> FsResult<NewFileKey> {
+        self.stats.kms_calls.fetch_add(1, Ordering::Relaxed);
+        let key = self
+            .runtime
+            .block_on(self.kms.new_file_key(self.volume_id))
+            .inspect_err(|e| match e {
+                KmsError::Denied(m) => self.events.denied(m),
+                KmsError::Unreachable(m) => self.events.unreachable(m),
+                _ => {}
+            })?;
+        crate::audit::event(
+            "dek_generated",
+            serde_json::json!({"file_id": key.file_id.to_string(), "key": key.wrapped.key_ref,
+                               "version": self.kms.version_of(&key.wrapped), "ahead": ahead,
+                               "outcome": "ok"}),
+        );
+        Ok(key)
+    }
+}
+
+/// Writes the header of a new file (not synced) and returns its cipher; the DEK is wiped as
+/// soon as the cipher is made from it.
+pub(super) fn write_header(file: &File, key: NewFileKey) -> FsResult<Arc<ContentCipher>> {
+    let NewFileKey {
+        file_id,
+        dek,
+        wrapped,
+    } = key;
+    let slot = KeySlot {
+        sequence: 1,
+        key_ref: wrapped.key_ref,
+        wrapped: wrapped.blob,
+    };
+    let bytes = header::encode(&file_id, &slot).map_err(|e| {
+        log::error!("file {file_id}: cannot encode header: {e}");
+        FsError::Corrupt
+    })?;
+    sys::fallocate(file.as_fd(), 0, 0, HEADER_LEN)?;
+    file.write_all_at(&bytes, 0)?;
+    Ok(Arc::new(ContentCipher::new(&dek, file_id)))
+}
+
+#[derive(Default)]
+struct State {
+    queue: VecDeque<Ready>,
+    /// A refill thread is running.
+    filling: bool,
+    /// Set by lock: no file is made or handed out again.
+    closed: bool,
+    /// Leftovers of an earlier mount have been removed.
+    swept: bool,
+}
+
+/// The ready files of one mount.
+pub(super) struct ReadyFiles {
+    root: Arc<Inode>,
+    state: Mutex<State>,
+    /// Signalled when a refill ends.
+    filled: Condvar,
+}
+
+impl ReadyFiles {
+    pub fn new(root: Arc<Inode>) -> Self {
+        ReadyFiles {
+            root,
+            state: Mutex::new(State::default()),
+            filled: Condvar::new(),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn root(&self) -> &Inode {
+        &self.root
+    }
+
+    /// A ready file, if there is one; starts a refill when few are left.
+    pub fn take(self: &Arc<Self>, maker: &Maker) -> Option<Ready> {
+        let (ready, refill) = {
+            let mut st = self.state();
+            if st.closed {
+                return None;
+            }
+            let ready = st.queue.pop_front();
+            let refill = !st.filling && st.queue.len() < TARGET / 2;
+            st.filling |= refill;
+            (ready, refill)
+        };
+        if refill {
+            let (this, maker) = (self.clone(), maker.clone());
+            let spawned = std::thread::Builder::new()
+                .name("kmsfs-ready".into())
+                .spawn(move || this.fill(&maker));
+            if let Err(e) = spawned {
+                log::warn!("cannot start the thread that makes files ahead of creates: {e}");
+                self.state().filling = false;
+            }
+        }
+        ready
+    }
+
+    /// Returns a file that a create could not use (its name was taken).
+    pub fn put_back(&self, ready: Ready) {
+        let mut st = self.state();
+        if st.closed {
+            drop(st);
+            self.remove(&ready.name);
+        } else {
+            st.queue.push_front(ready);
+        }
+    }
+
+    /// Drops every ready file and its key, and makes no more (lock).
+    pub fn close(&self) {
+        let drained: Vec<Ready> = {
+            let mut st = self.state();
+            st.closed = true;
+            st.queue.drain(..).collect()
+        };
+        for r in drained {
+            self.remove(&r.name);
+        }
+    }
+
+    fn remove(&self, name: &OsStr) {
+        if let Err(e) = sys::unlinkat(self.root.fd(), name, false)
+            && e.raw_os_error() != Some(libc::ENOENT)
+        {
+            log::warn!("cannot remove a ready file from the backing root: {e}");
+        }
+    }
+
+    /// Runs on its own thread: makes files until the queue is full again.
+    fn fill(&self, maker: &Maker) {
+        if !std::mem::replace(&mut self.state().swept, true) {
+            self.sweep();
+        }
+        loop {
+            let want = {
+                let st = self.state();
+                if st.closed {
+                    break;
+                }
+                TARGET.saturating_sub(st.queue.len()).min(BATCH)
+            };
+            if want == 0 {
+                break;
+            }
+            let batch = match self.make_batch(maker, want) {
+                Ok(b) => b,
+                Err(e) => {
+                    // The KMS's answer has been reported; creates make their own files now.
+                    log::debug!("making files ahead of creates stopped: {e}");
+                    break;
+                }
+            };
+            let mut st = self.state();
+            if st.closed {
+                drop(st);
+                batch.iter().for_each(|r| self.remove(&r.name));
+                break;
+            }
+            st.queue.extend(batch);
+        }
+        self.state().filling = false;
+        self.filled.notify_all();
+    }
+
+    /// Closes (as [`ReadyFiles::close`]) and waits up to `limit` for a refill in flight to
+    /// remove what it was making, so that an unmount leaves no ready file behind.
+    pub fn close_and_wait(&self, limit: Duration) {
+        self.close();
+        let st = self.state();
+        let _ = self.filled.wait_timeout_while(st, limit, |st| st.filling);
+    }
+
+    /// `n` files with their headers, all synced.
+    fn make_batch(&self, maker: &Maker, n: usize) -> FsResult<Vec<Ready>> {
+        let mut batch = Vec::with_capacity(n);
+        let made = (|| -> FsResult<()> {
+            for _ in 0..n {
+                let key = maker.new_key(true)?;
+                let file_id = key.file_id;
+                let mut r = [0u8; 8];
+                crate::crypto::fill_random(&mut r);
+                let name: OsString = format!("{}{}", ready_prefix(), crate::hex::encode(&r)).into();
+                let flags = libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW;
+                let file = File::from(sys::openat(self.root.fd(), &name, flags, 0o600)?);
+                let ready = write_header(&file, key).map(|cipher| Ready {
+                    name: name.clone(),
+                    file,
+                    file_id,
+                    cipher,
+                });
+                match ready {
+                    Ok(r) => batch.push(r),
+                    Err(e) => {
+                        self.remove(&name);
+                        return Err(e);
+                    }
+                }
+            }
+            sync_all(&batch)
+        })();
+        if let Err(e) = made {
+            batch.iter().for_each(|r| self.remove(&r.name));
+            return Err(e);
+        }
+        Ok(batch)
+    }
+
+    /// Removes ready files a crashed mount left in the backing root. Only this mount makes
+    /// files under that prefix, and it has made none yet.
+    fn sweep(&self) {
+        let path = sys::proc_fd_path(self.root.fd());
+        let Ok(entries) = std::fs::read_dir(std::path::Path::new(OsStr::from_bytes(path.as_bytes()))) else {
+            return;
+        };
+        let prefix = ready_prefix();
+        let mut removed = 0;
+        for e in entries.flatten() {
+            if e.file_name().as_bytes().starts_with(prefix.as_bytes()) {
+                self.remove(&e.file_name());
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            log::info!("removed {removed} ready files left by an earlier mount");
+        }
+    }
+}
+
+impl Drop for ReadyFiles {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// Flushes every file of a batch, from several threads at once.
+fn sync_all(batch: &[Ready]) -> FsResult<()> {
+    let per_thread = batch.len().div_ceil(SYNC_THREADS).max(1);
+    std::thread::scope(|s| {
+        let jobs: Vec<_> = batch
+            .chunks(per_thread)
+            .map(|chunk| s.spawn(move || chunk.iter().try_for_each(|r| r.file.sync_data())))
+            .collect();
+        jobs.into_iter().try_for_each(|j| {
+            j.join()
+                .unwrap_or_else(|_| Err(std::io::Error::other("sync thread panicked")))
+        })
+    })?;
+    Ok(())
+}
