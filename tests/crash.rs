@@ -25,16 +25,7 @@ use std::time::{Duration, Instant};
 #[test]
 #[ignore = "the writer half of the crash tests; started by them"]
 fn crash_writer_child() {
-    let Ok(args) = std::env::var("KMSFS_CRASH_WRITER") else {
-        return;
-    };
-    let v: Vec<&str> = args.split('|').collect();
-    writer(
-        Path::new(v[0]),
-        Path::new(v[1]),
-        v[2].parse().unwrap(),
-        v[3].parse().unwrap(),
-    );
+    writer_child();
 }
 
 fn iterations() -> usize {

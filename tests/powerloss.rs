@@ -47,6 +47,11 @@ impl Rig {
     /// `mode` says, and both come back up.
     fn cut(&mut self, mode: Cut) {
         kill(self.vol.daemon_pid());
+        self.restart(mode);
+    }
+
+    /// The rest of a cut, once the daemon is dead.
+    fn restart(&mut self, mode: Cut) {
         lazy_unmount(&self.vol.mnt);
         assert!(
             self.vol.wait_daemon_gone(10),
@@ -93,16 +98,7 @@ fn read_everything(dir: &Path, failures: &mut Vec<String>) {
 #[test]
 #[ignore = "the writer half of the power-loss test; started by it"]
 fn powerloss_writer_child() {
-    let Ok(args) = std::env::var("KMSFS_CRASH_WRITER") else {
-        return;
-    };
-    let v: Vec<&str> = args.split('|').collect();
-    writer(
-        Path::new(v[0]),
-        Path::new(v[1]),
-        v[2].parse().unwrap(),
-        v[3].parse().unwrap(),
-    );
+    writer_child();
 }
 
 /// The crash test's workload (creates, writes at block edges, truncates, renames over, long
@@ -147,13 +143,7 @@ fn what_a_program_made_durable_survives_a_power_cut() {
         }
         let _ = child.kill();
         child.wait().unwrap();
-        lazy_unmount(&rig.vol.mnt);
-        assert!(
-            rig.vol.wait_daemon_gone(10),
-            "killed daemon still holds the volume"
-        );
-        rig.pc.cut(mode);
-        rig.vol.mount(&[]);
+        rig.restart(mode);
 
         let (acked, in_flight) = read_journal(&journal);
         let found = check(&rig.vol.mnt, &ops, acked, in_flight);

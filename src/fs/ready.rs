@@ -35,11 +35,11 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 /// Files kept ready; a refill starts when fewer than half are left.
-const TARGET: usize = 64;
+const TARGET: usize = 128;
 /// Files made and synced together.
-const BATCH: usize = 32;
+const BATCH: usize = 64;
 /// Threads that flush one batch: the journal commits concurrent flushes together.
-const SYNC_THREADS: usize = 8;
+const SYNC_THREADS: usize = 16;
 
 fn ready_prefix() -> String {
     format!("{TEMP_PREFIX}ready.")

@@ -357,6 +357,21 @@ pub fn check(mnt: &Path, ops: &[Op], acked: usize, in_flight: Option<usize>) -> 
     out
 }
 
+/// The body of a test binary's ignored writer test: runs `writer` with the arguments
+/// `spawn_writer` passed, or does nothing when run as an ordinary test.
+pub fn writer_child() {
+    let Ok(args) = std::env::var("KMSFS_CRASH_WRITER") else {
+        return;
+    };
+    let v: Vec<&str> = args.split('|').collect();
+    writer(
+        Path::new(v[0]),
+        Path::new(v[1]),
+        v[2].parse().unwrap(),
+        v[3].parse().unwrap(),
+    );
+}
+
 /// Starts `writer` in a child process: this test binary again, running its ignored test
 /// `child_test`, which reads its arguments from `KMSFS_CRASH_WRITER`.
 pub fn spawn_writer(child_test: &str, mnt: &Path, journal: &Path, seed: u64, count: usize) -> Child {
