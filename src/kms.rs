@@ -9,8 +9,14 @@
 //! `Arc<dyn KeyProvider>` and knows no backend by name; a new backend is one new module here
 //! plus one arm in `volume::key_provider`.
 
+mod batcher;
+mod env;
+pub mod kmip;
 pub mod local;
 pub mod openbao;
+mod pool;
+
+pub use env::read_secret_file;
 
 use crate::crypto::SecretKey;
 use crate::format::{FileId, VolumeId};

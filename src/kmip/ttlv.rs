@@ -99,7 +99,10 @@ pub enum DecodeError {
     TooDeep,
     UnknownType(u8),
     /// A length that does not fit the type.
-    BadLength { ty: u8, len: u32 },
+    BadLength {
+        ty: u8,
+        len: u32,
+    },
     NonZeroPadding,
     /// A boolean other than 0 or 1.
     BadBoolean,
@@ -367,7 +370,10 @@ pub(crate) mod tests {
     fn spec_examples() {
         let cases: Vec<(Value, &str)> = vec![
             (Value::Integer(8), "42002002000000040000000800000000"),
-            (Value::LongInteger(123456789000000000), "420020030000000801B69B4BA5749200"),
+            (
+                Value::LongInteger(123456789000000000),
+                "420020030000000801B69B4BA5749200",
+            ),
             (
                 Value::BigInteger(hex("0000000003FD35EB6BC2DF4618080000")),
                 "42002004000000100000000003FD35EB6BC2DF4618080000",
@@ -485,7 +491,10 @@ pub(crate) mod tests {
     #[test]
     fn byte_strings_do_not_print() {
         let item = Item::new(Tag(0x4200C2), Value::ByteString(Zeroizing::new(vec![0xAB; 32])));
-        assert_eq!(format!("{item:?}"), "Item { tag: Tag(4325570), value: ByteString(32 bytes) }");
+        assert_eq!(
+            format!("{item:?}"),
+            "Item { tag: Tag(4325570), value: ByteString(32 bytes) }"
+        );
     }
 
     pub(crate) fn arb_item() -> impl Strategy<Value = Item> {
@@ -506,7 +515,12 @@ pub(crate) mod tests {
         ];
         let value = leaf.prop_recursive(6, 64, 6, move |inner| {
             proptest::collection::vec(((0u32..=MAX_TAG).prop_map(Tag), inner), 0..6).prop_map(|items| {
-                Value::Structure(items.into_iter().map(|(tag, value)| Item { tag, value }).collect())
+                Value::Structure(
+                    items
+                        .into_iter()
+                        .map(|(tag, value)| Item { tag, value })
+                        .collect(),
+                )
             })
         });
         (tag, value).prop_map(|(tag, value)| Item { tag, value })

@@ -96,7 +96,9 @@ impl Wrapped {
             key_id: key_id.to_owned(),
             iv: iv.try_into().map_err(|_| WrappedError::BadLength(b.len()))?,
             tag: tag.try_into().map_err(|_| WrappedError::BadLength(b.len()))?,
-            ciphertext: ciphertext.try_into().map_err(|_| WrappedError::BadLength(b.len()))?,
+            ciphertext: ciphertext
+                .try_into()
+                .map_err(|_| WrappedError::BadLength(b.len()))?,
         })
     }
 }
@@ -125,7 +127,14 @@ mod tests {
         let mut spaced = b.clone();
         spaced[2] = b' ';
         assert_eq!(Wrapped::decode(&spaced), Err(WrappedError::BadKeyId));
-        assert!(Wrapped { key_id: String::new(), ..w }.encode().is_err());
+        assert!(
+            Wrapped {
+                key_id: String::new(),
+                ..w
+            }
+            .encode()
+            .is_err()
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 pub mod inprocess;
 pub mod openbao;
+pub mod pykmip;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
