@@ -412,7 +412,7 @@ pub fn parse_response(
         .collect())
 }
 
-fn field<'a>(payload: &'a [Item], t: Tag) -> Option<&'a Value> {
+fn field(payload: &[Item], t: Tag) -> Option<&Value> {
     payload.iter().find(|i| i.tag == t).map(|i| &i.value)
 }
 

@@ -223,7 +223,7 @@ fn check(item: &Item, depth: usize) -> Result<(), EncodeError> {
             }
             items.iter().try_for_each(|i| check(i, depth + 1))
         }
-        Value::BigInteger(b) if b.len() % 8 != 0 => Err(EncodeError::BadBigInteger(b.len())),
+        Value::BigInteger(b) if !b.len().is_multiple_of(8) => Err(EncodeError::BadBigInteger(b.len())),
         _ => Ok(()),
     }
 }
@@ -272,7 +272,7 @@ pub fn message_len(header: &[u8; ITEM_HEADER_LEN]) -> Result<usize, DecodeError>
         return Err(DecodeError::NotAStructure);
     }
     let len = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
-    if len % 8 != 0 {
+    if !len.is_multiple_of(8) {
         return Err(DecodeError::BadLength {
             ty: ty::STRUCTURE,
             len,
@@ -347,7 +347,7 @@ fn read(bytes: &[u8], depth: usize) -> Result<(Item, usize), DecodeError> {
                 _ => return Err(DecodeError::BadBoolean),
             }
         }
-        ty::BIG_INTEGER if n % 8 == 0 => Value::BigInteger(v.to_vec()),
+        ty::BIG_INTEGER if n.is_multiple_of(8) => Value::BigInteger(v.to_vec()),
         ty::BIG_INTEGER => return Err(bad_len),
         ty::TEXT_STRING => Value::TextString(
             std::str::from_utf8(v)

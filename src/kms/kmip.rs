@@ -392,14 +392,9 @@ impl KeyProvider for KmipKms {
         bindings: &'a [Binding],
     ) -> BoxFuture<'a, Vec<Result<(SecretKey, WrappedDek), KmsError>>> {
         Box::pin(async move {
-            let items: Vec<(SecretKey, Binding)> =
-                bindings.iter().map(|b| (SecretKey::generate(), *b)).collect();
+            let items = super::fresh_deks(bindings);
             let wrapped = self.wrap_batch(&items).await;
-            items
-                .into_iter()
-                .zip(wrapped)
-                .map(|((dek, _), w)| w.map(|w| (dek, w)))
-                .collect()
+            super::with_wraps(items, wrapped)
         })
     }
 

@@ -30,7 +30,6 @@ mod stub;
 mod transit;
 mod transport;
 
-pub use super::read_secret_file;
 pub use credentials::{Credentials, Settings};
 pub use transit::MAX_BATCH;
 
@@ -178,14 +177,9 @@ impl KeyProvider for OpenBaoKms {
         bindings: &'a [Binding],
     ) -> BoxFuture<'a, Vec<Result<(SecretKey, WrappedDek), KmsError>>> {
         Box::pin(async move {
-            let items: Vec<(SecretKey, Binding)> =
-                bindings.iter().map(|b| (SecretKey::generate(), *b)).collect();
+            let items = super::fresh_deks(bindings);
             let wrapped = self.transit.wrap_many(&items).await;
-            items
-                .into_iter()
-                .zip(wrapped)
-                .map(|((dek, _), w)| w.map(|w| (dek, w)))
-                .collect()
+            super::with_wraps(items, wrapped)
         })
     }
 

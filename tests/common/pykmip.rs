@@ -15,32 +15,11 @@ pub const OWNER: &str = "fusefs";
 
 /// `pykmip-server` in the venv ($KMSFS_PYKMIP_VENV or target/pykmip-venv), installed if missing.
 pub fn server_binary() -> PathBuf {
-    let venv = std::env::var_os("KMSFS_PYKMIP_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/pykmip-venv"));
-    std::fs::create_dir_all(venv.parent().unwrap()).unwrap();
-    // One installer at a time across test processes.
-    let lock = std::fs::File::create(venv.with_extension("lock")).unwrap();
-    lock.lock().unwrap();
+    let (venv, _lock) = super::test_venv("KMSFS_PYKMIP_VENV", "pykmip-venv");
     let bin = venv.join("bin/pykmip-server");
-    if bin.exists() {
-        return bin;
+    if !bin.exists() {
+        super::pip_install(&venv, &format!("pykmip=={PYKMIP_VERSION}"));
     }
-    if !venv.join("bin/python").exists() {
-        let st = Command::new("python3")
-            .arg("-m")
-            .arg("venv")
-            .arg(&venv)
-            .status()
-            .unwrap();
-        assert!(st.success(), "python3 -m venv failed");
-    }
-    let st = Command::new(venv.join("bin/pip"))
-        .args(["install", "-q", "--disable-pip-version-check"])
-        .arg(format!("pykmip=={PYKMIP_VERSION}"))
-        .status()
-        .unwrap();
-    assert!(st.success(), "pip install pykmip failed");
     assert!(bin.exists(), "pykmip installed no pykmip-server");
     bin
 }
@@ -239,13 +218,18 @@ impl Kmip {
 
     /// A KMIP client as the owner, for key management.
     pub fn admin(&self) -> Admin {
+        self.client(KEY_UNUSED)
+    }
+
+    /// kmsfs's provider for key `key`, as the owner.
+    pub fn client(&self, key: &str) -> Admin {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
         let s = Settings {
             addrs: vec![self.addr.clone()],
-            key: "unused".into(),
+            key: key.into(),
             ca: self.path("test-ca.crt").into(),
             cert: self.path("client.crt").into(),
             client_key: self.path("client.key").into(),
@@ -271,6 +255,9 @@ impl Drop for Kmip {
         self.kill();
     }
 }
+
+/// The key an admin client is made for: it only manages objects by identifier.
+const KEY_UNUSED: &str = "unused";
 
 pub struct Admin {
     pub rt: tokio::runtime::Runtime,

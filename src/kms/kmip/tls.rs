@@ -38,7 +38,7 @@ pub(super) fn client_config(
         roots.add(c).map_err(|e| bad(ca, CA_VAR, e))?;
     }
     let chain = certificates(cert, CERT_VAR)?;
-    let pem = crate::kms::read_secret_file(key)?;
+    let pem = crate::kms::env::read_secret_file(key)?;
     let private = PrivateKeyDer::from_pem_slice(pem.as_bytes()).map_err(|e| bad(key, KEY_VAR, e))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)

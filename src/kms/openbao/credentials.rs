@@ -1,7 +1,7 @@
 //! What the mount brings to the server, all from its own environment and never from the volume
 //! config alone: [`Settings`] (addresses, namespace, CA, client certificate) and
 //! [`Credentials`] (a token or an AppRole, from variables, systemd credentials or files that
-//! only their owner may read: `kms::read_secret_file`).
+//! only their owner may read: `kms::env::read_secret_file`).
 
 use crate::kms::KmsError;
 use crate::kms::env::{Vars, first, process_env, read_secret_file};
