@@ -18,6 +18,15 @@ fn volume_at(kmip: &Kmip, addrs: &str) -> (Volume, String) {
     (v, id)
 }
 
+/// Another volume on the key that exists already, with extra `kmsfs init` arguments.
+fn another_volume(kmip: &Kmip, extra: &[&str]) -> Volume {
+    let env = kmip.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let mut args = vec!["--kms", "kmip", "--kms-addr", &kmip.addr, "--kms-key", KEY];
+    args.extend_from_slice(extra);
+    Volume::init_with(&args, &env)
+}
+
 fn volume(kmip: &Kmip) -> (Volume, String) {
     volume_at(kmip, &kmip.addr)
 }
@@ -49,6 +58,28 @@ fn files_round_trip_over_kmip_and_a_swapped_header_fails_with_eio() {
     assert!(header.windows(id.len() + 2).any(named));
     let status = v.run(&["status", v.mnt.to_str().unwrap()]);
     assert!(String::from_utf8_lossy(&status.stdout).contains("kmip"));
+}
+
+#[test]
+fn a_file_copied_from_another_volume_on_the_same_key_does_not_open() {
+    let kmip = Kmip::start();
+    kmip.admin().create_active(KEY);
+    let mut x = another_volume(&kmip, &["--plaintext-names"]);
+    let mut y = another_volume(&kmip, &["--plaintext-names"]);
+    x.mount(&[]);
+    std::fs::write(x.m("f"), b"only in volume x").unwrap();
+    x.unmount();
+    // Same key, same file id, header and content intact: only the volume id differs, and the
+    // associated data names it.
+    std::fs::copy(x.backing.join("f"), y.backing.join("f")).unwrap();
+    y.mount(&[]);
+    assert_eq!(errno_of(&std::fs::read(y.m("f")).unwrap_err()), libc::EIO);
+    y.unmount();
+    assert!(
+        y.log_text().contains("wrapped key did not unwrap"),
+        "{}",
+        y.log_text()
+    );
 }
 
 #[test]

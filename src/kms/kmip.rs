@@ -39,6 +39,7 @@ use crate::kmip::messages::{self, Failure, Operation, Request, State};
 use crate::kmip::ttlv::Item;
 use crate::kmip::wrapped::{self, IV_LEN, Wrapped};
 use errors::classify;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use transport::Transport;
 
@@ -75,6 +76,9 @@ pub struct KmipKms {
     pool: KeyPool,
     /// Coalescing and pooling can be turned off to measure what they save.
     batching: bool,
+    /// Set when the server refused a message of several batch items: one item per message
+    /// from then on.
+    one_per_message: AtomicBool,
 }
 
 impl KmipKms {
@@ -89,6 +93,7 @@ impl KmipKms {
             batcher: Batcher::new(),
             pool: KeyPool::default(),
             batching: std::env::var_os("KMSFS_NO_BATCHING").is_none(),
+            one_per_message: AtomicBool::new(false),
         });
         let _ = kms.me.set(Arc::downgrade(&kms));
         if kms.batching {
@@ -98,13 +103,31 @@ impl KmipKms {
         Ok(kms)
     }
 
-    /// Sends `batch` in messages of at most `messages::MAX_BATCH` items; one result per item.
+    /// Sends `batch` in messages of at most `messages::MAX_BATCH` items (one, for a server
+    /// that refuses batches); one result per item.
     async fn call(&self, batch: Vec<Request>) -> Result<Vec<Result<Vec<Item>, Failure>>, KmsError> {
         let mut out = Vec::with_capacity(batch.len());
         let mut rest = batch;
         while !rest.is_empty() {
-            let tail = rest.split_off(rest.len().min(messages::MAX_BATCH));
-            out.extend(self.transport.send(rest).await?);
+            let size = if self.one_per_message.load(Ordering::Relaxed) {
+                1
+            } else {
+                messages::MAX_BATCH
+            };
+            let tail = rest.split_off(rest.len().min(size));
+            if rest.len() == 1 {
+                out.extend(self.transport.send(rest).await?);
+                rest = tail;
+                continue;
+            }
+            let results = self.transport.send(rest.clone()).await?;
+            if results.iter().all(|r| r.as_ref().is_err_and(refuses_batches)) {
+                log::warn!("the KMIP server refuses messages of several batch items: one item per message");
+                self.one_per_message.store(true, Ordering::Relaxed);
+                rest.extend(tail);
+                continue;
+            }
+            out.extend(results);
             rest = tail;
         }
         Ok(out)
@@ -360,6 +383,17 @@ impl KmipKms {
             current_version: keys.current as u32 + 1,
         })
     }
+}
+
+/// Whether a failure says the server does not take several batch items in one message.
+fn refuses_batches(f: &Failure) -> bool {
+    const INVALID_MESSAGE: u32 = 0x04;
+    const OPERATION_NOT_SUPPORTED: u32 = 0x05;
+    const FEATURE_NOT_SUPPORTED: u32 = 0x08;
+    matches!(
+        f.reason,
+        Some(INVALID_MESSAGE | OPERATION_NOT_SUPPORTED | FEATURE_NOT_SUPPORTED)
+    )
 }
 
 /// The associated data of a binding: volume id ‖ file id.
