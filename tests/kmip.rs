@@ -130,6 +130,49 @@ fn a_client_certificate_of_another_identity_is_denied() {
 }
 
 #[test]
+fn a_client_certificate_from_a_ca_the_server_does_not_know_is_denied() {
+    let kmip = Kmip::start();
+    let (mut v, _) = volume(&kmip);
+    let d = kmip.dir.path();
+    common::pykmip::make_ca(d, "rogue");
+    common::pykmip::make_cert(
+        d,
+        "rogue",
+        "rogue-client",
+        common::pykmip::OWNER,
+        common::pykmip::CLIENT_EXT,
+    );
+    v.env = kmip.env_as("rogue-client");
+    let err = v.try_mount().unwrap_err();
+    assert!(
+        err.contains("the KMS refuses this volume's key") && err.contains("refused our client certificate"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_header_may_name_only_an_object_of_the_configured_key() {
+    use kmsfs::format::{FileId, VolumeId};
+    use kmsfs::kms::{Binding, KeyProvider, KmsError};
+    let kmip = Kmip::start();
+    let admin = kmip.admin();
+    admin.create_active(KEY);
+    admin.create_active("some-other-key");
+    let ours = kmip.client(KEY);
+    let other = kmip.client("some-other-key");
+    let b = Binding::file(VolumeId::generate(), FileId::generate());
+    // Wrapped by another key this client may use, with the right binding: still refused.
+    let (_, w) = other.rt.block_on(other.kms.generate(&b)).unwrap();
+    let err = ours.rt.block_on(ours.kms.unwrap(&w, &b)).unwrap_err();
+    assert!(
+        matches!(&err, KmsError::Corrupt(m) if m.contains("which is not one of")),
+        "{err:?}"
+    );
+    let (_, w) = ours.rt.block_on(ours.kms.generate(&b)).unwrap();
+    assert!(ours.rt.block_on(ours.kms.unwrap(&w, &b)).is_ok());
+}
+
+#[test]
 fn a_wrong_ca_is_a_one_line_error() {
     let kmip = Kmip::start();
     let other = tempfile::tempdir().unwrap();

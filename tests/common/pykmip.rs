@@ -113,7 +113,7 @@ pub fn make_cert(dir: &Path, ca: &str, name: &str, cn: &str, ext: &str) {
     std::fs::set_permissions(dir.join(format!("{name}.key")), perm).unwrap();
 }
 
-const CLIENT_EXT: &str =
+pub const CLIENT_EXT: &str =
     "extendedKeyUsage=clientAuth\nkeyUsage=critical,digitalSignature\nbasicConstraints=CA:FALSE\n";
 
 fn free_port() -> u16 {
