@@ -203,6 +203,28 @@ fn round_trip(stream: &mut Stream, message: &[u8]) -> Result<Zeroizing<Vec<u8>>,
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn servers_that_do_not_listen_are_unreachable_after_every_address() {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        let dead = || {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            format!("127.0.0.1:{}", l.local_addr().unwrap().port())
+        };
+        let (a, b) = (dead(), dead());
+        let t = Transport::new(vec![a.clone(), b.clone()], Arc::new(tls));
+        let err = t.send(vec![messages::locate_by_name("k")]).await.err();
+        let Some(KmsError::Unreachable(m)) = err else {
+            panic!("expected Unreachable, got {err:?}")
+        };
+        assert!(m.starts_with(&format!("{b}: ")) && !m.contains('\n'), "{m}");
+        assert_eq!(t.request_count(), ATTEMPTS as u64);
+    }
+
     #[test]
     fn hosts_of_addresses() {
         assert_eq!(host_of("kms.example:5696"), "kms.example");
