@@ -32,13 +32,15 @@ enum Cmd {
         /// Name of the local keystore key that wraps this volume's file keys.
         #[arg(long, default_value = "default")]
         key: String,
-        /// The KMS: `local` (embedded keystore), or `openbao` / `vault` (Transit).
-        #[arg(long, default_value = "local", value_parser = ["local", "openbao", "vault"])]
+        /// The KMS: `local` (embedded keystore), `openbao` / `vault` (Transit), or `kmip`.
+        #[arg(long, default_value = "local", value_parser = ["local", "openbao", "vault", "kmip"])]
         kms: String,
-        /// OpenBao/Vault address(es), comma-separated (default: $BAO_ADDR or $VAULT_ADDR).
+        /// OpenBao/Vault URL(s) (default: $BAO_ADDR or $VAULT_ADDR), or KMIP HOST:PORT(s)
+        /// (default: $KMSFS_KMIP_ADDR); comma-separated, tried in order.
         #[arg(long)]
         kms_addr: Option<String>,
-        /// The Transit key (must be created with derived=true).
+        /// The Transit key (must be created with derived=true), or the KMIP key's Name or
+        /// Unique Identifier.
         #[arg(long)]
         kms_key: Option<String>,
         /// The Transit mount path.
@@ -148,6 +150,12 @@ pub fn run(cli: Cli) -> Result<(), Fatal> {
         } => {
             let kms = match kms.as_str() {
                 "local" => InitKms::Local { keystore, key },
+                "kmip" => InitKms::Kmip {
+                    addrs: kms_addr
+                        .or_else(|| std::env::var(crate::kms::kmip::ADDR_VAR).ok())
+                        .ok_or_else(|| Fatal::new("give --kms-addr HOST:5696 (or set KMSFS_KMIP_ADDR)"))?,
+                    key: kms_key.ok_or_else(|| Fatal::new("give --kms-key NAME: the KMIP key to use"))?,
+                },
                 _ => InitKms::OpenBao {
                     addrs: kms_addr
                         .or_else(|| std::env::var("BAO_ADDR").ok())
@@ -287,6 +295,11 @@ fn key(args: KeyArgs) -> Result<(), Fatal> {
             KmsConfig::Openbao { key, .. } => {
                 return Err(Fatal::new(format!(
                     "this volume's keys live in OpenBao: manage Transit key {key:?} there (e.g. `bao write -f transit/keys/{key}/rotate`)"
+                )));
+            }
+            KmsConfig::Kmip { key, .. } => {
+                return Err(Fatal::new(format!(
+                    "this volume's keys live in a KMIP key manager: manage key {key:?} there (rotate: a new key object of that name, `kmsfs rewrap`, then deactivate the old one)"
                 )));
             }
         },

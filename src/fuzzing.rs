@@ -15,10 +15,13 @@ use crate::format::header::{
     self, HEADER_LEN, Header, HeaderError, KeySlot, MAX_KEY_REF_LEN, MAX_WRAPPED_LEN, SLOT_LEN,
 };
 use crate::format::name::{self, BackingEntry, DirId, NameCipher};
+use crate::kmip::messages::{self, Request};
+use crate::kmip::ttlv::{self, ITEM_HEADER_LEN, Item, Tag, Value};
+use crate::kmip::wrapped::Wrapped;
 use std::sync::OnceLock;
 
 /// The targets, named as in `fuzz/fuzz_targets/<name>.rs` and `fuzz/corpus/<name>/`.
-pub const TARGETS: [&str; 4] = ["header", "config", "name", "block"];
+pub const TARGETS: [&str; 5] = ["header", "config", "name", "block", "kmip"];
 
 /// Runs target `target` on `data`.
 pub fn run(target: &str, data: &[u8]) {
@@ -27,6 +30,7 @@ pub fn run(target: &str, data: &[u8]) {
         "config" => config(data),
         "name" => name(data),
         "block" => block(data),
+        "kmip" => kmip(data),
         _ => panic!("no fuzz target {target:?}"),
     }
 }
@@ -315,6 +319,70 @@ pub fn block_math(size: u64, index: u64) {
     }
 }
 
+/// `kmip`: what a KMIP server or a header may hand the KMIP backend, on arbitrary bytes: the
+/// TTLV decoder (what it accepts re-encodes to the same bytes), the response reader and the
+/// payload readers behind it, the message-length check, and the wrapped-key layout.
+pub fn kmip(data: &[u8]) {
+    if let Some(header) = data.get(..ITEM_HEADER_LEN) {
+        let header: &[u8; ITEM_HEADER_LEN] = header.try_into().expect("8 bytes");
+        if let Ok(n) = ttlv::message_len(header) {
+            assert!((ITEM_HEADER_LEN..=ttlv::MAX_MESSAGE_LEN).contains(&n));
+        }
+    }
+    if let Ok(item) = ttlv::decode(data) {
+        let again = ttlv::encode(&item).expect("a decoded item re-encodes");
+        assert_eq!(&again[..], data, "TTLV decoding is not canonical");
+        for count in [1, 2, messages::MAX_BATCH] {
+            if let Ok(results) = messages::parse_response(&item, count) {
+                assert_eq!(results.len(), count);
+                for payload in results.iter().flatten() {
+                    let _ = messages::key_state(payload);
+                    let _ = messages::located_ids(payload);
+                    let _ = messages::created_id(payload);
+                    let _ = messages::encrypted(payload).is_ok();
+                    let _ = messages::decrypted(payload).is_ok();
+                }
+            }
+        }
+    }
+    if let Ok(w) = Wrapped::decode(data) {
+        assert_eq!(
+            w.encode().expect("a decoded key re-encodes"),
+            data,
+            "wrapped key not canonical"
+        );
+    }
+}
+
+/// A response message of `items` (result status, id, payload) as a server would send it.
+fn kmip_response(items: Vec<(u32, u32, Vec<Item>)>) -> Vec<u8> {
+    use messages::tag;
+    let mut all = vec![Item::structure(
+        tag::RESPONSE_HEADER,
+        vec![Item::new(tag::BATCH_COUNT, Value::Integer(items.len() as i32))],
+    )];
+    for (status, id, payload) in items {
+        all.push(Item::structure(
+            tag::BATCH_ITEM,
+            vec![
+                Item::new(
+                    tag::OPERATION,
+                    Value::Enumeration(messages::Operation::Decrypt as u32),
+                ),
+                Item::new(
+                    tag::UNIQUE_BATCH_ITEM_ID,
+                    Value::ByteString(id.to_be_bytes().to_vec().into()),
+                ),
+                Item::new(tag::RESULT_STATUS, Value::Enumeration(status)),
+                Item::structure(tag::RESPONSE_PAYLOAD, payload),
+            ],
+        ));
+    }
+    ttlv::encode(&Item::structure(tag::RESPONSE_MESSAGE, all))
+        .expect("seed encodes")
+        .to_vec()
+}
+
 /// Seed inputs for `target`: valid headers, configs, names and records, sealed under the
 /// targets' fixed keys (`tests/fuzz_smoke.rs` writes them to `fuzz/corpus/<target>/`).
 pub fn seeds(target: &str) -> Vec<(&'static str, Vec<u8>)> {
@@ -355,7 +423,15 @@ pub fn seeds(target: &str) -> Vec<(&'static str, Vec<u8>)> {
                 mount: "transit".into(),
                 key: "kmsfs".into(),
             });
-            vec![("local", local.encode()), ("openbao", bao.encode())]
+            let kmip = VolumeConfig::new(KmsConfig::Kmip {
+                addrs: vec!["kms1.example:5696".into(), "[::1]:5696".into()],
+                key: "kmsfs-kek".into(),
+            });
+            vec![
+                ("local", local.encode()),
+                ("openbao", bao.encode()),
+                ("kmip", kmip.encode()),
+            ]
         }
         "name" => {
             let c = name_cipher();
@@ -404,6 +480,61 @@ pub fn seeds(target: &str) -> Vec<(&'static str, Vec<u8>)> {
                 ),
                 ("hole", seed(0, 1, HEADER_LEN + 2 * RECORD_LEN, vec![0; 64])),
                 ("extremes", seed(0, u64::MAX, u64::MAX, Vec::new())),
+            ]
+        }
+        "kmip" => {
+            use messages::tag;
+            let data = |b: &[u8]| Item::new(tag::DATA, Value::ByteString(b.to_vec().into()));
+            let state = Item::structure(
+                tag::ATTRIBUTE,
+                vec![
+                    Item::new(tag::ATTRIBUTE_NAME, Value::TextString("State".into())),
+                    Item::new(tag::ATTRIBUTE_VALUE, Value::Enumeration(2)),
+                ],
+            );
+            let encrypted = vec![
+                Item::new(tag::UNIQUE_IDENTIFIER, Value::TextString("1".into())),
+                data(&[0x33; 32]),
+                Item::new(tag::AEAD_TAG, Value::ByteString(vec![0x44; 16].into())),
+            ];
+            let request = |r: Request| {
+                ttlv::encode(&messages::request_message(vec![r]))
+                    .unwrap()
+                    .to_vec()
+            };
+            let wrapped = Wrapped {
+                key_id: "1".into(),
+                iv: [1; 12],
+                tag: [2; 16],
+                ciphertext: [3; 32],
+            };
+            let mut all_types = vec![
+                Item::new(Tag(0x420001), Value::LongInteger(-1)),
+                Item::new(Tag(0x420002), Value::BigInteger(vec![0xff; 16])),
+                Item::new(Tag(0x420003), Value::Boolean(true)),
+                Item::new(Tag(0x420004), Value::DateTime(1_700_000_000)),
+                Item::new(Tag(0x420005), Value::Interval(86400)),
+                Item::new(Tag(0x420006), Value::DateTimeExtended(1)),
+            ];
+            all_types.push(Item::structure(Tag(0x420007), vec![]));
+            vec![
+                (
+                    "decrypted",
+                    kmip_response(vec![(0, 0, vec![data(&[0x24; 32])]), (1, 1, vec![])]),
+                ),
+                ("encrypted", kmip_response(vec![(0, 0, encrypted)])),
+                ("state", kmip_response(vec![(0, 0, vec![state])])),
+                (
+                    "decrypt-request",
+                    request(messages::decrypt("1", &[3; 32], &[1; 12], &[9; 32], &[2; 16])),
+                ),
+                ("wrapped", wrapped.encode().unwrap()),
+                (
+                    "all-types",
+                    ttlv::encode(&Item::structure(Tag(0x420000), all_types))
+                        .unwrap()
+                        .to_vec(),
+                ),
             ]
         }
         _ => panic!("no fuzz target {target:?}"),

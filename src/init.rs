@@ -33,6 +33,11 @@ pub enum InitKms {
         key: String,
         mount: String,
     },
+    /// A KMIP key manager: `addrs` comma-separated `HOST:PORT`, `key` a Name or Unique Identifier.
+    Kmip {
+        addrs: String,
+        key: String,
+    },
 }
 
 pub fn init(backing: &Path, kms: InitKms, plaintext_names: bool) -> Result<(), Fatal> {
@@ -101,6 +106,11 @@ pub fn init(backing: &Path, kms: InitKms, plaintext_names: bool) -> Result<(), F
                 .collect();
             let about = format!("KMS: OpenBao Transit key {key:?} at {}", addrs.join(", "));
             (KmsConfig::Openbao { addrs, mount, key }, about)
+        }
+        InitKms::Kmip { addrs, key } => {
+            let addrs = crate::kms::kmip::parse_addrs(&addrs);
+            let about = format!("KMS: KMIP key {key:?} at {}", addrs.join(", "));
+            (KmsConfig::Kmip { addrs, key }, about)
         }
     };
     let mut config = VolumeConfig::new(kms_config);
@@ -180,6 +190,11 @@ pub fn anchor(backing: &Path, replace: bool) -> Result<(), Fatal> {
         }
         KmsConfig::Openbao { addrs, mount, key } => println!(
             "volume {}: OpenBao Transit {mount}/{key} at {}; names {names}",
+            config.volume_id,
+            addrs.join(", ")
+        ),
+        KmsConfig::Kmip { addrs, key } => println!(
+            "volume {}: KMIP key {key:?} at {}; names {names}",
             config.volume_id,
             addrs.join(", ")
         ),

@@ -9,8 +9,12 @@
 //! `Arc<dyn KeyProvider>` and knows no backend by name; a new backend is one new module here
 //! plus one arm in `volume::key_provider`.
 
+mod batcher;
+pub mod env;
+pub mod kmip;
 pub mod local;
 pub mod openbao;
+mod pool;
 
 use crate::crypto::SecretKey;
 use crate::format::{FileId, VolumeId};
@@ -221,6 +225,23 @@ pub trait KeyProvider: Send + Sync {
     fn request_count(&self) -> u64 {
         0
     }
+}
+
+/// A fresh DEK for each binding, to be wrapped in one batch (see [`with_wraps`]).
+pub(crate) fn fresh_deks(bindings: &[Binding]) -> Vec<(SecretKey, Binding)> {
+    bindings.iter().map(|b| (SecretKey::generate(), *b)).collect()
+}
+
+/// Each DEK of `items` with its wrap, or the error of its wrap: a batch `generate_many`.
+pub(crate) fn with_wraps(
+    items: Vec<(SecretKey, Binding)>,
+    wrapped: Vec<Result<WrappedDek, KmsError>>,
+) -> Vec<Result<(SecretKey, WrappedDek), KmsError>> {
+    items
+        .into_iter()
+        .zip(wrapped)
+        .map(|((dek, _), w)| w.map(|w| (dek, w)))
+        .collect()
 }
 
 /// A new file id and a DEK generated for it, one request: what [`KeyProvider::new_file_key`]

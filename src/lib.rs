@@ -23,6 +23,7 @@ pub mod hex;
 pub mod init;
 pub mod install;
 pub mod keycache;
+pub mod kmip;
 pub mod kms;
 pub mod mount_cmd;
 pub mod mount_helper;

@@ -13,8 +13,8 @@ use crate::format::config::{
 use crate::format::name::{DIR_ID_LEN, NameCipher};
 use crate::fs::names::Names;
 use crate::kms::local::LocalKms;
-use crate::kms::openbao;
 use crate::kms::{Binding, KeyProvider, KeyStatus, KmsError, WrappedDek};
+use crate::kms::{kmip, openbao};
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::AsFd;
@@ -201,6 +201,10 @@ pub fn key_provider(
             let settings = openbao::Settings::from_env(addrs, mount, key, trust_config)?;
             openbao::OpenBaoKms::connect(settings, runtime)?
         }
+        KmsConfig::Kmip { addrs, key } => {
+            let settings = kmip::Settings::from_env(addrs, key, trust_config)?;
+            kmip::KmipKms::connect(settings, runtime)?
+        }
     })
 }
 
@@ -229,8 +233,9 @@ pub fn load_config(backing: &Path) -> Result<VolumeConfig, Fatal> {
 /// so also a mistyped anchor is caught).
 pub fn check_kms_location(kms: &KmsConfig, backing: &Path) -> Result<(), Fatal> {
     match kms {
-        // Its address can be pinned on the mount side with BAO_ADDR.
-        KmsConfig::Openbao { .. } => Ok(()),
+        // Their addresses can be pinned on the mount side (BAO_ADDR, KMSFS_KMIP_ADDR); the
+        // KMIP client certificate and key come from the mount's environment only.
+        KmsConfig::Openbao { .. } | KmsConfig::Kmip { .. } => Ok(()),
         KmsConfig::Local { keystore, .. } => {
             let real = std::fs::canonicalize(keystore).unwrap_or_else(|_| keystore.clone());
             if real.starts_with(backing) {

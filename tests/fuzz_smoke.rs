@@ -167,6 +167,11 @@ fn block() {
 }
 
 #[test]
+fn kmip() {
+    smoke("kmip");
+}
+
+#[test]
 fn block_math_extremes() {
     for &a in INTERESTING_U64 {
         for &b in INTERESTING_U64 {

@@ -103,6 +103,14 @@ pub enum KmsConfig {
         /// The Transit key (created with `derived=true`).
         key: String,
     },
+    /// A KMIP key manager, over mutual TLS. The client certificate, its key and the CA come
+    /// from the mount's environment, never from here; `KMSFS_KMIP_ADDR` overrides `addrs`.
+    Kmip {
+        /// Server addresses (`host:5696`), tried in order.
+        addrs: Vec<String>,
+        /// The key object's Name (or Unique Identifier).
+        key: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -251,6 +259,14 @@ impl VolumeConfig {
                     return Err(ConfigError::Invalid("OpenBao mount and key must be set"));
                 }
             }
+            KmsConfig::Kmip { addrs, key } => {
+                if addrs.is_empty() || !addrs.iter().all(|a| is_host_port(a)) {
+                    return Err(ConfigError::Invalid("KMIP addresses must be HOST:PORT"));
+                }
+                if key.is_empty() || key.len() > super::header::MAX_KEY_REF_LEN {
+                    return Err(ConfigError::Invalid("KMIP key must be 1 to 256 bytes"));
+                }
+            }
         }
         if let Some(k) = &self.volume_key {
             if k.key_ref.is_empty() || k.key_ref.len() > super::header::MAX_KEY_REF_LEN {
@@ -281,6 +297,17 @@ impl VolumeConfig {
         }
         Ok(())
     }
+}
+
+/// `HOST:PORT` with a numeric port, no scheme, no spaces (an IPv6 host in brackets).
+fn is_host_port(a: &str) -> bool {
+    let Some((host, port)) = a.rsplit_once(':') else {
+        return false;
+    };
+    !host.is_empty()
+        && port.parse::<u16>().is_ok_and(|p| p > 0)
+        && !host.contains("://")
+        && host.chars().all(|c| c.is_ascii_graphic() && c != '/')
 }
 
 #[cfg(test)]
@@ -341,6 +368,31 @@ mod tests {
     fn round_trip() {
         let c = sample();
         assert_eq!(VolumeConfig::decode(&c.encode()).unwrap(), c);
+        let mut k = VolumeConfig::new(KmsConfig::Kmip {
+            addrs: vec!["kms1.example:5696".into(), "[::1]:5696".into()],
+            key: "kmsfs-kek".into(),
+        });
+        k.names = NamesConfig::Plaintext;
+        assert_eq!(VolumeConfig::decode(&k.encode()).unwrap(), k);
+    }
+
+    #[test]
+    fn kmip_addresses_are_host_and_port() {
+        for good in ["kms:5696", "10.0.0.1:5696", "[::1]:5696"] {
+            assert!(is_host_port(good), "{good}");
+        }
+        for bad in [
+            "kms",
+            "https://kms:5696",
+            "kms:",
+            ":5696",
+            "kms:0",
+            "kms:99999",
+            "k ms:5696",
+            "a/b:1",
+        ] {
+            assert!(!is_host_port(bad), "{bad}");
+        }
     }
 
     #[test]

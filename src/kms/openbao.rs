@@ -19,27 +19,26 @@
 //! - `transport`: the HTTP client and one request retried across the HA addresses;
 //! - `auth`: the token (lookup, renewal, AppRole login) and a request that logs in again on 403;
 //! - `transit`: batched encrypt / decrypt / rewrap on the key;
-//! - `pool` and `batcher`: new-file keys made ahead, and concurrent unwraps sent as one batch.
+//! - `kms::pool` and `kms::batcher` (shared with the KMIP backend): new-file keys made ahead,
+//!   and concurrent unwraps sent as one batch.
 
 mod auth;
-mod batcher;
 mod credentials;
 mod errors;
-mod pool;
 #[cfg(test)]
 mod stub;
 mod transit;
 mod transport;
 
-pub use credentials::{Credentials, Settings, read_secret_file};
+pub use credentials::{Credentials, Settings};
 pub use transit::MAX_BATCH;
 
+use super::batcher::Batcher;
+use super::pool::KeyPool;
 use super::{Binding, BoxFuture, Description, KeyProvider, KeyStatus, KmsError, NewFileKey, WrappedDek};
 use crate::crypto::SecretKey;
 use crate::format::{FileId, VolumeId};
 use auth::Auth;
-use batcher::Batcher;
-use pool::KeyPool;
 use std::sync::{Arc, OnceLock, Weak};
 use transit::Transit;
 use transport::Transport;
@@ -86,34 +85,20 @@ impl OpenBaoKms {
             log::warn!("KMSFS_NO_BATCHING is set: one KMS request per unwrap and per new file");
             return;
         }
-        self.batcher.start(Arc::downgrade(self));
+        self.batcher.start(Arc::downgrade(self), MAX_BATCH);
     }
 
     /// A fresh file id, DEK and wrapped DEK for a new file, from the pool when it has one.
     /// The pool is refilled in the background with one batch request; no key is handed out
     /// twice.
     async fn pooled_file_key(&self, volume_id: VolumeId) -> Result<NewFileKey, KmsError> {
-        let Some(me) = self.me.get().and_then(Weak::upgrade) else {
-            return self.one_new_key(volume_id).await;
-        };
-        if !self.batching {
-            return self.one_new_key(volume_id).await;
-        }
-        let (taken, refill) = self.pool.take(volume_id);
-        if refill {
-            tokio::spawn(async move { me.pool.refill(&*me, volume_id).await });
-        }
-        match taken {
-            Some(k) => Ok(k),
-            None => self.one_new_key(volume_id).await,
-        }
-    }
-
-    async fn one_new_key(&self, volume_id: VolumeId) -> Result<NewFileKey, KmsError> {
-        super::fresh_file_key(self, volume_id).await
+        let me = self.me.get().and_then(Weak::upgrade).filter(|_| self.batching);
+        self.pool.take_or_make(me, |k| &k.pool, self, volume_id).await
     }
 
     async fn unwrap_one(&self, wrapped: &WrappedDek, binding: &Binding) -> Result<SecretKey, KmsError> {
+        // The batcher takes its receiver when it starts; until then (or with batching off)
+        // ask directly.
         let direct = || async {
             self.transit
                 .unwrap_batch(&[(wrapped.clone(), *binding)])
@@ -121,20 +106,9 @@ impl OpenBaoKms {
                 .pop()
                 .expect("one result")
         };
-        // The batcher takes its receiver when it starts; until then (or with batching off)
-        // ask directly.
-        let Some(reply) = self
-            .batching
-            .then(|| self.batcher.submit(wrapped, binding))
-            .flatten()
-        else {
-            return direct().await;
-        };
-        match reply.await {
-            Ok(r) => r,
-            // The batcher is not running (shutting down): ask directly.
-            Err(_) => direct().await,
-        }
+        self.batcher
+            .unwrap_or(self.batching, wrapped, binding, direct)
+            .await
     }
 
     async fn probe_binding(&self) -> Result<KeyStatus, KmsError> {
@@ -203,14 +177,9 @@ impl KeyProvider for OpenBaoKms {
         bindings: &'a [Binding],
     ) -> BoxFuture<'a, Vec<Result<(SecretKey, WrappedDek), KmsError>>> {
         Box::pin(async move {
-            let items: Vec<(SecretKey, Binding)> =
-                bindings.iter().map(|b| (SecretKey::generate(), *b)).collect();
+            let items = super::fresh_deks(bindings);
             let wrapped = self.transit.wrap_many(&items).await;
-            items
-                .into_iter()
-                .zip(wrapped)
-                .map(|((dek, _), w)| w.map(|w| (dek, w)))
-                .collect()
+            super::with_wraps(items, wrapped)
         })
     }
 

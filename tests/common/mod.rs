@@ -6,6 +6,7 @@
 pub mod inprocess;
 pub mod openbao;
 pub mod powercut;
+pub mod pykmip;
 pub mod workload;
 
 use std::path::{Path, PathBuf};
@@ -13,6 +14,67 @@ use std::process::{Command, Output};
 
 pub fn kmsfs() -> Command {
     Command::new(env!("CARGO_BIN_EXE_kmsfs"))
+}
+
+/// The Python venv for a test server from PyPI: `$env_var`, or target/`name`; locked against
+/// other test processes installing into it while the returned file is open.
+pub fn test_venv(env_var: &str, name: &str) -> (PathBuf, std::fs::File) {
+    let venv = std::env::var_os(env_var).map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("target")
+            .join(name)
+    });
+    std::fs::create_dir_all(venv.parent().unwrap()).unwrap();
+    let lock = std::fs::File::create(venv.with_extension("lock")).unwrap();
+    lock.lock().unwrap();
+    (venv, lock)
+}
+
+/// Installs `requirement` from PyPI into `venv`, made first if missing.
+pub fn pip_install(venv: &Path, requirement: &str) {
+    if !venv.join("bin/python").exists() {
+        let st = Command::new("python3")
+            .arg("-m")
+            .arg("venv")
+            .arg(venv)
+            .status()
+            .unwrap();
+        assert!(st.success(), "python3 -m venv failed");
+    }
+    let st = Command::new(venv.join("bin/pip"))
+        .args(["install", "-q", "--disable-pip-version-check", requirement])
+        .status()
+        .unwrap();
+    assert!(st.success(), "pip install {requirement} failed");
+}
+
+/// Mounts `v`, checks that files of a few sizes and a directory survive a remount, then copies
+/// the header of one file onto another: the KMS binds each wrapped key to its file, so that
+/// file fails with EIO while the first still opens. Leaves `v` mounted; returns the header.
+pub fn round_trip_then_swap_a_header(v: &mut Volume) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    v.mount(&[]);
+    std::fs::create_dir(v.m("d")).unwrap();
+    let data = pseudo_random(300_000, 4);
+    std::fs::write(v.m("d/video.bin"), &data).unwrap();
+    std::fs::write(v.m("small"), b"hello").unwrap();
+    v.remount();
+    assert!(std::fs::read(v.m("d/video.bin")).unwrap() == data);
+    assert_eq!(std::fs::read(v.m("small")).unwrap(), b"hello");
+    let a = v.backing_of_new(|| std::fs::write(v.m("a"), b"secret a").unwrap());
+    let b = v.backing_of_new(|| std::fs::write(v.m("b"), b"secret b").unwrap());
+    v.unmount();
+    let header_a = std::fs::read(&a).unwrap()[..4096].to_vec();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&b)
+        .unwrap()
+        .write_all_at(&header_a, 0)
+        .unwrap();
+    v.mount(&[]);
+    assert_eq!(errno_of(&std::fs::read(v.m("b")).unwrap_err()), libc::EIO);
+    assert_eq!(std::fs::read(v.m("a")).unwrap(), b"secret a");
+    header_a
 }
 
 /// Runs kmsfs and returns its output; panics with stderr if it fails.

