@@ -131,7 +131,7 @@ impl Fs {
     ) -> FsResult<Fs> {
         let st = sys::fstatat(backing_root.as_fd(), OsStr::new(""))?;
         let inodes = InodeTable::new(backing_root, &st);
-        let ready = Arc::new(ready::ReadyFiles::new(inodes.get(ROOT_INO)?));
+        let ready = Arc::new(ready::ReadyFiles::new(inodes.get(ROOT_INO)?, !options.read_only));
         Ok(Fs {
             inodes,
             ready,

@@ -12,7 +12,7 @@
 //! syncs it.
 //!
 //! Ready files are hidden temporary entries (`.kmsfs.tmp.ready.<hex>`): unmount and lock
-//! remove them, a crash leaves them for the next mount's first refill to remove (fsck lists
+//! remove them, a crash leaves them for the next writable mount to remove (fsck lists
 //! them as notices meanwhile). Their keys are dropped with the volume's other keys on lock.
 
 use super::error::{FsError, FsResult};
@@ -115,8 +115,6 @@ struct State {
     filling: bool,
     /// Set by lock: no file is made or handed out again.
     closed: bool,
-    /// Leftovers of an earlier mount have been removed.
-    swept: bool,
 }
 
 /// The ready files of one mount.
@@ -128,12 +126,19 @@ pub(super) struct ReadyFiles {
 }
 
 impl ReadyFiles {
-    pub fn new(root: Arc<Inode>) -> Self {
-        ReadyFiles {
+    /// The ready files of a mount starting on `root`. A writable mount first removes those
+    /// a crashed mount left behind: before it serves, so that no refill of its own (nor a
+    /// late one of an earlier mount in the same process) can race with the sweep.
+    pub fn new(root: Arc<Inode>, writable: bool) -> Self {
+        let ready = ReadyFiles {
             root,
             state: Mutex::new(State::default()),
             filled: Condvar::new(),
+        };
+        if writable {
+            ready.sweep();
         }
+        ready
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -202,9 +207,6 @@ impl ReadyFiles {
 
     /// Runs on its own thread: makes files until the queue is full again.
     fn fill(&self, maker: &Maker) {
-        if !std::mem::replace(&mut self.state().swept, true) {
-            self.sweep();
-        }
         loop {
             let want = {
                 let st = self.state();
@@ -279,8 +281,8 @@ impl ReadyFiles {
         Ok(batch)
     }
 
-    /// Removes ready files a crashed mount left in the backing root. Only this mount makes
-    /// files under that prefix, and it has made none yet.
+    /// Removes ready files a crashed mount left in the backing root. Only one mount at a time
+    /// makes files under that prefix, and this one has made none yet.
     fn sweep(&self) {
         let path = sys::proc_fd_path(self.root.fd());
         let Ok(entries) = std::fs::read_dir(std::path::Path::new(OsStr::from_bytes(path.as_bytes()))) else {
