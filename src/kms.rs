@@ -11,6 +11,10 @@
 
 pub mod local;
 pub mod openbao;
+mod pool;
+mod retry;
+pub mod secret_file;
+mod wire;
 
 use crate::crypto::SecretKey;
 use crate::format::{FileId, VolumeId};
@@ -237,3 +241,6 @@ pub async fn fresh_file_key<P: KeyProvider + ?Sized>(
         wrapped,
     })
 }
+
+#[cfg(test)]
+mod stub;

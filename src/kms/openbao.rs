@@ -19,27 +19,25 @@
 //! - `transport`: the HTTP client and one request retried across the HA addresses;
 //! - `auth`: the token (lookup, renewal, AppRole login) and a request that logs in again on 403;
 //! - `transit`: batched encrypt / decrypt / rewrap on the key;
-//! - `pool` and `batcher`: new-file keys made ahead, and concurrent unwraps sent as one batch.
+//! - `batcher`: concurrent unwraps sent as one batch (new-file keys made ahead are
+//!   `kms::pool`'s, shared with the other network backends).
 
 mod auth;
 mod batcher;
 mod credentials;
 mod errors;
-mod pool;
-#[cfg(test)]
-mod stub;
 mod transit;
 mod transport;
 
 pub use credentials::{Credentials, Settings, read_secret_file};
 pub use transit::MAX_BATCH;
 
+use super::pool::KeyPool;
 use super::{Binding, BoxFuture, Description, KeyProvider, KeyStatus, KmsError, NewFileKey, WrappedDek};
 use crate::crypto::SecretKey;
 use crate::format::{FileId, VolumeId};
 use auth::Auth;
 use batcher::Batcher;
-use pool::KeyPool;
 use std::sync::{Arc, OnceLock, Weak};
 use transit::Transit;
 use transport::Transport;

@@ -4,7 +4,6 @@
 //! ends as *unreachable*.
 
 use super::errors::{Triage, triage};
-use crate::crypto::fill_random;
 use crate::kms::KmsError;
 use serde_json::Value;
 use std::path::Path;
@@ -136,12 +135,7 @@ impl Transport {
                     }
                 }
             }
-            // Backoff with jitter: 50 ms, 100 ms, 200 ms … ± 50 %.
-            let base = 50u64 << attempt.min(5);
-            let mut r = [0u8; 2];
-            fill_random(&mut r);
-            let jitter = u16::from_le_bytes(r) as u64 % base;
-            tokio::time::sleep(Duration::from_millis(base / 2 + jitter)).await;
+            crate::kms::retry::backoff(attempt).await;
         }
         Err(KmsError::Unreachable(last))
     }
@@ -174,8 +168,8 @@ fn describe(e: &reqwest::Error) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::super::stub;
     use super::*;
+    use crate::kms::stub;
     use serde_json::json;
 
     fn transport(addrs: &[&str]) -> Transport {

@@ -1,5 +1,5 @@
-//! The pool of new-file keys: file ids with their DEKs, wrapped ahead of time in one batch
-//! request, all bound to one volume and each handed out once. Closed for good when the mount
+//! The pool of new-file keys, for any network backend: file ids with their DEKs, wrapped ahead
+//! of time with one `generate_many` (one batch request, or parallel requests), all bound to one volume and each handed out once. Closed for good when the mount
 //! locks or ends.
 
 use crate::format::{FileId, VolumeId};
@@ -21,7 +21,7 @@ struct Stock {
 }
 
 #[derive(Default)]
-pub(super) struct KeyPool {
+pub(in crate::kms) struct KeyPool {
     stock: Mutex<Stock>,
     /// A refill is under way.
     refilling: AtomicBool,
@@ -32,7 +32,7 @@ pub(super) struct KeyPool {
 impl KeyPool {
     /// The next pooled key for `volume_id`, if any, and whether the caller must now start a
     /// [`refill`](Self::refill): true for one caller at a time, when the pool runs low.
-    pub(super) fn take(&self, volume_id: VolumeId) -> (Option<NewFileKey>, bool) {
+    pub(in crate::kms) fn take(&self, volume_id: VolumeId) -> (Option<NewFileKey>, bool) {
         let (taken, left) = {
             let mut stock = self.stock.lock().unwrap_or_else(|p| p.into_inner());
             if stock.volume_id != Some(volume_id) {
@@ -48,7 +48,7 @@ impl KeyPool {
 
     /// Makes a batch of keys for `volume_id` with `provider` and pools them, unless the pool
     /// was closed meanwhile (they are then dropped, and wiped as they drop).
-    pub(super) async fn refill<P: KeyProvider + ?Sized>(&self, provider: &P, volume_id: VolumeId) {
+    pub(in crate::kms) async fn refill<P: KeyProvider + ?Sized>(&self, provider: &P, volume_id: VolumeId) {
         let bindings: Vec<Binding> = (0..POOL_BATCH)
             .map(|_| Binding::file(volume_id, FileId::generate()))
             .collect();
@@ -77,7 +77,7 @@ impl KeyPool {
     }
 
     /// Drops every pooled key (they are wiped as they drop) and pools nothing again.
-    pub(super) fn close(&self) {
+    pub(in crate::kms) fn close(&self) {
         let mut stock = self.stock.lock().unwrap_or_else(|p| p.into_inner());
         self.closed.store(true, Ordering::Release);
         stock.keys.clear();
