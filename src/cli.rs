@@ -32,13 +32,14 @@ enum Cmd {
         /// Name of the local keystore key that wraps this volume's file keys.
         #[arg(long, default_value = "default")]
         key: String,
-        /// The KMS: `local` (embedded keystore), or `openbao` / `vault` (Transit).
-        #[arg(long, default_value = "local", value_parser = ["local", "openbao", "vault"])]
+        /// The KMS: `local` (embedded keystore), `openbao` / `vault` (Transit), or `aws-kms`.
+        #[arg(long, default_value = "local", value_parser = ["local", "openbao", "vault", "aws-kms"])]
         kms: String,
         /// OpenBao/Vault address(es), comma-separated (default: $BAO_ADDR or $VAULT_ADDR).
         #[arg(long)]
         kms_addr: Option<String>,
-        /// The Transit key (must be created with derived=true).
+        /// The Transit key (must be created with derived=true), or the AWS KMS key: key id,
+        /// key ARN or alias/NAME (region from AWS_REGION or the ARN).
         #[arg(long)]
         kms_key: Option<String>,
         /// The Transit mount path.
@@ -148,6 +149,11 @@ pub fn run(cli: Cli) -> Result<(), Fatal> {
         } => {
             let kms = match kms.as_str() {
                 "local" => InitKms::Local { keystore, key },
+                "aws-kms" => InitKms::AwsKms {
+                    key: kms_key.ok_or_else(|| {
+                        Fatal::new("give --kms-key KEY: the AWS KMS key id, key ARN or alias/NAME")
+                    })?,
+                },
                 _ => InitKms::OpenBao {
                     addrs: kms_addr
                         .or_else(|| std::env::var("BAO_ADDR").ok())
@@ -287,6 +293,11 @@ fn key(args: KeyArgs) -> Result<(), Fatal> {
             KmsConfig::Openbao { key, .. } => {
                 return Err(Fatal::new(format!(
                     "this volume's keys live in OpenBao: manage Transit key {key:?} there (e.g. `bao write -f transit/keys/{key}/rotate`)"
+                )));
+            }
+            KmsConfig::AwsKms { key, region } => {
+                return Err(Fatal::new(format!(
+                    "this volume's keys live in AWS KMS: manage key {key:?} in {region} there (e.g. `aws kms rotate-key-on-demand --key-id ...`), then run `kmsfs rewrap`"
                 )));
             }
         },

@@ -9,6 +9,7 @@
 //! `Arc<dyn KeyProvider>` and knows no backend by name; a new backend is one new module here
 //! plus one arm in `volume::key_provider`.
 
+pub mod aws;
 pub mod local;
 pub mod openbao;
 mod pool;

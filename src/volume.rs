@@ -13,8 +13,8 @@ use crate::format::config::{
 use crate::format::name::{DIR_ID_LEN, NameCipher};
 use crate::fs::names::Names;
 use crate::kms::local::LocalKms;
-use crate::kms::openbao;
 use crate::kms::{Binding, KeyProvider, KeyStatus, KmsError, WrappedDek};
+use crate::kms::{aws, openbao};
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::AsFd;
@@ -201,6 +201,7 @@ pub fn key_provider(
             let settings = openbao::Settings::from_env(addrs, mount, key, trust_config)?;
             openbao::OpenBaoKms::connect(settings, runtime)?
         }
+        KmsConfig::AwsKms { key, region } => aws::AwsKms::connect(aws::Settings::from_env(key, region)?)?,
     })
 }
 
@@ -231,6 +232,8 @@ pub fn check_kms_location(kms: &KmsConfig, backing: &Path) -> Result<(), Fatal> 
     match kms {
         // Its address can be pinned on the mount side with BAO_ADDR.
         KmsConfig::Openbao { .. } => Ok(()),
+        // Its endpoint comes from the mount side only (AWS_ENDPOINT_URL_KMS), never the config.
+        KmsConfig::AwsKms { .. } => Ok(()),
         KmsConfig::Local { keystore, .. } => {
             let real = std::fs::canonicalize(keystore).unwrap_or_else(|_| keystore.clone());
             if real.starts_with(backing) {
