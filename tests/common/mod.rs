@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod inprocess;
+pub mod moto;
 pub mod openbao;
 
 use std::path::{Path, PathBuf};
