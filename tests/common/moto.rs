@@ -4,7 +4,7 @@
 //! made in its IAM, and a symmetric key with alias `alias/kmsfs`. Killed on Drop.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 const MOTO_VERSION: &str = "5.2.5";
@@ -25,11 +25,7 @@ pub fn python() -> PathBuf {
     let venv = std::env::var_os("KMSFS_MOTO_VENV")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/moto-venv"));
-    std::fs::create_dir_all(venv.parent().unwrap()).unwrap();
-    let lock = std::fs::File::create(venv.with_extension("lock")).unwrap();
-    lock.lock().unwrap();
-    let python = venv.join("bin/python");
-    let installed = |python: &PathBuf| {
+    let installed = |python: &Path| {
         Command::new(python)
             .args([
                 "-c",
@@ -39,29 +35,8 @@ pub fn python() -> PathBuf {
             .status()
             .is_ok_and(|s| s.success())
     };
-    if installed(&python) {
-        return python;
-    }
-    if !python.exists() {
-        let st = Command::new("python3")
-            .arg("-m")
-            .arg("venv")
-            .arg(&venv)
-            .status()
-            .unwrap();
-        assert!(st.success(), "python3 -m venv failed");
-    }
-    let st = Command::new(venv.join("bin/pip"))
-        .args(["install", "-q", "--disable-pip-version-check"])
-        .arg(format!("moto[server]=={MOTO_VERSION}"))
-        .arg("boto3")
-        .status()
-        .unwrap();
-    assert!(st.success(), "pip install moto[server] failed");
-    assert!(
-        installed(&python),
-        "moto {MOTO_VERSION} not importable after install"
-    );
+    let package = format!("moto[server]=={MOTO_VERSION}");
+    let (python, _lock) = super::python_venv(&venv, &[&package, "boto3"], installed);
     python
 }
 

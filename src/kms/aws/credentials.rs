@@ -18,6 +18,7 @@
 //! Files holding secrets must be private to their owner ([`read_secret_file`]). Not supported:
 //! SSO, `credential_process`, `source_profile` role chaining.
 
+pub use super::identity::Credentials;
 use super::profile;
 use super::sources;
 use crate::kms::KmsError;
@@ -36,33 +37,6 @@ pub type Vars<'a> = &'a dyn Fn(&str) -> Option<String>;
 /// The first of `names` that is set and not empty.
 pub(super) fn first(vars: Vars<'_>, names: &[&str]) -> Option<String> {
     names.iter().find_map(|n| vars(n).filter(|v| !v.is_empty()))
-}
-
-/// An access key, its secret and, for temporary credentials, a session token and expiry.
-#[derive(Clone)]
-pub struct Credentials {
-    pub access_key_id: String,
-    pub secret_access_key: Zeroizing<String>,
-    pub session_token: Option<Zeroizing<String>>,
-    pub expires: Option<SystemTime>,
-}
-
-impl std::fmt::Debug for Credentials {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Credentials({}, ..)", self.access_key_id)
-    }
-}
-
-impl Credentials {
-    /// Static credentials from a profile's (or the environment's) three settings.
-    fn from_settings(get: impl Fn(&str) -> Option<String>) -> Option<Credentials> {
-        Some(Credentials {
-            access_key_id: get("aws_access_key_id")?,
-            secret_access_key: Zeroizing::new(get("aws_secret_access_key")?),
-            session_token: get("aws_session_token").map(Zeroizing::new),
-            expires: None,
-        })
-    }
 }
 
 /// Where the mount's credentials come from: the first link of the chain that is configured.

@@ -170,20 +170,11 @@ pub(super) fn classify(e: &AwsError) -> KmsError {
 mod tests {
     use super::*;
 
-    fn kind(e: &KmsError) -> &'static str {
-        match e {
-            KmsError::Denied(_) => "Denied",
-            KmsError::Unreachable(_) => "Unreachable",
-            KmsError::Corrupt(_) => "Corrupt",
-            KmsError::Misconfigured(_) => "Misconfigured",
-        }
-    }
-
     /// The outcome of an answer: "Retry" or the kind of the refusal.
     fn outcome(status: u16, body: &str) -> &'static str {
         match triage(&AwsError::parse(status, None, Some("r-1"), body.as_bytes())) {
             Triage::Retry(_) => "Retry",
-            Triage::Refused(e) => kind(&e),
+            Triage::Refused(e) => e.kind(),
         }
     }
 

@@ -2,7 +2,7 @@
 //! the headers to add (`Authorization`, `X-Amz-Date`, `X-Amz-Security-Token` for temporary
 //! credentials) for a POST of `body` to `url` with `headers`, at `time`.
 
-use super::credentials::Credentials;
+use super::identity::Credentials;
 use crate::kms::KmsError;
 use aws_sigv4::http_request::{SignableBody, SignableRequest, SigningSettings, sign};
 use aws_sigv4::sign::v4;

@@ -4,8 +4,8 @@
 //! /latest/api/token`, then the role's credentials as JSON). No proxy, no redirects, short
 //! timeouts: the metadata services are link-local.
 
-use super::credentials::Credentials;
 use super::errors::{AwsError, classify, xml_text};
+use super::identity::Credentials;
 use crate::kms::KmsError;
 use serde_json::Value;
 use std::time::{Duration, SystemTime};

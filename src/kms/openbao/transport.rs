@@ -5,6 +5,7 @@
 
 use super::errors::{Triage, triage};
 use crate::kms::KmsError;
+use crate::kms::retry::describe;
 use serde_json::Value;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -145,25 +146,6 @@ impl Transport {
 fn is_certificate_error(e: &reqwest::Error) -> bool {
     let text = describe(e);
     text.contains("certificate") || text.contains("UnknownIssuer")
-}
-
-/// A transport error with its chain of causes, on one line.
-fn describe(e: &reqwest::Error) -> String {
-    use std::error::Error;
-    let mut s = if e.is_timeout() {
-        "timed out".to_owned()
-    } else if e.is_connect() {
-        "cannot connect".to_owned()
-    } else {
-        "request failed".to_owned()
-    };
-    let mut src = e.source();
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
-    }
-    s
 }
 
 #[cfg(test)]
