@@ -10,6 +10,7 @@
 //! plus one arm in `volume::key_provider`.
 
 pub mod aws;
+mod http;
 pub mod local;
 pub mod openbao;
 mod pool;

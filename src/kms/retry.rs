@@ -1,6 +1,5 @@
-//! Between attempts of a network KMS request, for every network backend: what a failed
-//! attempt says ([`describe`]), and the backoff before the next one. The
-//! pause doubles per attempt (50 ms, 100 ms, 200 ms … up to 1.6 s) and is jittered by ±50 % so
+//! Backoff between attempts of a network KMS request, for every network backend: the pause
+//! doubles per attempt (50 ms, 100 ms, 200 ms … up to 1.6 s) and is jittered by ±50 % so
 //! that many clients throttled at once do not come back at once.
 
 use crate::crypto::fill_random;
@@ -18,25 +17,6 @@ pub(in crate::kms) fn backoff_delay(attempt: u32) -> Duration {
 /// Sleeps for [`backoff_delay`]`(attempt)`.
 pub(in crate::kms) async fn backoff(attempt: u32) {
     tokio::time::sleep(backoff_delay(attempt)).await;
-}
-
-/// A transport error with its chain of causes, on one line.
-pub(in crate::kms) fn describe(e: &reqwest::Error) -> String {
-    use std::error::Error;
-    let mut s = if e.is_timeout() {
-        "timed out".to_owned()
-    } else if e.is_connect() {
-        "cannot connect".to_owned()
-    } else {
-        "request failed".to_owned()
-    };
-    let mut src = e.source();
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
-    }
-    s
 }
 
 #[cfg(test)]

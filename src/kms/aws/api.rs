@@ -15,7 +15,7 @@ use super::errors::{AwsError, Triage, triage};
 use super::settings::Settings;
 use super::signing::sign_post;
 use crate::crypto::SecretKey;
-use crate::kms::retry::describe;
+use crate::kms::http::{describe, is_certificate_error};
 use crate::kms::wire::{dek_from_base64, wipe};
 use crate::kms::{Binding, KmsError, WrappedDek};
 use base64::Engine;
@@ -88,12 +88,7 @@ pub(super) struct Api {
 
 impl Api {
     pub(super) fn new(s: Settings) -> Result<Self, KmsError> {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let http = reqwest::Client::builder()
-            .timeout(REQUEST_TIMEOUT)
-            .connect_timeout(Duration::from_secs(3))
-            .pool_idle_timeout(Duration::from_secs(60))
-            .redirect(reqwest::redirect::Policy::none())
+        let http = crate::kms::http::client_builder(REQUEST_TIMEOUT, s.ca_bundle.as_deref())?
             .build()
             .map_err(|e| KmsError::Misconfigured(format!("HTTP client: {e}")))?;
         Ok(Api {
@@ -150,6 +145,13 @@ impl Api {
             self.requests.fetch_add(1, Ordering::Relaxed);
             let resp = match req.send().await {
                 Ok(r) => r,
+                Err(e) if is_certificate_error(&e) => {
+                    return Err(KmsError::Misconfigured(format!(
+                        "{}: the server's TLS certificate is not trusted ({}); set AWS_CA_BUNDLE to its CA bundle",
+                        self.endpoint,
+                        describe(&e)
+                    )));
+                }
                 Err(e) => {
                     last = describe(&e);
                     continue;
@@ -337,6 +339,7 @@ mod tests {
             key: "alias/kmsfs".into(),
             region: "eu-west-1".into(),
             endpoint: endpoint.into(),
+            ca_bundle: None,
             credentials: Source::Static {
                 creds: Credentials {
                     access_key_id: "AKIATEST".into(),

@@ -457,6 +457,64 @@ mod tests {
         assert_eq!(role_arn, "arn:aws:iam::1:role/r");
     }
 
+    /// The provider against a container credentials endpoint: credentials are kept while
+    /// valid, fetched again once due, and the old ones serve while a refresh fails.
+    #[tokio::test]
+    async fn the_provider_keeps_credentials_until_they_are_due() {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        let expiration = std::sync::Arc::new(std::sync::Mutex::new("2099-01-01T00:00:00Z".to_owned()));
+        let served = std::sync::Arc::new(AtomicU32::new(0));
+        let (e, n) = (expiration.clone(), served.clone());
+        let agent = crate::kms::stub::serve(move |_| {
+            let exp = e.lock().unwrap().clone();
+            if exp == "down" {
+                return (500, String::new());
+            }
+            let i = n.fetch_add(1, Ordering::SeqCst);
+            let body = format!(
+                r#"{{"AccessKeyId":"ASIA{i}","SecretAccessKey":"s","Token":"t","Expiration":"{exp}"}}"#
+            );
+            (200, body)
+        });
+        let provider = |url: String| {
+            Provider::new(Source::Container {
+                url,
+                token: None,
+                token_file: None,
+            })
+            .unwrap()
+        };
+        let p = provider(agent.url.clone());
+        assert_eq!(p.get().await.unwrap().access_key_id, "ASIA0");
+        assert_eq!(
+            p.get().await.unwrap().access_key_id,
+            "ASIA0",
+            "valid for years: kept"
+        );
+        assert_eq!(served.load(Ordering::SeqCst), 1);
+        // Credentials that are already past their refresh point are fetched at every use.
+        *expiration.lock().unwrap() = "2000-01-01T00:00:00Z".into();
+        let p = provider(agent.url.clone());
+        assert_eq!(p.get().await.unwrap().access_key_id, "ASIA1");
+        assert_eq!(p.get().await.unwrap().access_key_id, "ASIA2");
+        // A refresh that fails while the current credentials are still valid keeps them.
+        *expiration.lock().unwrap() = "2099-01-01T00:00:00Z".into();
+        let p = provider(agent.url.clone());
+        p.get().await.unwrap();
+        {
+            // An hour's credentials with a minute left: due, and still valid.
+            let mut cur = p.current.lock().await;
+            let cur = cur.as_mut().unwrap();
+            cur.fetched = SystemTime::now() - Duration::from_secs(3600);
+            cur.creds.expires = Some(SystemTime::now() + Duration::from_secs(60));
+        }
+        *expiration.lock().unwrap() = "down".into();
+        assert_eq!(p.get().await.unwrap().access_key_id, "ASIA3");
+        // Expired credentials are not used: the failure is the answer.
+        p.invalidate().await;
+        assert!(matches!(p.get().await, Err(KmsError::Unreachable(_))));
+    }
+
     #[test]
     fn temporary_credentials_are_fetched_again_before_they_expire() {
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);

@@ -1,7 +1,7 @@
 //! What the mount brings to AWS, resolved as AWS tools resolve it and never from the volume
 //! config alone: the region (`AWS_REGION`, `AWS_DEFAULT_REGION`, the profile's `region`, then
 //! the one the volume was made in), the endpoint (`AWS_ENDPOINT_URL_KMS`, `AWS_ENDPOINT_URL`,
-//! else the region's public one) and the credential [`Source`].
+//! else the region's public one), `AWS_CA_BUNDLE`, and the credential [`Source`].
 
 use super::credentials::{Source, Vars, first};
 use super::profile;
@@ -16,6 +16,8 @@ pub struct Settings {
     pub region: String,
     /// `https://kms.REGION.amazonaws.com`, or the override.
     pub endpoint: String,
+    /// `AWS_CA_BUNDLE`: PEM certificates to trust besides the system's (a private endpoint).
+    pub ca_bundle: Option<PathBuf>,
     pub credentials: Source,
 }
 
@@ -92,6 +94,7 @@ impl Settings {
         Ok(Settings {
             key: key.to_owned(),
             credentials: Source::from_vars(vars, &region)?,
+            ca_bundle: first(vars, &["AWS_CA_BUNDLE"]).map(PathBuf::from),
             region,
             endpoint,
         })

@@ -13,11 +13,8 @@ use zeroize::Zeroizing;
 
 /// The HTTP client for credential sources.
 pub(super) fn client() -> Result<reqwest::Client, KmsError> {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
+    crate::kms::http::client_builder(Duration::from_secs(5), None)?
         .connect_timeout(Duration::from_secs(2))
-        .redirect(reqwest::redirect::Policy::none())
         .no_proxy()
         .build()
         .map_err(|e| KmsError::Misconfigured(format!("HTTP client: {e}")))

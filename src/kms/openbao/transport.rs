@@ -5,7 +5,7 @@
 
 use super::errors::{Triage, triage};
 use crate::kms::KmsError;
-use crate::kms::retry::describe;
+use crate::kms::http::{describe, is_certificate_error};
 use serde_json::Value;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -43,24 +43,7 @@ impl Transport {
         ca_cert: Option<&Path>,
         client_cert: Option<(&Path, &Path)>,
     ) -> Result<Self, KmsError> {
-        // reqwest is built without a default TLS crypto provider: use ring (installing twice
-        // is harmless).
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let mut b = reqwest::Client::builder()
-            .timeout(REQUEST_TIMEOUT)
-            .connect_timeout(Duration::from_secs(3))
-            .pool_idle_timeout(Duration::from_secs(60))
-            // A redirect would carry the token (and DEKs in the body) to another host.
-            .redirect(reqwest::redirect::Policy::none());
-        if let Some(ca) = ca_cert {
-            let pem = std::fs::read(ca)
-                .map_err(|e| KmsError::Misconfigured(format!("CA bundle {}: {e}", ca.display())))?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|e| KmsError::Misconfigured(format!("CA bundle {}: {e}", ca.display())))?;
-            for c in certs {
-                b = b.add_root_certificate(c);
-            }
-        }
+        let mut b = crate::kms::http::client_builder(REQUEST_TIMEOUT, ca_cert)?;
         if let Some((cert, key)) = client_cert {
             let mut pem = std::fs::read(cert).map_err(|e| {
                 KmsError::Misconfigured(format!("client certificate {}: {e}", cert.display()))
@@ -140,12 +123,6 @@ impl Transport {
         }
         Err(KmsError::Unreachable(last))
     }
-}
-
-/// A TLS failure that retrying cannot fix.
-fn is_certificate_error(e: &reqwest::Error) -> bool {
-    let text = describe(e);
-    text.contains("certificate") || text.contains("UnknownIssuer")
 }
 
 #[cfg(test)]
