@@ -32,14 +32,16 @@ enum Cmd {
         /// Name of the local keystore key that wraps this volume's file keys.
         #[arg(long, default_value = "default")]
         key: String,
-        /// The KMS: `local` (embedded keystore), `openbao` / `vault` (Transit), or `kmip`.
-        #[arg(long, default_value = "local", value_parser = ["local", "openbao", "vault", "kmip"])]
+        /// The KMS: `local` (embedded keystore), `openbao` / `vault` (Transit), `aws-kms` or
+        /// `kmip`.
+        #[arg(long, default_value = "local", value_parser = ["local", "openbao", "vault", "aws-kms", "kmip"])]
         kms: String,
         /// OpenBao/Vault URL(s) (default: $BAO_ADDR or $VAULT_ADDR), or KMIP HOST:PORT(s)
         /// (default: $KMSFS_KMIP_ADDR); comma-separated, tried in order.
         #[arg(long)]
         kms_addr: Option<String>,
-        /// The Transit key (must be created with derived=true), or the KMIP key's Name or
+        /// The Transit key (must be created with derived=true), the AWS KMS key (key id, key
+        /// ARN or alias/NAME; region from AWS_REGION or the ARN), or the KMIP key's Name or
         /// Unique Identifier.
         #[arg(long)]
         kms_key: Option<String>,
@@ -155,6 +157,11 @@ pub fn run(cli: Cli) -> Result<(), Fatal> {
                         .or_else(|| std::env::var(crate::kms::kmip::ADDR_VAR).ok())
                         .ok_or_else(|| Fatal::new("give --kms-addr HOST:5696 (or set KMSFS_KMIP_ADDR)"))?,
                     key: kms_key.ok_or_else(|| Fatal::new("give --kms-key NAME: the KMIP key to use"))?,
+                },
+                "aws-kms" => InitKms::AwsKms {
+                    key: kms_key.ok_or_else(|| {
+                        Fatal::new("give --kms-key KEY: the AWS KMS key id, key ARN or alias/NAME")
+                    })?,
                 },
                 _ => InitKms::OpenBao {
                     addrs: kms_addr
@@ -300,6 +307,11 @@ fn key(args: KeyArgs) -> Result<(), Fatal> {
             KmsConfig::Kmip { key, .. } => {
                 return Err(Fatal::new(format!(
                     "this volume's keys live in a KMIP key manager: manage key {key:?} there (rotate: a new key object of that name, `kmsfs rewrap`, then deactivate the old one)"
+                )));
+            }
+            KmsConfig::AwsKms { key, region } => {
+                return Err(Fatal::new(format!(
+                    "this volume's keys live in AWS KMS: manage key {key:?} in {region} there (e.g. `aws kms rotate-key-on-demand --key-id ...`), then run `kmsfs rewrap`"
                 )));
             }
         },

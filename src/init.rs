@@ -38,6 +38,10 @@ pub enum InitKms {
         addrs: String,
         key: String,
     },
+    /// AWS KMS: the key (id, ARN or alias); the region is the environment's or the ARN's.
+    AwsKms {
+        key: String,
+    },
 }
 
 pub fn init(backing: &Path, kms: InitKms, plaintext_names: bool) -> Result<(), Fatal> {
@@ -111,6 +115,11 @@ pub fn init(backing: &Path, kms: InitKms, plaintext_names: bool) -> Result<(), F
             let addrs = crate::kms::kmip::parse_addrs(&addrs);
             let about = format!("KMS: KMIP key {key:?} at {}", addrs.join(", "));
             (KmsConfig::Kmip { addrs, key }, about)
+        }
+        InitKms::AwsKms { key } => {
+            let region = crate::kms::aws::init_region(&key).map_err(explain_kms)?;
+            let about = format!("KMS: AWS KMS key {key:?} in {region}");
+            (KmsConfig::AwsKms { key, region }, about)
         }
     };
     let mut config = VolumeConfig::new(kms_config);
@@ -197,6 +206,10 @@ pub fn anchor(backing: &Path, replace: bool) -> Result<(), Fatal> {
             "volume {}: KMIP key {key:?} at {}; names {names}",
             config.volume_id,
             addrs.join(", ")
+        ),
+        KmsConfig::AwsKms { key, region } => println!(
+            "volume {}: AWS KMS key {key} in {region}; names {names}",
+            config.volume_id
         ),
     }
     crate::volume::check_kms_location(&config.kms, &backing)?;

@@ -9,12 +9,16 @@
 //! `Arc<dyn KeyProvider>` and knows no backend by name; a new backend is one new module here
 //! plus one arm in `volume::key_provider`.
 
+pub mod aws;
 mod batcher;
 pub mod env;
+mod http;
 pub mod kmip;
 pub mod local;
 pub mod openbao;
 mod pool;
+mod retry;
+mod wire;
 
 use crate::crypto::SecretKey;
 use crate::format::{FileId, VolumeId};
@@ -125,6 +129,18 @@ impl std::fmt::Display for KmsError {
             KmsError::Unreachable(m) => write!(f, "KMS unreachable: {m}"),
             KmsError::Corrupt(m) => write!(f, "wrapped key did not unwrap: {m}"),
             KmsError::Misconfigured(m) => write!(f, "{m}"),
+        }
+    }
+}
+
+impl KmsError {
+    /// The variant's name, for tests and logs that sort outcomes.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            KmsError::Denied(_) => "Denied",
+            KmsError::Unreachable(_) => "Unreachable",
+            KmsError::Corrupt(_) => "Corrupt",
+            KmsError::Misconfigured(_) => "Misconfigured",
         }
     }
 }
@@ -258,3 +274,6 @@ pub async fn fresh_file_key<P: KeyProvider + ?Sized>(
         wrapped,
     })
 }
+
+#[cfg(test)]
+mod stub;

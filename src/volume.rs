@@ -14,7 +14,7 @@ use crate::format::name::{DIR_ID_LEN, NameCipher};
 use crate::fs::names::Names;
 use crate::kms::local::LocalKms;
 use crate::kms::{Binding, KeyProvider, KeyStatus, KmsError, WrappedDek};
-use crate::kms::{kmip, openbao};
+use crate::kms::{aws, kmip, openbao};
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::AsFd;
@@ -205,6 +205,7 @@ pub fn key_provider(
             let settings = kmip::Settings::from_env(addrs, key, trust_config)?;
             kmip::KmipKms::connect(settings, runtime)?
         }
+        KmsConfig::AwsKms { key, region } => aws::AwsKms::connect(aws::Settings::from_env(key, region)?)?,
     })
 }
 
@@ -236,6 +237,8 @@ pub fn check_kms_location(kms: &KmsConfig, backing: &Path) -> Result<(), Fatal> 
         // Their addresses can be pinned on the mount side (BAO_ADDR, KMSFS_KMIP_ADDR); the
         // KMIP client certificate and key come from the mount's environment only.
         KmsConfig::Openbao { .. } | KmsConfig::Kmip { .. } => Ok(()),
+        // Its endpoint comes from the mount side only (AWS_ENDPOINT_URL_KMS), never the config.
+        KmsConfig::AwsKms { .. } => Ok(()),
         KmsConfig::Local { keystore, .. } => {
             let real = std::fs::canonicalize(keystore).unwrap_or_else(|_| keystore.clone());
             if real.starts_with(backing) {

@@ -17,7 +17,7 @@ mod common;
 
 use common::workload::*;
 use common::*;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 

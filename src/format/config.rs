@@ -111,6 +111,15 @@ pub enum KmsConfig {
         /// The key object's Name (or Unique Identifier).
         key: String,
     },
+    /// AWS KMS. Credentials and the endpoint come from the mount's environment, never from
+    /// here; `AWS_REGION` at mount time overrides `region`.
+    #[serde(rename = "aws-kms")]
+    AwsKms {
+        /// The symmetric KMS key: key id, key ARN, `alias/NAME` or alias ARN.
+        key: String,
+        /// The region the key is in (keys and aliases are regional).
+        region: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -267,6 +276,19 @@ impl VolumeConfig {
                     return Err(ConfigError::Invalid("KMIP key must be 1 to 256 bytes"));
                 }
             }
+            KmsConfig::AwsKms { key, region } => {
+                if key.is_empty() || key.len() > super::header::MAX_KEY_REF_LEN {
+                    return Err(ConfigError::Invalid("AWS KMS key must be 1 to 256 bytes"));
+                }
+                if region.is_empty()
+                    || region.len() > 64
+                    || !region
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                {
+                    return Err(ConfigError::Invalid("AWS region must be like eu-west-1"));
+                }
+            }
         }
         if let Some(k) = &self.volume_key {
             if k.key_ref.is_empty() || k.key_ref.len() > super::header::MAX_KEY_REF_LEN {
@@ -362,6 +384,25 @@ mod tests {
             VolumeConfig::decode(&stripped.encode()).is_err(),
             "a key without a mac"
         );
+    }
+
+    #[test]
+    fn aws_kms_configs_round_trip_and_are_checked() {
+        let mut c = sample();
+        c.kms = KmsConfig::AwsKms {
+            key: "alias/kmsfs".into(),
+            region: "eu-west-1".into(),
+        };
+        let text = String::from_utf8(c.encode()).unwrap();
+        assert!(text.contains(r#""backend": "aws-kms""#), "{text}");
+        assert_eq!(VolumeConfig::decode(text.as_bytes()).unwrap(), c);
+        for bad in [
+            text.replace("\"alias/kmsfs\"", "\"\""),
+            text.replace("eu-west-1", "EU WEST"),
+            text.replace("\"region\"", "\"endpoint\""),
+        ] {
+            assert!(VolumeConfig::decode(bad.as_bytes()).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -19,14 +19,12 @@
 //! - `transport`: the HTTP client and one request retried across the HA addresses;
 //! - `auth`: the token (lookup, renewal, AppRole login) and a request that logs in again on 403;
 //! - `transit`: batched encrypt / decrypt / rewrap on the key;
-//! - `kms::pool` and `kms::batcher` (shared with the KMIP backend): new-file keys made ahead,
-//!   and concurrent unwraps sent as one batch.
+//! - `kms::pool` and `kms::batcher` (shared with the other network backends): new-file keys
+//!   made ahead, and concurrent unwraps sent as one batch.
 
 mod auth;
 mod credentials;
 mod errors;
-#[cfg(test)]
-mod stub;
 mod transit;
 mod transport;
 

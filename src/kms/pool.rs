@@ -1,5 +1,5 @@
-//! The pool of new-file keys, for network backends: file ids with their DEKs, wrapped ahead of
-//! time in one batch request, all bound to one volume and each handed out once. Closed for good when the mount
+//! The pool of new-file keys, for any network backend: file ids with their DEKs, wrapped ahead
+//! of time with one `generate_many` (one batch request, or parallel requests), all bound to one volume and each handed out once. Closed for good when the mount
 //! locks or ends.
 
 use crate::format::{FileId, VolumeId};

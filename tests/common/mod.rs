@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod inprocess;
+pub mod moto;
 pub mod openbao;
 pub mod powercut;
 pub mod pykmip;
@@ -30,8 +31,8 @@ pub fn test_venv(env_var: &str, name: &str) -> (PathBuf, std::fs::File) {
     (venv, lock)
 }
 
-/// Installs `requirement` from PyPI into `venv`, made first if missing.
-pub fn pip_install(venv: &Path, requirement: &str) {
+/// Installs `requirements` from PyPI into `venv`, made first if missing.
+pub fn pip_install(venv: &Path, requirements: &[&str]) {
     if !venv.join("bin/python").exists() {
         let st = Command::new("python3")
             .arg("-m")
@@ -42,39 +43,19 @@ pub fn pip_install(venv: &Path, requirement: &str) {
         assert!(st.success(), "python3 -m venv failed");
     }
     let st = Command::new(venv.join("bin/pip"))
-        .args(["install", "-q", "--disable-pip-version-check", requirement])
+        .args(["install", "-q", "--disable-pip-version-check"])
+        .args(requirements)
         .status()
         .unwrap();
-    assert!(st.success(), "pip install {requirement} failed");
+    assert!(st.success(), "pip install {requirements:?} failed");
 }
 
-/// Mounts `v`, checks that files of a few sizes and a directory survive a remount, then copies
-/// the header of one file onto another: the KMS binds each wrapped key to its file, so that
-/// file fails with EIO while the first still opens. Leaves `v` mounted; returns the header.
+/// Mounts `v`, checks that files survive a remount, then that a header copied onto another
+/// file does not open. Leaves `v` mounted; returns the copied header.
 pub fn round_trip_then_swap_a_header(v: &mut Volume) -> Vec<u8> {
-    use std::os::unix::fs::FileExt;
     v.mount(&[]);
-    std::fs::create_dir(v.m("d")).unwrap();
-    let data = pseudo_random(300_000, 4);
-    std::fs::write(v.m("d/video.bin"), &data).unwrap();
-    std::fs::write(v.m("small"), b"hello").unwrap();
-    v.remount();
-    assert!(std::fs::read(v.m("d/video.bin")).unwrap() == data);
-    assert_eq!(std::fs::read(v.m("small")).unwrap(), b"hello");
-    let a = v.backing_of_new(|| std::fs::write(v.m("a"), b"secret a").unwrap());
-    let b = v.backing_of_new(|| std::fs::write(v.m("b"), b"secret b").unwrap());
-    v.unmount();
-    let header_a = std::fs::read(&a).unwrap()[..4096].to_vec();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&b)
-        .unwrap()
-        .write_all_at(&header_a, 0)
-        .unwrap();
-    v.mount(&[]);
-    assert_eq!(errno_of(&std::fs::read(v.m("b")).unwrap_err()), libc::EIO);
-    assert_eq!(std::fs::read(v.m("a")).unwrap(), b"secret a");
-    header_a
+    check_round_trip_across_remount(v);
+    check_moved_header_fails_with_eio(v)
 }
 
 /// Runs kmsfs and returns its output; panics with stderr if it fails.
@@ -474,4 +455,33 @@ pub fn fsck(v: &Volume, extra: &[&str]) -> Fsck {
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
+}
+
+/// Files in a mounted volume survive a remount: a directory, a file of several blocks and a
+/// small one.
+pub fn check_round_trip_across_remount(v: &mut Volume) {
+    std::fs::create_dir(v.m("d")).unwrap();
+    let data = pseudo_random(300_000, 4);
+    std::fs::write(v.m("d/video.bin"), &data).unwrap();
+    std::fs::write(v.m("small"), b"hello").unwrap();
+    v.remount();
+    assert!(std::fs::read(v.m("d/video.bin")).unwrap() == data);
+    assert_eq!(std::fs::read(v.m("small")).unwrap(), b"hello");
+}
+
+/// In a mounted volume, a header copied from one file onto another does not open (EIO) and
+/// the original still does: the KMS binds each wrapped key to its file. Leaves the volume
+/// mounted; returns the copied header.
+pub fn check_moved_header_fails_with_eio(v: &mut Volume) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let a = v.backing_of_new(|| std::fs::write(v.m("a"), b"secret a").unwrap());
+    let b = v.backing_of_new(|| std::fs::write(v.m("b"), b"secret b").unwrap());
+    v.unmount();
+    let header_a = std::fs::read(&a).unwrap()[..4096].to_vec();
+    let f = std::fs::OpenOptions::new().write(true).open(&b).unwrap();
+    f.write_all_at(&header_a, 0).unwrap();
+    v.mount(&[]);
+    assert_eq!(errno_of(&std::fs::read(v.m("b")).unwrap_err()), libc::EIO);
+    assert_eq!(std::fs::read(v.m("a")).unwrap(), b"secret a");
+    header_a
 }

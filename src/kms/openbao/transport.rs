@@ -4,8 +4,8 @@
 //! ends as *unreachable*.
 
 use super::errors::{Triage, triage};
-use crate::crypto::fill_random;
 use crate::kms::KmsError;
+use crate::kms::http::{describe, is_certificate_error};
 use serde_json::Value;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -43,24 +43,7 @@ impl Transport {
         ca_cert: Option<&Path>,
         client_cert: Option<(&Path, &Path)>,
     ) -> Result<Self, KmsError> {
-        // reqwest is built without a default TLS crypto provider: use ring (installing twice
-        // is harmless).
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let mut b = reqwest::Client::builder()
-            .timeout(REQUEST_TIMEOUT)
-            .connect_timeout(Duration::from_secs(3))
-            .pool_idle_timeout(Duration::from_secs(60))
-            // A redirect would carry the token (and DEKs in the body) to another host.
-            .redirect(reqwest::redirect::Policy::none());
-        if let Some(ca) = ca_cert {
-            let pem = std::fs::read(ca)
-                .map_err(|e| KmsError::Misconfigured(format!("CA bundle {}: {e}", ca.display())))?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|e| KmsError::Misconfigured(format!("CA bundle {}: {e}", ca.display())))?;
-            for c in certs {
-                b = b.add_root_certificate(c);
-            }
-        }
+        let mut b = crate::kms::http::client_builder(REQUEST_TIMEOUT, ca_cert)?;
         if let Some((cert, key)) = client_cert {
             let mut pem = std::fs::read(cert).map_err(|e| {
                 KmsError::Misconfigured(format!("client certificate {}: {e}", cert.display()))
@@ -136,46 +119,16 @@ impl Transport {
                     }
                 }
             }
-            // Backoff with jitter: 50 ms, 100 ms, 200 ms … ± 50 %.
-            let base = 50u64 << attempt.min(5);
-            let mut r = [0u8; 2];
-            fill_random(&mut r);
-            let jitter = u16::from_le_bytes(r) as u64 % base;
-            tokio::time::sleep(Duration::from_millis(base / 2 + jitter)).await;
+            crate::kms::retry::backoff(attempt).await;
         }
         Err(KmsError::Unreachable(last))
     }
 }
 
-/// A TLS failure that retrying cannot fix.
-fn is_certificate_error(e: &reqwest::Error) -> bool {
-    let text = describe(e);
-    text.contains("certificate") || text.contains("UnknownIssuer")
-}
-
-/// A transport error with its chain of causes, on one line.
-fn describe(e: &reqwest::Error) -> String {
-    use std::error::Error;
-    let mut s = if e.is_timeout() {
-        "timed out".to_owned()
-    } else if e.is_connect() {
-        "cannot connect".to_owned()
-    } else {
-        "request failed".to_owned()
-    };
-    let mut src = e.source();
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
-    }
-    s
-}
-
 #[cfg(test)]
 mod tests {
-    use super::super::stub;
     use super::*;
+    use crate::kms::stub;
     use serde_json::json;
 
     fn transport(addrs: &[&str]) -> Transport {
