@@ -119,6 +119,14 @@ pub struct Fs {
     ready: Arc<ready::ReadyFiles>,
 }
 
+impl Drop for Fs {
+    /// Files made ahead of creates go with the filesystem (and their refill stops), however
+    /// it ends.
+    fn drop(&mut self) {
+        self.ready.close();
+    }
+}
+
 impl Fs {
     pub fn new(
         backing_root: OwnedFd,

@@ -251,6 +251,10 @@ impl ReadyFiles {
         let mut batch = Vec::with_capacity(n);
         let made = (|| -> FsResult<()> {
             for _ in 0..n {
+                // Stop as soon as the volume locks: it asks the KMS for nothing more.
+                if self.state().closed {
+                    return Err(FsError::Locked);
+                }
                 let key = maker.new_key(true)?;
                 let file_id = key.file_id;
                 let mut r = [0u8; 8];

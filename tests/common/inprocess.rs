@@ -101,8 +101,17 @@ impl InProcess {
 
     /// Drops the filesystem (every handle and cached key with it) and opens the volume again:
     /// what an unmount and a mount do to the core.
+    /// Ends the filesystem as the daemon does at unmount: keys dropped, files made ahead of
+    /// creates removed (and their refill stopped).
+    fn end(&mut self) {
+        if let Some(fs) = self.fs.take() {
+            fs.lock();
+            fs.finish();
+        }
+    }
+
     pub fn remount(&mut self) {
-        self.fs = None;
+        self.end();
         self.fs = Some(Arc::new(
             self.open()
                 .unwrap_or_else(|e| panic!("reopen volume: {}", e.message)),
@@ -111,7 +120,7 @@ impl InProcess {
 
     /// Drops the filesystem; `try_remount` opens it again or says why not.
     pub fn try_remount(&mut self) -> Result<(), Fatal> {
-        self.fs = None;
+        self.end();
         self.fs = Some(Arc::new(self.open()?));
         Ok(())
     }
