@@ -117,6 +117,9 @@ pub struct Fs {
     pub stats: Arc<Stats>,
     /// Files made ahead of their creates (`ready`).
     ready: Arc<ready::ReadyFiles>,
+    /// For each directory, the directories that entries were renamed into from it since it
+    /// was last synced (`fsyncdir`).
+    renamed_out: Mutex<HashMap<u64, HashMap<u64, Arc<Inode>>>>,
 }
 
 impl Drop for Fs {
@@ -143,6 +146,7 @@ impl Fs {
         Ok(Fs {
             inodes,
             ready,
+            renamed_out: Mutex::new(HashMap::new()),
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             kms,
@@ -570,10 +574,31 @@ impl Fs {
 
     /// Makes the directory's entries durable. Everything they depend on already is: headers
     /// are synced before a file gets its name, id files and long-name sidecars before their
-    /// entries (docs/format.md, "Crash ordering").
+    /// entries (docs/format.md, "Crash ordering"). An entry renamed out of this directory into
+    /// another since the last sync makes that other directory durable first: syncing only the
+    /// side it left could lose both names at a cut (a filesystem that journals a rename as one
+    /// change never does; one that syncs each directory alone can).
     pub fn fsyncdir(&self, ino: u64) -> FsResult<()> {
         let dir = self.inodes.get(ino)?;
+        let targets = self.lock_renamed_out().remove(&ino).unwrap_or_default();
+        for target in targets.values() {
+            sys::fsync_dir(target.fd())?;
+        }
         Ok(sys::fsync_dir(dir.fd())?)
+    }
+
+    /// Notes a rename from directory `from` into `to` (see `fsyncdir`).
+    fn renamed_between(&self, from: &Arc<Inode>, to: &Arc<Inode>) {
+        if from.ino != to.ino {
+            self.lock_renamed_out()
+                .entry(from.ino)
+                .or_default()
+                .insert(to.ino, to.clone());
+        }
+    }
+
+    fn lock_renamed_out(&self) -> std::sync::MutexGuard<'_, HashMap<u64, HashMap<u64, Arc<Inode>>>> {
+        self.renamed_out.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> FsResult<()> {

@@ -79,7 +79,7 @@ fn crash_loop(kill_daemon: bool) {
             child.wait().unwrap();
         }
         let (acked, in_flight) = read_journal(&journal);
-        let found = check(&vol.mnt, &ops, acked, in_flight);
+        let found = check(&vol.mnt, &ops, acked, in_flight, false);
         assert!(
             found.failures.is_empty(),
             "iteration {iter} (seed {seed}, {acked} acknowledged, in flight {:?}):\n{}",
@@ -91,7 +91,7 @@ fn crash_loop(kill_daemon: bool) {
         if !kill_daemon {
             // The writer's death must not matter to the daemon: same answer after a remount.
             vol.remount();
-            let again = check(&vol.mnt, &ops, acked, in_flight);
+            let again = check(&vol.mnt, &ops, acked, in_flight, false);
             assert!(
                 again.failures.is_empty(),
                 "after remount: {}",

@@ -332,6 +332,10 @@ impl Fs {
         if flags & libc::RENAME_EXCHANGE == 0 && !same_entry {
             self.remove_sidecar(&from_dir, &from);
         }
+        self.renamed_between(&from_dir, &to_dir);
+        if flags & libc::RENAME_EXCHANGE != 0 {
+            self.renamed_between(&to_dir, &from_dir);
+        }
         Ok(())
     }
 

@@ -241,7 +241,10 @@ pub fn read_blocks(path: &Path) -> std::io::Result<(u64, Vec<Option<Vec<u8>>>)> 
     Ok((size, blocks))
 }
 
-pub fn check(mnt: &Path, ops: &[Op], acked: usize, in_flight: Option<usize>) -> Findings {
+/// `power_cut`: the crash was a power cut, after which an extension in flight may also leave
+/// the blocks it wrote unreadable (its `pwrite` reached the disk in pieces; docs/format.md,
+/// "Crash behaviour"). After a process kill only a block rewritten in place may.
+pub fn check(mnt: &Path, ops: &[Op], acked: usize, in_flight: Option<usize>, power_cut: bool) -> Findings {
     let mut before = Model::default();
     ops[..acked].iter().for_each(|op| before.apply(op));
     let mut after = before.clone();
@@ -289,9 +292,15 @@ pub fn check(mnt: &Path, ops: &[Op], acked: usize, in_flight: Option<usize>) -> 
         for (b, block) in blocks.iter().enumerate() {
             let start = b as u64 * BLOCK;
             let end = (start + BLOCK).min(size);
-            // A block the operation in flight rewrites in place may be torn (documented).
+            // A block the operation in flight rewrites in place may be torn (documented); after
+            // a power cut, so may the blocks an extension in flight writes, from the old final
+            // block (resealed as a full one first) on.
             let rewritten = match (write, old) {
-                (Some((ws, we)), Some(o)) => ws < end && we > start && start < o.len() as u64,
+                (Some((ws, we)), Some(o)) => {
+                    let old_final = (o.len() as u64).saturating_sub(1) / BLOCK * BLOCK;
+                    let extends = power_cut && we > o.len() as u64 && start >= old_final;
+                    extends || ws < end && we > start && (power_cut || start < o.len() as u64)
+                }
                 _ => truncate && old.is_some_and(|o| start < o.len() as u64),
             };
             let Some(data) = block else {
