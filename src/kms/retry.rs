@@ -45,7 +45,11 @@ mod tests {
         for attempts in 1..8 {
             for attempt in 0..attempts {
                 let pause = pause_after(attempt, attempts);
-                assert_eq!(pause.is_none(), attempt + 1 == attempts, "{attempt} of {attempts}");
+                assert_eq!(
+                    pause.is_none(),
+                    attempt + 1 == attempts,
+                    "{attempt} of {attempts}"
+                );
             }
         }
     }
