@@ -171,19 +171,23 @@ mod tests {
         let (release_tx, release_rx) = mpsc::channel::<()>();
         let release_rx = Arc::new(Mutex::new(release_rx));
         let (done_tx, done_rx) = mpsc::channel();
-        // Every thread blocked, the queue full: the next job comes back at once.
-        for _ in 0..MAX_THREADS + MAX_QUEUED {
-            let (rx, tx) = (release_rx.clone(), done_tx.clone());
-            let job: Job = Box::new(move || {
-                let _ = rx.lock().unwrap().recv();
-                let _ = tx.send(());
-            });
-            assert!(w.submit(job).is_ok());
-        }
+        let submit = |n: usize| {
+            for _ in 0..n {
+                let (rx, tx) = (release_rx.clone(), done_tx.clone());
+                let job: Job = Box::new(move || {
+                    let _ = rx.lock().unwrap().recv();
+                    let _ = tx.send(());
+                });
+                assert!(w.submit(job).is_ok());
+            }
+        };
+        // Every thread blocked in a job, then the queue full: the next job comes back at once.
+        submit(MAX_THREADS);
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while w.queued() > MAX_QUEUED && std::time::Instant::now() < deadline {
+        while w.queued() > 0 && std::time::Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }
+        submit(MAX_QUEUED);
         assert!(w.submit(Box::new(|| {})).is_err(), "a full pool refuses");
         for _ in 0..MAX_THREADS + MAX_QUEUED {
             release_tx.send(()).unwrap();
