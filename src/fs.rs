@@ -337,6 +337,36 @@ impl Fs {
     }
 
     pub fn setattr(&self, ino: u64, fh: Option<u64>, set: SetAttr) -> FsResult<Attr> {
+        self.setattr_waiting(ino, fh, set, Wait::Forever)
+    }
+
+    /// [`Fs::setattr`] for a FUSE worker: a truncate by path (no handle) of a file whose key
+    /// is not in memory is parked on a KMS waiter, as an open is; anything else is answered
+    /// at once.
+    pub fn setattr_then(
+        self: &Arc<Self>,
+        ino: u64,
+        fh: Option<u64>,
+        set: SetAttr,
+        done: impl FnOnce(FsResult<Attr>) + Send + 'static,
+    ) {
+        if set.size.is_some() && fh.is_none() && self.guard().is_ok() {
+            // A probe before anything changes, so that a parked setattr starts from scratch.
+            let probe = self.inodes.get(ino).and_then(|inode| {
+                self.open_content(&inode, Wait::No)?;
+                self.close_content(&inode);
+                Ok(())
+            });
+            if let Err(FsError::WouldWait) = probe {
+                let fs = self.clone();
+                self.park(move |wait| done(fs.setattr_waiting(ino, fh, set, wait)));
+                return;
+            }
+        }
+        done(self.setattr_waiting(ino, fh, set, Wait::Forever))
+    }
+
+    fn setattr_waiting(&self, ino: u64, fh: Option<u64>, set: SetAttr, wait: Wait) -> FsResult<Attr> {
         let inode = self.inodes.get(ino)?;
         if let Some(mode) = set.mode
             && inode.kind != Kind::Symlink
@@ -358,7 +388,7 @@ impl Fs {
                     Handle::File { content, .. } => content.clone(),
                     Handle::Dir { .. } => return Err(FsError::BadHandle),
                 },
-                None => self.open_content(&inode, Wait::Forever)?,
+                None => self.open_content(&inode, wait)?,
             };
             let result = content.truncate(size);
             if fh.is_none() {

@@ -177,10 +177,12 @@ impl Filesystem for FuseAdapter {
             atime: time_spec(atime),
             mtime: time_spec(mtime),
         };
-        match self.fs.setattr(ino.0, fh.map(|f| f.0), set) {
-            Ok(a) => reply.attr(&TTL, &file_attr(&a)),
-            Err(e) => reply.error(errno(&e)),
-        }
+        // A truncate by path that needs the KMS is answered from a KMS waiter thread.
+        self.fs
+            .setattr_then(ino.0, fh.map(|f| f.0), set, move |r| match r {
+                Ok(a) => reply.attr(&TTL, &file_attr(&a)),
+                Err(e) => reply.error(errno(&e)),
+            });
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
