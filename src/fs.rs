@@ -176,6 +176,12 @@ impl Fs {
         }
     }
 
+    /// Turns true when the volume is locked: for waits on the KMS outside the core (the
+    /// watcher's access checks) to end with it.
+    pub fn lock_signal(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.lock_signal.subscribe()
+    }
+
     pub fn is_locked(&self) -> bool {
         self.locked.load(Ordering::Acquire)
     }

@@ -114,7 +114,16 @@ pub fn watch(
         if check_now {
             next_check = Instant::now() + s.interval;
             state.fs.sweep_keys();
-            match runtime.block_on(state.kms.check_access()) {
+            // A check against a hung KMS ends with the lock (the session's end included).
+            let mut locked = state.fs.lock_signal();
+            let checked = runtime.block_on(async {
+                tokio::select! {
+                    r = state.kms.check_access() => Some(r),
+                    _ = locked.wait_for(|l| *l) => None,
+                }
+            });
+            let Some(checked) = checked else { return };
+            match checked {
                 Ok(st) => {
                     *state.key_version.lock().unwrap_or_else(|p| p.into_inner()) = st.current_version;
                     if unreachable_since.take().is_some() {
