@@ -204,7 +204,11 @@ fn fsck(backing: &Path, opts: crate::fsck::Options) -> Result<(), Fatal> {
 
 fn status(mountpoint: Option<PathBuf>, as_json: bool) -> Result<(), Fatal> {
     let mounts: Vec<PathBuf> = match mountpoint {
-        Some(m) => vec![std::fs::canonicalize(&m).map_err(|e| Fatal::new(format!("{}: {e}", m.display())))?],
+        // Never a call on the mountpoint itself: it would wait for a busy daemon.
+        Some(m) => vec![
+            crate::mountinfo::resolve_mountpoint(&m)
+                .map_err(|e| Fatal::new(format!("{}: {e}", m.display())))?,
+        ],
         None => kmsfs_mounts(),
     };
     if mounts.is_empty() {
@@ -271,24 +275,50 @@ fn kmsfs_mounts() -> Vec<PathBuf> {
 }
 
 /// The systemd unit template, with its binary path to fill in.
+/// Locks a mount: returns once the daemon says every key is gone and all I/O is refused,
+/// and waits a moment for the daemon to exit (files held open keep the detached mount alive
+/// for up to 2 s more; the daemon then aborts the connection and exits).
 fn lock(mountpoint: &Path) -> Result<(), Fatal> {
-    let mp = std::fs::canonicalize(mountpoint)
+    // Never a call on the mountpoint itself: it would wait for a busy daemon.
+    let mp = crate::mountinfo::resolve_mountpoint(mountpoint)
         .map_err(|e| Fatal::new(format!("{}: {e}", mountpoint.display())))?;
     let backing = crate::mountinfo::backing_of_mount(&mp)
         .ok_or_else(|| Fatal::new(format!("{} is not a kmsfs mount", mp.display())))?;
-    crate::control::request(&mp, "lock").map_err(|e| {
-        Fatal::new(format!(
-            "{}: no answer from the daemon's control socket ({e})",
-            mp.display()
-        ))
-    })?;
-    if !crate::unmount::wait_for_daemon_exit(&backing) {
-        return Err(Fatal::new(format!(
-            "{}: locked, but the daemon has not exited after 30 s",
-            mp.display()
-        )));
+    let answer = crate::control::request(&mp, "lock");
+    match &answer {
+        Ok(v) if v["locked"] == true => {}
+        Ok(v) => {
+            return Err(Fatal::new(format!(
+                "{}: the daemon did not lock: {}",
+                mp.display(),
+                v["error"].as_str().unwrap_or("unexpected answer")
+            )));
+        }
+        // Connected and asked, but no answer: a lock already under way may end the daemon
+        // first. Its exit is the answer.
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+            if !crate::unmount::wait_for_daemon_exit(&backing) {
+                return Err(Fatal::new(format!(
+                    "{}: no answer to the lock, and the daemon has not exited after 30 s",
+                    mp.display()
+                )));
+            }
+        }
+        Err(e) => {
+            return Err(Fatal::new(format!(
+                "{}: no answer from the daemon's control socket ({e})",
+                mp.display()
+            )));
+        }
     }
-    println!("{} locked: keys dropped, mount gone", mp.display());
+    if crate::unmount::wait_for_daemon_exit_within(&backing, std::time::Duration::from_millis(250)) {
+        println!("{} locked: keys dropped, mount gone", mp.display());
+    } else {
+        println!(
+            "{} locked: keys dropped, all I/O refused; the mount goes once its daemon exits (within seconds)",
+            mp.display()
+        );
+    }
     Ok(())
 }
 

@@ -17,8 +17,12 @@ pub const SOCKET_DIR: &str = "/run/kmsfs";
 /// What the control socket can ask of a mount.
 pub trait Control: Send + Sync {
     fn status(&self) -> Value;
-    /// Locks the mount; `who` says who asked (for the log).
+    /// Locks the mount: every key dropped, all I/O refused from now on; `who` says who asked
+    /// (for the log). Waits for nothing: not the KMS, not the kernel.
     fn lock(&self, who: &str);
+    /// After `lock` has been answered: invalidates the kernel's caches and detaches the mount,
+    /// so that the daemon exits.
+    fn detach(&self);
 }
 
 /// A mountpoint's name in file names, escaped as systemd does: '/' becomes '-', and '-' and
@@ -82,11 +86,13 @@ fn answer(mut conn: UnixStream, control: &dyn Control, me: u32) -> std::io::Resu
         match req.get("cmd").and_then(Value::as_str) {
             Some("status") => control.status(),
             Some("lock") => {
-                // Answer first: once locked, the daemon may exit before a late answer is sent.
-                // The client then waits for the daemon to exit.
-                writeln!(conn, "{}", json!({"locking": true}))?;
+                // The keys go first, then the answer: once the client hears "locked", every
+                // key is gone and all I/O fails with ENOKEY. Only then is the mount detached
+                // (the daemon may exit as soon as it is, and may take a while to).
                 control.lock(&format!("uid {uid} pid {pid} (kmsfs lock)"));
-                return Ok(());
+                let answered = writeln!(conn, "{}", json!({"locked": true}));
+                control.detach();
+                return answered;
             }
             _ => json!({"error": "unknown request"}),
         }

@@ -29,6 +29,8 @@ pub struct MountRequest {
     pub grace: Option<std::time::Duration>,
     pub key_cache_ttl: std::time::Duration,
     pub key_cache_entries: usize,
+    /// How long an open or create that needs the KMS waits for it (`None`: its retry budget).
+    pub open_timeout: Option<std::time::Duration>,
     /// Refuse to run if memory cannot be locked.
     pub require_mlock: bool,
     /// JSON-lines audit file.
@@ -185,9 +187,14 @@ pub fn run_mount(req: MountRequest) -> Result<Ended, Fatal> {
         read_only: fuse_config.mount_options.contains(&fuser::MountOption::RO),
         key_cache_entries: req.key_cache_entries,
         key_cache_ttl: req.key_cache_ttl,
+        open_timeout: req.open_timeout,
     };
     let (tx, rx) = std::sync::mpsc::channel();
-    let signals = Arc::new(Signals(std::sync::Mutex::new(tx.clone())));
+    let health = Arc::new(crate::mount_state::Health::default());
+    let signals = Arc::new(Signals {
+        tx: std::sync::Mutex::new(tx.clone()),
+        health: health.clone(),
+    });
     let fs = Arc::new(
         Fs::new(
             root,
@@ -210,9 +217,10 @@ pub fn run_mount(req: MountRequest) -> Result<Ended, Fatal> {
         key_version: std::sync::Mutex::new(status.current_version),
         notifier: std::sync::OnceLock::new(),
         started: std::time::Instant::now(),
-        health: std::sync::Mutex::new("ok".into()),
+        health,
         locked: std::sync::Mutex::new(None),
         session_ended: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        to_invalidate: std::sync::Mutex::new(None),
     });
     let adapter = FuseAdapter::new(fs, req.on_ready);
     let mut session = fuser::Session::new(adapter, &req.mountpoint, &fuse_config).map_err(|e| {
@@ -285,9 +293,16 @@ pub fn run_mount(req: MountRequest) -> Result<Ended, Fatal> {
         .session_ended
         .store(true, std::sync::atomic::Ordering::Release);
     let _ = tx.send(Signal::Stop);
-    let _ = watcher.join();
-    // Every key goes now, whatever ended the session.
+    // Every key goes now, whatever ended the session; waits on the KMS end with it.
     state.fs.lock();
+    // The watcher may be in an access check against a hung KMS: give it a moment, not more.
+    let joined = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    while !watcher.is_finished() && std::time::Instant::now() < joined {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    if watcher.is_finished() {
+        let _ = watcher.join();
+    }
     state.fs.finish();
     if let Some(p) = socket {
         let _ = std::fs::remove_file(p);

@@ -10,9 +10,11 @@ pub mod inode;
 pub mod names;
 mod ready;
 mod stats;
+mod waiters;
 mod xattr;
 
 pub use stats::{KmsEvents, Stats};
+pub use waiters::Wait;
 
 use crate::format::VolumeId;
 use crate::format::block::ContentCipher;
@@ -77,6 +79,9 @@ pub struct Options {
     pub key_cache_entries: usize,
     /// … for at most this long after the KMS unwrapped them.
     pub key_cache_ttl: std::time::Duration,
+    /// How long a parked open or create may wait for the KMS before it fails with EIO;
+    /// `None`: as long as the KMS client retries.
+    pub open_timeout: Option<std::time::Duration>,
 }
 
 impl Default for Options {
@@ -85,9 +90,14 @@ impl Default for Options {
             read_only: false,
             key_cache_entries: 4096,
             key_cache_ttl: std::time::Duration::from_secs(300),
+            open_timeout: Some(DEFAULT_OPEN_TIMEOUT),
         }
     }
 }
+
+/// The default `--open-timeout`: under the OpenBao client's retry budget against a hung server
+/// (6 attempts of up to 10 s), over anything a working KMS takes.
+pub const DEFAULT_OPEN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 pub struct Fs {
     inodes: InodeTable,
@@ -120,6 +130,10 @@ pub struct Fs {
     /// For each directory, the directories that entries were renamed into from it since it
     /// was last synced (`fsyncdir`).
     renamed_out: Mutex<HashMap<u64, HashMap<u64, Arc<Inode>>>>,
+    /// Where opens and creates that need the KMS wait for it, off the FUSE workers.
+    waiters: waiters::Waiters,
+    /// Set to true by `lock`: ends every wait on the KMS at once.
+    lock_signal: tokio::sync::watch::Sender<bool>,
 }
 
 impl Drop for Fs {
@@ -160,6 +174,8 @@ impl Fs {
             locked: AtomicBool::new(false),
             events,
             stats: Arc::new(Stats::default()),
+            waiters: waiters::Waiters::default(),
+            lock_signal: tokio::sync::watch::Sender::new(false),
         })
     }
 
@@ -170,6 +186,12 @@ impl Fs {
         } else {
             Ok(())
         }
+    }
+
+    /// Turns true when the volume is locked: for waits on the KMS outside the core (the
+    /// watcher's access checks) to end with it.
+    pub fn lock_signal(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.lock_signal.subscribe()
     }
 
     pub fn is_locked(&self) -> bool {
@@ -191,6 +213,8 @@ impl Fs {
     /// ciphers. Returns the inode numbers whose kernel caches the caller must invalidate.
     pub fn lock(&self) -> Vec<u64> {
         self.locked.store(true, Ordering::Release);
+        // Opens and creates waiting on the KMS fail with ENOKEY now, not when it answers.
+        self.lock_signal.send_replace(true);
         // Taken out under the lock, dropped after it: never waits for an operation in flight.
         let names = self.names.write().unwrap_or_else(|p| p.into_inner()).take();
         drop(names);
@@ -234,12 +258,15 @@ impl Fs {
     /// The DEK lives on the heap inside its `SecretKey` from the KMS's answer until the
     /// cipher is made from it, and is wiped when it drops here; only the cipher (the derived
     /// key's schedule) is kept.
-    fn cipher_for(&self, h: &header::Header) -> FsResult<Arc<ContentCipher>> {
+    fn cipher_for(&self, h: &header::Header, wait: Wait) -> FsResult<Arc<ContentCipher>> {
         // A locked volume asks the KMS for nothing.
         self.guard()?;
         if let Some(c) = self.keys.get(&h.file_id) {
             self.stats.cache_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(c);
+        }
+        if !wait.may_wait() {
+            return Err(FsError::WouldWait);
         }
         self.stats.cache_misses.fetch_add(1, Ordering::Relaxed);
         self.stats.kms_calls.fetch_add(1, Ordering::Relaxed);
@@ -250,7 +277,12 @@ impl Fs {
         let version = self.kms.version_of(&wrapped);
         let started = std::time::Instant::now();
         let binding = Binding::file(self.volume_id, h.file_id);
-        let result = self.runtime.block_on(self.kms.unwrap(&wrapped, &binding));
+        let result = waiters::wait_kms(
+            &self.runtime,
+            &self.lock_signal.subscribe(),
+            wait,
+            self.kms.unwrap(&wrapped, &binding),
+        )?;
         let ms = started.elapsed().as_secs_f64() * 1000.0;
         let outcome = match &result {
             Ok(_) => "ok",
@@ -271,6 +303,7 @@ impl Fs {
                 _ => {}
             }
         })?;
+        self.events.ok();
         let cipher = Arc::new(ContentCipher::new(&dek, h.file_id));
         drop(dek);
         if let Some(old) = self.keys.insert(h.file_id, cipher.clone()) {
@@ -322,6 +355,36 @@ impl Fs {
     }
 
     pub fn setattr(&self, ino: u64, fh: Option<u64>, set: SetAttr) -> FsResult<Attr> {
+        self.setattr_waiting(ino, fh, set, Wait::Forever)
+    }
+
+    /// [`Fs::setattr`] for a FUSE worker: a truncate by path (no handle) of a file whose key
+    /// is not in memory is parked on a KMS waiter, as an open is; anything else is answered
+    /// at once.
+    pub fn setattr_then(
+        self: &Arc<Self>,
+        ino: u64,
+        fh: Option<u64>,
+        set: SetAttr,
+        done: impl FnOnce(FsResult<Attr>) + Send + 'static,
+    ) {
+        if set.size.is_some() && fh.is_none() && self.guard().is_ok() {
+            // A probe before anything changes, so that a parked setattr starts from scratch.
+            let probe = self.inodes.get(ino).and_then(|inode| {
+                self.open_content(&inode, Wait::No)?;
+                self.close_content(&inode);
+                Ok(())
+            });
+            if let Err(FsError::WouldWait) = probe {
+                let fs = self.clone();
+                self.park(move |wait| done(fs.setattr_waiting(ino, fh, set, wait)));
+                return;
+            }
+        }
+        done(self.setattr_waiting(ino, fh, set, Wait::Forever))
+    }
+
+    fn setattr_waiting(&self, ino: u64, fh: Option<u64>, set: SetAttr, wait: Wait) -> FsResult<Attr> {
         let inode = self.inodes.get(ino)?;
         if let Some(mode) = set.mode
             && inode.kind != Kind::Symlink
@@ -343,7 +406,7 @@ impl Fs {
                     Handle::File { content, .. } => content.clone(),
                     Handle::Dir { .. } => return Err(FsError::BadHandle),
                 },
-                None => self.open_content(&inode)?,
+                None => self.open_content(&inode, wait)?,
             };
             let result = content.truncate(size);
             if fh.is_none() {
@@ -357,7 +420,8 @@ impl Fs {
         self.attr_of(&inode)
     }
 
-    /// Creates a regular file with a fresh DEK and returns it open.
+    /// Creates a regular file with a fresh DEK and returns it open, waiting for the KMS if
+    /// no file made ahead is ready.
     pub fn create(
         &self,
         parent: u64,
@@ -366,6 +430,39 @@ impl Fs {
         flags: i32,
         caller: Caller,
     ) -> FsResult<(Attr, u64)> {
+        self.create_waiting(parent, name, mode, flags, caller, Wait::Forever)
+    }
+
+    /// [`Fs::create`] for a FUSE worker: `done` gets the result, at once when a file made
+    /// ahead is ready (or the create fails early), else from a KMS waiter thread once the KMS
+    /// has given the new file its key (at most `--open-timeout` later, at once on lock).
+    pub fn create_then(
+        self: &Arc<Self>,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        flags: i32,
+        caller: Caller,
+        done: impl FnOnce(FsResult<(Attr, u64)>) + Send + 'static,
+    ) {
+        match self.create_waiting(parent, name, mode, flags, caller, Wait::No) {
+            Err(FsError::WouldWait) => {
+                let (fs, name) = (self.clone(), name.to_owned());
+                self.park(move |wait| done(fs.create_waiting(parent, &name, mode, flags, caller, wait)));
+            }
+            r => done(r),
+        }
+    }
+
+    fn create_waiting(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        flags: i32,
+        caller: Caller,
+        wait: Wait,
+    ) -> FsResult<(Attr, u64)> {
         self.guard()?;
         self.check_writable()?;
         let dir = self.inodes.get(parent)?;
@@ -373,6 +470,9 @@ impl Fs {
         let content = self.create_entry(&dir, &b, |n| {
             if let Some(content) = self.create_from_ready(&dir, n, mode)? {
                 return Ok(content);
+            }
+            if !wait.may_wait() {
+                return Err(FsError::WouldWait);
             }
             // Made under a hidden name and renamed into place once its header is written: a
             // daemon killed in between (the KMS call can take a while) leaves a hidden
@@ -386,7 +486,7 @@ impl Fs {
             )?;
             let file = File::from(fd);
             let made = self
-                .write_new_header(&file)
+                .write_new_header(&file, wait)
                 .and_then(|cipher| {
                     // The header is durable before the entry has its name, so no cut, at any
                     // moment, can leave a named file without its header: that would read as a
@@ -425,10 +525,10 @@ impl Fs {
     }
 
     /// Gets a new file id and its wrapped DEK from the KMS and writes the header.
-    fn write_new_header(&self, file: &File) -> FsResult<Arc<ContentCipher>> {
+    fn write_new_header(&self, file: &File, wait: Wait) -> FsResult<Arc<ContentCipher>> {
         // A locked volume asks the KMS for nothing.
         self.guard()?;
-        let key = self.maker().new_key(false)?;
+        let key = self.maker().new_key(false, wait)?;
         let file_id = key.file_id;
         let cipher = ready::write_header(file, key)?;
         // Reopening a file just made needs no KMS call.
@@ -470,16 +570,28 @@ impl Fs {
             runtime: self.runtime.clone(),
             events: self.events.clone(),
             stats: self.stats.clone(),
+            locked: self.lock_signal.subscribe(),
         }
     }
 
     /// The open content of a regular file, opening it (header + KMS unwrap) if needed, and
     /// counting one more user of it. Pair with `close_content`.
-    fn open_content(&self, inode: &Inode) -> FsResult<Arc<ContentFile>> {
+    ///
+    /// With `Wait::No` it fails with `WouldWait` rather than ask the KMS, or wait behind an
+    /// open of the same file that is asking it.
+    fn open_content(&self, inode: &Inode, wait: Wait) -> FsResult<Arc<ContentFile>> {
         if inode.kind != Kind::File {
             return Err(FsError::InvalidArgument);
         }
-        let mut open = inode.open.lock().unwrap_or_else(|p| p.into_inner());
+        let mut open = if wait.may_wait() {
+            inode.open.lock().unwrap_or_else(|p| p.into_inner())
+        } else {
+            match inode.open.try_lock() {
+                Ok(g) => g,
+                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => return Err(FsError::WouldWait),
+            }
+        };
         if let Some(c) = open.content() {
             open.handles += 1;
             return Ok(c);
@@ -503,7 +615,7 @@ impl Fs {
             log::error!("inode {}: unreadable header: {e}", inode.ino);
             FsError::Corrupt
         })?;
-        let cipher = self.cipher_for(&h)?;
+        let cipher = self.cipher_for(&h, wait)?;
         let content = Arc::new(ContentFile::new(file, cipher, writable)?);
         // A lock that came while we waited on the KMS wins: drop the key, publish nothing.
         self.guard()?;
@@ -521,14 +633,62 @@ impl Fs {
         }
     }
 
+    /// Opens a file, waiting for the KMS if its key is not in memory.
     pub fn open(&self, ino: u64, flags: i32) -> FsResult<u64> {
+        self.open_waiting(ino, flags, Wait::Forever)
+    }
+
+    /// [`Fs::open`] for a FUSE worker: `done` gets the handle or the error, at once when no
+    /// KMS call is needed (content open, key cached) or the open fails early; else from a KMS
+    /// waiter thread once the key is unwrapped (at most `--open-timeout` later, and at once
+    /// with ENOKEY if the volume is locked meanwhile).
+    pub fn open_then(
+        self: &Arc<Self>,
+        ino: u64,
+        flags: i32,
+        done: impl FnOnce(FsResult<u64>) + Send + 'static,
+    ) {
+        match self.open_waiting(ino, flags, Wait::No) {
+            Err(FsError::WouldWait) => {
+                let fs = self.clone();
+                self.park(move |wait| done(fs.open_waiting(ino, flags, wait)));
+            }
+            r => done(r),
+        }
+    }
+
+    /// Runs `job` on a KMS waiter thread, allowed to wait `--open-timeout` from now. With
+    /// every waiter busy and the queue full, runs it here, not allowed to wait: unless the
+    /// key has come meanwhile, it fails with EAGAIN (`WouldWait`) rather than hold a FUSE
+    /// worker.
+    fn park(&self, job: impl FnOnce(Wait) + Send + 'static) {
+        let job = Arc::new(Mutex::new(Some(job)));
+        let queued = job.clone();
+        let wait = Wait::from_now(self.options.open_timeout);
+        let submitted = self.waiters.submit(Box::new(move || {
+            if let Some(job) = queued.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                job(wait);
+            }
+        }));
+        if submitted.is_err() {
+            log::warn!(
+                "{} opens are waiting on the KMS already: refusing another (EAGAIN)",
+                waiters::MAX_THREADS + waiters::MAX_QUEUED
+            );
+            if let Some(job) = job.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                job(Wait::No);
+            }
+        }
+    }
+
+    fn open_waiting(&self, ino: u64, flags: i32, wait: Wait) -> FsResult<u64> {
         self.guard()?;
         let inode = self.inodes.get(ino)?;
         let write = flags & libc::O_ACCMODE != libc::O_RDONLY;
         if write {
             self.check_writable()?;
         }
-        let content = self.open_content(&inode)?;
+        let content = self.open_content(&inode, wait)?;
         if write && !content.writable() {
             self.close_content(&inode);
             return Err(FsError::PermissionDenied);

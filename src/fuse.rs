@@ -177,10 +177,12 @@ impl Filesystem for FuseAdapter {
             atime: time_spec(atime),
             mtime: time_spec(mtime),
         };
-        match self.fs.setattr(ino.0, fh.map(|f| f.0), set) {
-            Ok(a) => reply.attr(&TTL, &file_attr(&a)),
-            Err(e) => reply.error(errno(&e)),
-        }
+        // A truncate by path that needs the KMS is answered from a KMS waiter thread.
+        self.fs
+            .setattr_then(ino.0, fh.map(|f| f.0), set, move |r| match r {
+                Ok(a) => reply.attr(&TTL, &file_attr(&a)),
+                Err(e) => reply.error(errno(&e)),
+            });
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
@@ -256,12 +258,14 @@ impl Filesystem for FuseAdapter {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         guard!(self, reply);
-        match self.fs.open(ino.0, flags.0) {
+        // Answered here when the key is in memory; otherwise from a KMS waiter thread, while
+        // this worker serves other requests.
+        self.fs.open_then(ino.0, flags.0, move |r| match r {
             // Every write reaches us through this mount, so the kernel's cached pages stay
             // valid across opens.
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
             Err(e) => reply.error(errno(&e)),
-        }
+        });
     }
 
     fn read(
@@ -453,16 +457,18 @@ impl Filesystem for FuseAdapter {
         reply: ReplyCreate,
     ) {
         guard!(self, reply);
-        match self.fs.create(parent.0, name, mode, flags, caller(req)) {
-            Ok((a, fh)) => reply.created(
-                &TTL,
-                &file_attr(&a),
-                Generation(0),
-                FileHandle(fh),
-                FopenFlags::FOPEN_KEEP_CACHE,
-            ),
-            Err(e) => reply.error(errno(&e)),
-        }
+        // Answered here when a file made ahead is ready; otherwise from a KMS waiter thread.
+        self.fs
+            .create_then(parent.0, name, mode, flags, caller(req), move |r| match r {
+                Ok((a, fh)) => reply.created(
+                    &TTL,
+                    &file_attr(&a),
+                    Generation(0),
+                    FileHandle(fh),
+                    FopenFlags::FOPEN_KEEP_CACHE,
+                ),
+                Err(e) => reply.error(errno(&e)),
+            });
     }
 
     fn fallocate(

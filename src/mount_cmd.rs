@@ -41,6 +41,10 @@ pub struct MountArgs {
     /// Most unwrapped keys kept cached.
     #[arg(long, default_value_t = 4096)]
     pub key_cache: usize,
+    /// Seconds an open or create that needs the KMS waits for it before failing with EIO
+    /// (0: as long as the KMS client retries). Other files are served meanwhile.
+    #[arg(long, default_value_t = crate::fs::DEFAULT_OPEN_TIMEOUT.as_secs_f64())]
+    pub open_timeout: f64,
     /// Refuse to mount if memory cannot be locked against swapping.
     #[arg(long)]
     pub require_mlock: bool,
@@ -114,7 +118,9 @@ pub fn mount(args: MountArgs) -> Result<(), Fatal> {
         .arg("--key-ttl")
         .arg(args.key_ttl.to_string())
         .arg("--key-cache")
-        .arg(args.key_cache.to_string());
+        .arg(args.key_cache.to_string())
+        .arg("--open-timeout")
+        .arg(args.open_timeout.to_string());
     if let Some(g) = args.grace {
         cmd.arg("--grace").arg(g.to_string());
     }
@@ -186,6 +192,9 @@ fn mount_foreground(args: MountArgs) -> Result<(), Fatal> {
         grace: args.grace.map(secs),
         key_cache_ttl: secs(args.key_ttl),
         key_cache_entries: args.key_cache,
+        open_timeout: (args.open_timeout > 0.0)
+            .then(|| std::time::Duration::try_from_secs_f64(args.open_timeout).ok())
+            .flatten(),
         require_mlock: args.require_mlock,
         audit_log: args.audit_log,
         anchor: args.anchor,

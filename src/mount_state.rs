@@ -22,18 +22,27 @@ pub struct MountState {
     /// Set once the FUSE session exists: tells the kernel to drop cached pages.
     pub notifier: OnceLock<fuser::Notifier>,
     pub started: Instant,
-    /// The last access check: "ok", "denied: …", "unreachable since … : …".
-    pub health: Mutex<String>,
+    /// The outcome of the last KMS call, whoever made it (an open, a create, the watcher).
+    pub health: Arc<Health>,
     /// Why the mount was locked, once it is.
     pub locked: Mutex<Option<String>>,
     /// Set when the FUSE session has ended.
     pub session_ended: Arc<std::sync::atomic::AtomicBool>,
+    /// Inodes whose cached pages the kernel must drop: set by `drop_keys`, taken by `detach`.
+    pub to_invalidate: Mutex<Option<Vec<u64>>>,
 }
 
 impl MountState {
     /// Locks the mount (idempotent): keys dropped and wiped, ENOKEY from now on, kernel caches
     /// invalidated (mapped pages included), the mount detached so the daemon can exit.
     pub fn lock(&self, why: &str) {
+        self.drop_keys(why);
+        self.detach();
+    }
+
+    /// The first half of `lock`: every key dropped and wiped, ENOKEY from now on. Fast in any
+    /// KMS state (opens waiting on the KMS fail at once); idempotent.
+    pub fn drop_keys(&self, why: &str) {
         {
             let mut l = self.locked.lock().unwrap_or_else(|p| p.into_inner());
             if l.is_some() {
@@ -45,13 +54,27 @@ impl MountState {
         crate::notify::notify(&format!("STATUS=locked: {why}"));
         let inodes = self.fs.lock();
         self.kms.forget_secrets();
+        crate::audit::event("locked", json!({"reason": why}));
+        *self.to_invalidate.lock().unwrap_or_else(|p| p.into_inner()) = Some(inodes);
+    }
+
+    /// The second half of `lock`, once: the kernel's cached plaintext invalidated, the mount
+    /// detached.
+    pub fn detach(&self) {
+        let Some(inodes) = self
+            .to_invalidate
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        else {
+            return;
+        };
         if let Some(n) = self.notifier.get() {
             for ino in inodes {
                 // Offset 0, length -1: the whole file's cached pages, mapped ones too.
                 let _ = n.inval_inode(fuser::INodeNo(ino), 0, -1);
             }
         }
-        crate::audit::event("locked", json!({"reason": why}));
         // Lazily: open files may be busy; the session ends when the kernel lets go.
         if let Err(e) = crate::sys::umount(self.mountpoint.as_os_str(), true) {
             log::error!("cannot detach {} after locking: {e}", self.mountpoint.display());
@@ -83,11 +106,34 @@ impl MountState {
     }
 
     pub fn set_health(&self, h: String) {
-        let mut cur = self.health.lock().unwrap_or_else(|p| p.into_inner());
-        if *cur != h {
-            crate::notify::notify(&format!("STATUS=KMS {h}"));
-            *cur = h;
+        self.health.set(h);
+    }
+}
+
+/// The KMS's health as `kmsfs status` shows it: "ok", "denied: …" or "unreachable: …", the
+/// outcome of the last call to the KMS, set as each call ends.
+pub struct Health(Mutex<String>);
+
+impl Default for Health {
+    fn default() -> Self {
+        Health(Mutex::new("ok".into()))
+    }
+}
+
+impl Health {
+    /// Records an outcome; true if it differs from the last one.
+    pub fn set(&self, h: String) -> bool {
+        let mut cur = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if *cur == h {
+            return false;
         }
+        crate::notify::notify(&format!("STATUS=KMS {h}"));
+        *cur = h;
+        true
+    }
+
+    pub fn get(&self) -> String {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
 
@@ -101,7 +147,7 @@ impl crate::control::Control for MountState {
             "backend": self.kms.describe().backend,
             "key": self.key_ref,
             "key_version": *self.key_version.lock().unwrap_or_else(|p| p.into_inner()),
-            "kms_health": *self.health.lock().unwrap_or_else(|p| p.into_inner()),
+            "kms_health": self.health.get(),
             "locked": self.locked_reason(),
             "uptime_secs": self.started.elapsed().as_secs(),
             "cached_keys": self.fs.cached_keys(),
@@ -118,7 +164,11 @@ impl crate::control::Control for MountState {
     }
 
     fn lock(&self, who: &str) {
-        MountState::lock(self, &format!("locked by {who}"));
+        self.drop_keys(&format!("locked by {who}"));
+    }
+
+    fn detach(&self) {
+        MountState::detach(self);
         self.exit_if_held_open(Duration::from_secs(2));
     }
 }

@@ -42,6 +42,32 @@ pub fn backing_of_mount(mountpoint: &Path) -> Option<PathBuf> {
     })
 }
 
+/// The mountpoint `path` names, found without any system call on the path itself: a call on
+/// a mountpoint goes to its filesystem, and a daemon whose workers all wait (on a hung KMS,
+/// say) must still answer `kmsfs status` and `kmsfs lock`. Only the parent is resolved
+/// (symlinks, `..`); the last component is compared as text with /proc/self/mountinfo. A path
+/// that matches no mount that way (its last component a symlink, or `..`) is resolved in full.
+pub fn resolve_mountpoint(path: &Path) -> std::io::Result<PathBuf> {
+    let abs = std::path::absolute(path)?;
+    let mounts: Vec<String> = lines().into_iter().map(|m| m.mountpoint).collect();
+    if let (Some(parent), Some(name)) = (abs.parent(), abs.file_name())
+        && let Ok(parent) = std::fs::canonicalize(parent)
+        && let Some(found) = match_mount(&parent.join(name), &mounts)
+    {
+        return Ok(found);
+    }
+    if abs.parent().is_none() {
+        return Ok(abs);
+    }
+    std::fs::canonicalize(&abs)
+}
+
+/// `candidate` if it is one of `mounts`, exactly as text.
+fn match_mount(candidate: &Path, mounts: &[String]) -> Option<PathBuf> {
+    let c = candidate.to_str()?;
+    mounts.iter().any(|m| m == c).then(|| candidate.to_path_buf())
+}
+
 /// Mountpoints of FUSE mounts, newest last (the caller checks which are kmsfs's).
 pub fn fuse_mountpoints() -> Vec<PathBuf> {
     lines()
@@ -81,5 +107,23 @@ mod tests {
         assert_eq!(m.source, "/srv/back ing");
         assert!(parse_line("garbage").is_none());
         assert_eq!(unescape("a\\134b"), "a\\b");
+    }
+
+    #[test]
+    fn a_mountpoint_is_found_as_text() {
+        let mounts = vec!["/".to_owned(), "/mnt/my media".to_owned()];
+        assert_eq!(
+            match_mount(Path::new("/mnt/my media"), &mounts),
+            Some(PathBuf::from("/mnt/my media"))
+        );
+        assert_eq!(match_mount(Path::new("/mnt/my"), &mounts), None);
+        // The root is a mount here, and resolving it touches nothing.
+        assert_eq!(resolve_mountpoint(Path::new("/")).unwrap(), PathBuf::from("/"));
+        // A path under a symlinked parent resolves through it.
+        let d = tempfile::tempdir().unwrap();
+        let real = d.path().canonicalize().unwrap();
+        std::os::unix::fs::symlink(&real, real.join("link")).unwrap();
+        std::fs::create_dir(real.join("m")).unwrap();
+        assert_eq!(resolve_mountpoint(&real.join("link/m")).unwrap(), real.join("m"));
     }
 }

@@ -9,7 +9,7 @@
 
 use crate::fs::KmsEvents;
 use crate::kms::KmsError;
-use crate::mount_state::MountState;
+use crate::mount_state::{Health, MountState};
 use serde_json::json;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
@@ -19,28 +19,40 @@ use std::time::{Duration, Instant};
 pub enum Signal {
     Denied(String),
     Unreachable(String),
+    /// A call succeeded after one had failed: the KMS is back.
+    Reachable,
     /// The session ended: stop watching.
     Stop,
 }
 
-/// The filesystem's KMS events, passed on to the watcher.
-pub struct Signals(pub Mutex<Sender<Signal>>);
+/// The filesystem's KMS events: the health as each call ends, and the watcher told.
+pub struct Signals {
+    pub tx: Mutex<Sender<Signal>>,
+    pub health: Arc<Health>,
+}
+
+impl Signals {
+    fn send(&self, s: Signal) {
+        let _ = self.tx.lock().unwrap_or_else(|p| p.into_inner()).send(s);
+    }
+}
 
 impl KmsEvents for Signals {
     fn denied(&self, why: &str) {
-        let _ = self
-            .0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .send(Signal::Denied(why.into()));
+        self.health.set(format!("denied: {why}"));
+        self.send(Signal::Denied(why.into()));
     }
 
     fn unreachable(&self, why: &str) {
-        let _ = self
-            .0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .send(Signal::Unreachable(why.into()));
+        self.health.set(format!("unreachable: {why}"));
+        self.send(Signal::Unreachable(why.into()));
+    }
+
+    fn ok(&self) {
+        // Only a change is news to the watcher: most calls succeed.
+        if self.health.set("ok".into()) {
+            self.send(Signal::Reachable);
+        }
     }
 }
 
@@ -90,12 +102,28 @@ pub fn watch(
                 note_unreachable(&state, &mut unreachable_since, &why);
                 false
             }
+            Ok(Signal::Reachable) => {
+                if unreachable_since.take().is_some() {
+                    log::info!("KMS reachable again: service resumes, nothing was locked");
+                    crate::audit::event("kms_reachable", json!({"outcome": "resumed"}));
+                }
+                false
+            }
             Err(RecvTimeoutError::Timeout) => true,
         };
         if check_now {
             next_check = Instant::now() + s.interval;
             state.fs.sweep_keys();
-            match runtime.block_on(state.kms.check_access()) {
+            // A check against a hung KMS ends with the lock (the session's end included).
+            let mut locked = state.fs.lock_signal();
+            let checked = runtime.block_on(async {
+                tokio::select! {
+                    r = state.kms.check_access() => Some(r),
+                    _ = locked.wait_for(|l| *l) => None,
+                }
+            });
+            let Some(checked) = checked else { return };
+            match checked {
                 Ok(st) => {
                     *state.key_version.lock().unwrap_or_else(|p| p.into_inner()) = st.current_version;
                     if unreachable_since.take().is_some() {

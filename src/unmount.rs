@@ -9,7 +9,8 @@ use std::path::Path;
 
 /// Unmounts a kmsfs mount and waits for its daemon to finish (it drops its keys on exit).
 pub fn unmount(mountpoint: &Path, lazy: bool) -> Result<(), Fatal> {
-    let mp = std::fs::canonicalize(mountpoint).map_err(|e| fatal!("{}: {e}", mountpoint.display()))?;
+    let mp = crate::mountinfo::resolve_mountpoint(mountpoint)
+        .map_err(|e| fatal!("{}: {e}", mountpoint.display()))?;
     let backing = crate::mountinfo::backing_of_mount(&mp)
         .ok_or_else(|| fatal!("{} is not a kmsfs mount", mp.display()))?;
     let result = if sys::geteuid() == 0 {
@@ -47,17 +48,27 @@ pub fn unmount(mountpoint: &Path, lazy: bool) -> Result<(), Fatal> {
 
 /// Waits (up to 30 s) until no daemon holds the backing directory's lock; false on timeout.
 pub fn wait_for_daemon_exit(backing: &Path) -> bool {
+    let gone = wait_for_daemon_exit_within(backing, std::time::Duration::from_secs(30));
+    if !gone {
+        log::warn!("the daemon for {} has not exited after 30 s", backing.display());
+    }
+    gone
+}
+
+/// Waits up to `limit` until no daemon holds the backing directory's lock; false on timeout.
+pub fn wait_for_daemon_exit_within(backing: &Path, limit: std::time::Duration) -> bool {
     // The lock file sits in the backing directory: never through a link, never a FIFO.
     let Ok((f, _)) = sys::open_regular(&backing.join(LOCK_FILE_NAME), libc::O_RDONLY, 0) else {
         return true;
     };
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while std::time::Instant::now() < deadline {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
         if let Ok(true) = sys::try_lock_exclusive(f.as_fd()) {
             return true;
         }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    log::warn!("the daemon for {} has not exited after 30 s", backing.display());
-    false
 }

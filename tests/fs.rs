@@ -782,3 +782,38 @@ fn readdir_lists_plaintext_names_and_resumes_at_an_offset() {
     fs.releasedir(fh);
     assert_eq!(errno(fs.readdir(d, fh, 0)), libc::EBADF);
 }
+
+/// How `open_then` answered: on which thread, with what.
+fn open_then(fs: &std::sync::Arc<Fs>, ino: u64) -> (Option<String>, Result<u64, i32>) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    fs.open_then(ino, libc::O_RDONLY, move |r| {
+        let thread = std::thread::current().name().map(str::to_owned);
+        let _ = tx.send((thread, r.map_err(|e| e.errno())));
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(10))
+        .expect("open_then answers")
+}
+
+#[test]
+fn only_an_open_that_needs_the_kms_leaves_the_callers_thread() {
+    let h = InProcess::new();
+    let fs = h.shared();
+    let f = write_file(&fs, "f", b"cached");
+    let me = std::thread::current().name().map(str::to_owned);
+    // The key of a file just written is cached: answered on the caller's thread.
+    let (thread, r) = open_then(&fs, f);
+    assert_eq!(thread, me);
+    let fh = r.expect("opened");
+    fs.release(fh);
+    // A cold filesystem on the same volume needs the KMS: a KMS waiter answers.
+    let cold = std::sync::Arc::new(h.open().unwrap_or_else(|e| panic!("{}", e.message)));
+    let f = ino(&cold, "f");
+    let (thread, r) = open_then(&cold, f);
+    assert_eq!(thread.as_deref(), Some("kmsfs-kms-wait"));
+    let fh = r.expect("opened");
+    cold.release(fh);
+    // Locked: refused at once, on the caller's thread.
+    cold.lock();
+    let (thread, r) = open_then(&cold, f);
+    assert_eq!((thread, r), (me, Err(libc::ENOKEY)));
+}

@@ -275,3 +275,161 @@ fn killing_the_active_node_of_an_ha_cluster_reaches_no_application() {
         assert!(r.join().expect("no reader saw an error") > 0);
     }
 }
+
+/// The p-th percentile (0..=100) of `v`, in milliseconds.
+fn percentile_ms(v: &mut [std::time::Duration], p: usize) -> f64 {
+    v.sort();
+    let i = (v.len().saturating_sub(1) * p) / 100;
+    v.get(i).map_or(f64::NAN, |d| d.as_secs_f64() * 1000.0)
+}
+
+/// Runs `kmsfs <args>` and returns how long it took.
+fn timed_kmsfs(args: &[&str]) -> std::time::Duration {
+    let t = std::time::Instant::now();
+    let out = kmsfs().args(args).output().unwrap();
+    let took = t.elapsed();
+    assert!(
+        out.status.success(),
+        "kmsfs {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    took
+}
+
+#[test]
+fn a_hung_kms_stalls_no_fuse_worker() {
+    use std::os::unix::fs::FileExt;
+    use std::time::{Duration, Instant};
+    let bao = Bao::start();
+    let mut v = volume(&bao, ROOT_TOKEN);
+    v.mount(&[]);
+    // More files than FUSE workers (16), each to be opened cold while the KMS is hung.
+    let n = 24;
+    for i in 0..n {
+        std::fs::write(v.m(&format!("f{i}")), format!("content {i}")).unwrap();
+    }
+    let size = 8 << 20;
+    std::fs::write(v.m("held"), pseudo_random(size, 7)).unwrap();
+    v.remount();
+    let held = std::fs::File::open(v.m("held")).unwrap();
+    let mut buf = vec![0u8; 4096];
+    held.read_exact_at(&mut buf, 0).unwrap();
+
+    // The server hangs for at most 10 s (SIGSTOP), then resumes even if an assert fails.
+    let frozen = bao.freeze();
+    let hang = Instant::now();
+    let openers: Vec<_> = (0..n)
+        .map(|i| {
+            let p = v.m(&format!("f{i}"));
+            std::thread::spawn(move || {
+                let r = std::fs::File::open(p);
+                (Instant::now(), r.err().map(|e| errno_of(&e)))
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+
+    // Reads of the file held open, each past the kernel's page cache, for 2 s.
+    let mut reads = Vec::new();
+    let mut offset = 0u64;
+    let until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < until && hang.elapsed() < Duration::from_secs(8) {
+        rustix::fs::fadvise(&held, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+        let t = Instant::now();
+        held.read_exact_at(&mut buf, offset).unwrap();
+        reads.push(t.elapsed());
+        offset = (offset + (1 << 20) + 4096) % (size as u64 - 4096);
+    }
+    let (count, p50, p99) = (
+        reads.len(),
+        percentile_ms(&mut reads, 50),
+        percentile_ms(&mut reads, 99),
+    );
+
+    let mnt = v.mnt.to_str().unwrap().to_owned();
+    let status: Vec<Duration> = (0..3).map(|_| timed_kmsfs(&["status", &mnt, "--json"])).collect();
+    let lock = timed_kmsfs(&["lock", &mnt]);
+    let locked_at = Instant::now();
+    // Every parked open fails with the lock's errno, promptly.
+    let results: Vec<_> = openers.into_iter().map(|t| t.join().unwrap()).collect();
+    let in_hang = hang.elapsed();
+    eprintln!(
+        "hung KMS: {count} reads of a held-open file p50 {p50:.2} ms p99 {p99:.2} ms; \
+         status {status:?}; lock {lock:?}; parked opens done {:?} after the lock",
+        results
+            .iter()
+            .map(|(t, _)| t.saturating_duration_since(locked_at))
+            .max()
+            .unwrap()
+    );
+    assert!(
+        in_hang < Duration::from_secs(10),
+        "the test outlived the hang: {in_hang:?}"
+    );
+    assert!(count >= 20, "only {count} reads in 2 s");
+    assert!(p99 < 500.0, "held-open reads p99 {p99:.1} ms during the hang");
+    assert!(
+        status.iter().min().unwrap() < &Duration::from_millis(200),
+        "kmsfs status took {status:?}"
+    );
+    assert!(status.iter().all(|d| *d < Duration::from_secs(1)), "{status:?}");
+    assert!(lock < Duration::from_secs(1), "kmsfs lock took {lock:?}");
+    for (done, errno) in &results {
+        assert_eq!(*errno, Some(libc::ENOKEY), "a parked open after the lock");
+        assert!(done.saturating_duration_since(locked_at) < Duration::from_secs(1));
+    }
+    let err = held.read_exact_at(&mut buf, 0).unwrap_err();
+    assert!(
+        matches!(errno_of(&err), libc::ENOKEY | libc::ENOTCONN | libc::EIO),
+        "unexpected {err}"
+    );
+    // The daemon exits although the KMS is still hung: nothing waits on it at the end.
+    assert!(v.wait_daemon_gone(10));
+    drop(frozen);
+    eprintln!("hung KMS: daemon gone {:?} after the lock", locked_at.elapsed());
+    assert!(
+        hang.elapsed() < Duration::from_secs(10),
+        "the daemon waited on the hung KMS"
+    );
+}
+
+#[test]
+fn an_open_gives_up_at_its_deadline_and_health_is_the_last_call() {
+    let bao = Bao::start();
+    let mut v = volume(&bao, ROOT_TOKEN);
+    v.mount(&[]);
+    for f in ["a", "b"] {
+        std::fs::write(v.m(f), f).unwrap();
+    }
+    v.unmount();
+    v.mount_with_args(&["--open-timeout", "1"]);
+    let mnt = v.mnt.to_str().unwrap().to_owned();
+    let health = || {
+        let out = run_ok(&["status", &mnt, "--json"]);
+        let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        s[0]["kms_health"].as_str().unwrap().to_owned()
+    };
+    let frozen = bao.freeze();
+    let t = std::time::Instant::now();
+    let err = std::fs::read(v.m("a")).unwrap_err();
+    let took = t.elapsed();
+    assert_eq!(errno_of(&err), libc::EIO);
+    assert!(
+        took >= std::time::Duration::from_millis(900) && took < std::time::Duration::from_secs(5),
+        "the open failed after {took:?}"
+    );
+    // The failed call is the health at once, not at the next access check.
+    let h = health();
+    assert!(h.starts_with("unreachable") && h.contains("within 1 s"), "{h}");
+    frozen.thaw();
+    // And the next successful call makes it ok again, at once.
+    assert_eq!(std::fs::read(v.m("b")).unwrap(), b"b");
+    assert_eq!(health(), "ok");
+    v.unmount();
+    let log = v.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("cannot unwrap its key") && l.contains("within 1 s")),
+        "{log}"
+    );
+}

@@ -39,6 +39,10 @@ pub enum FsError {
     PermissionDenied,
     /// An xattr name too long once stored, or a reply buffer smaller than the value.
     Range,
+    /// The operation needs the KMS and may not wait for it: the first try of an open or a
+    /// create on a FUSE worker (which then parks it, so this never reaches the kernel), or
+    /// one refused because every KMS waiter is busy and the queue is full (EAGAIN: try again).
+    WouldWait,
 }
 
 impl FsError {
@@ -69,6 +73,7 @@ impl FsError {
             FsError::NotEmpty => libc::ENOTEMPTY,
             FsError::PermissionDenied => libc::EACCES,
             FsError::Range => libc::ERANGE,
+            FsError::WouldWait => libc::EAGAIN,
         }
     }
 }
@@ -96,6 +101,7 @@ impl std::fmt::Display for FsError {
             FsError::NotEmpty => f.write_str("directory not empty"),
             FsError::PermissionDenied => f.write_str("permission denied"),
             FsError::Range => f.write_str("too long for the attribute or the buffer"),
+            FsError::WouldWait => f.write_str("too many operations waiting on the KMS"),
         }
     }
 }

@@ -18,6 +18,7 @@
 use super::error::{FsError, FsResult};
 use super::inode::Inode;
 use super::stats::{KmsEvents, Stats};
+use super::waiters::{Wait, wait_kms};
 use crate::format::block::ContentCipher;
 use crate::format::header::{self, HEADER_LEN, KeySlot};
 use crate::format::name::TEMP_PREFIX;
@@ -61,21 +62,29 @@ pub(super) struct Maker {
     pub runtime: tokio::runtime::Handle,
     pub events: Arc<dyn KmsEvents>,
     pub stats: Arc<Stats>,
+    /// True once the volume is locked: ends a wait on the KMS at once.
+    pub locked: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Maker {
     /// A new file id and its DEK, wrapped and bound to both, from the KMS; `ahead` for a file
     /// made before its create (the audit log says so).
-    pub fn new_key(&self, ahead: bool) -> FsResult<NewFileKey> {
+    /// It waits as `wait` says (`Wait::No` counts as `Forever`: the caller decided to wait).
+    pub fn new_key(&self, ahead: bool, wait: Wait) -> FsResult<NewFileKey> {
         self.stats.kms_calls.fetch_add(1, Ordering::Relaxed);
-        let key = self
-            .runtime
-            .block_on(self.kms.new_file_key(self.volume_id))
-            .inspect_err(|e| match e {
-                KmsError::Denied(m) => self.events.denied(m),
-                KmsError::Unreachable(m) => self.events.unreachable(m),
-                _ => {}
-            })?;
+        let wait = if wait.may_wait() { wait } else { Wait::Forever };
+        let key = wait_kms(
+            &self.runtime,
+            &self.locked,
+            wait,
+            self.kms.new_file_key(self.volume_id),
+        )?
+        .inspect_err(|e| match e {
+            KmsError::Denied(m) => self.events.denied(m),
+            KmsError::Unreachable(m) => self.events.unreachable(m),
+            _ => {}
+        })?;
+        self.events.ok();
         crate::audit::event(
             "dek_generated",
             serde_json::json!({"file_id": key.file_id.to_string(), "key": key.wrapped.key_ref,
@@ -255,7 +264,7 @@ impl ReadyFiles {
                 if self.state().closed {
                     return Err(FsError::Locked);
                 }
-                let key = maker.new_key(true)?;
+                let key = maker.new_key(true, Wait::Forever)?;
                 let file_id = key.file_id;
                 let mut r = [0u8; 8];
                 crate::crypto::fill_random(&mut r);

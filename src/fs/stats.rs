@@ -8,6 +8,8 @@ pub trait KmsEvents: Send + Sync {
     fn denied(&self, why: &str);
     /// The KMS could not be reached for a key.
     fn unreachable(&self, why: &str);
+    /// The KMS answered a call: reachable and willing.
+    fn ok(&self) {}
 }
 
 /// Counters for `kmsfs status`.

@@ -14,6 +14,12 @@ pub(in crate::kms) fn backoff_delay(attempt: u32) -> Duration {
     Duration::from_millis(base / 2 + jitter)
 }
 
+/// The pause after attempt `attempt` (from 0) of `attempts`: none after the last one, whose
+/// failure is final at once (a pause there only delays the error).
+pub(in crate::kms) fn pause_after(attempt: u32, attempts: u32) -> Option<Duration> {
+    (attempt + 1 < attempts).then(|| backoff_delay(attempt))
+}
+
 /// Sleeps for [`backoff_delay`]`(attempt)`.
 pub(in crate::kms) async fn backoff(attempt: u32) {
     tokio::time::sleep(backoff_delay(attempt)).await;
@@ -30,6 +36,20 @@ mod tests {
             for _ in 0..50 {
                 let d = backoff_delay(attempt).as_millis() as u64;
                 assert!((base / 2..base * 3 / 2).contains(&d), "attempt {attempt}: {d} ms");
+            }
+        }
+    }
+
+    #[test]
+    fn no_pause_after_the_last_attempt() {
+        for attempts in 1..8 {
+            for attempt in 0..attempts {
+                let pause = pause_after(attempt, attempts);
+                assert_eq!(
+                    pause.is_none(),
+                    attempt + 1 == attempts,
+                    "{attempt} of {attempts}"
+                );
             }
         }
     }

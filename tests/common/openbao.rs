@@ -218,6 +218,13 @@ impl Bao {
         (role, v["data"]["secret_id"].as_str().unwrap().to_owned())
     }
 
+    /// Freezes the server (SIGSTOP): connections are accepted by the kernel, nothing is
+    /// answered. It resumes when the guard drops, whatever the test did meanwhile.
+    pub fn freeze(&self) -> Frozen {
+        signal(self.child.id(), "STOP");
+        Frozen(self.child.id())
+    }
+
     /// Stops the server now (SIGKILL).
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -229,6 +236,31 @@ impl Drop for Bao {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// A frozen server; SIGCONT on drop.
+pub struct Frozen(u32);
+
+impl Frozen {
+    /// Resumes the server now.
+    pub fn thaw(&self) {
+        signal(self.0, "CONT");
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        self.thaw();
+    }
+}
+
+fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok || std::thread::panicking(), "kill -{sig} {pid} failed");
 }
 
 fn json_of(body: &str) -> serde_json::Value {

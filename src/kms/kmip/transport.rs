@@ -10,7 +10,6 @@
 //! ours to wipe (see `openbao/transit.rs` on what a TLS library keeps).
 
 use super::errors::tls_failure;
-use crate::crypto::fill_random;
 use crate::kmip::messages::{self, Failure, Request};
 use crate::kmip::ttlv::{self, ITEM_HEADER_LEN, Item};
 use crate::kms::KmsError;
@@ -88,7 +87,8 @@ impl Inner {
     fn exchange(&self, message: &[u8], count: usize) -> Result<Results, KmsError> {
         let n = self.addrs.len();
         let mut last = String::new();
-        for attempt in 0..ATTEMPTS.max(n) {
+        let attempts = ATTEMPTS.max(n);
+        for attempt in 0..attempts {
             let server = (self.preferred.load(Ordering::Relaxed) + attempt) % n;
             let addr = &self.addrs[server];
             let reused = self.take_idle(server);
@@ -123,13 +123,10 @@ impl Inner {
                     }
                 }
             }
-            // Backoff with jitter: 50 ms, 100 ms, 200 ms … ± 50 %.
-            let base = 50u64 << attempt.min(5);
-            let mut r = [0u8; 2];
-            fill_random(&mut r);
-            std::thread::sleep(Duration::from_millis(
-                base / 2 + u64::from(u16::from_le_bytes(r)) % base,
-            ));
+            // Backoff with jitter (50 ms, 100 ms, 200 ms … ± 50 %), none after the last attempt.
+            if let Some(pause) = crate::kms::retry::pause_after(attempt as u32, attempts as u32) {
+                std::thread::sleep(pause);
+            }
         }
         Err(KmsError::Unreachable(last))
     }

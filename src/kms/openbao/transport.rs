@@ -119,7 +119,9 @@ impl Transport {
                     }
                 }
             }
-            crate::kms::retry::backoff(attempt).await;
+            if let Some(pause) = crate::kms::retry::pause_after(attempt, ATTEMPTS) {
+                tokio::time::sleep(pause).await;
+            }
         }
         Err(KmsError::Unreachable(last))
     }
