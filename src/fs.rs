@@ -219,6 +219,7 @@ impl Fs {
         let names = self.names.write().unwrap_or_else(|p| p.into_inner()).take();
         drop(names);
         self.ready.close();
+        self.lock_renamed_out().clear();
         let cached = self.keys.close();
         self.kms.forget_secrets();
         let handles = std::mem::take(&mut *self.handles());

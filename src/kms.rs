@@ -260,6 +260,17 @@ pub(crate) fn with_wraps(
         .collect()
 }
 
+/// The result of a batch of one. A backend that answered with another number of results is
+/// reported as unreachable (a server misbehaving), never a panic in the daemon.
+pub(crate) fn single<T>(mut results: Vec<Result<T, KmsError>>) -> Result<T, KmsError> {
+    match (results.pop(), results.is_empty()) {
+        (Some(r), true) => r,
+        _ => Err(KmsError::Unreachable(
+            "the KMS answered a request for one key with another number of results".into(),
+        )),
+    }
+}
+
 /// A new file id and a DEK generated for it, one request: what [`KeyProvider::new_file_key`]
 /// does unless a backend keeps a pool (and what a pool does when it is empty).
 pub async fn fresh_file_key<P: KeyProvider + ?Sized>(
@@ -277,3 +288,16 @@ pub async fn fresh_file_key<P: KeyProvider + ?Sized>(
 
 #[cfg(test)]
 mod stub;
+
+#[cfg(test)]
+mod single_tests {
+    use super::{KmsError, single};
+
+    #[test]
+    fn a_batch_of_one_must_answer_one_result() {
+        assert_eq!(single(vec![Ok::<u8, KmsError>(7)]).unwrap(), 7);
+        let none: Vec<Result<u8, KmsError>> = Vec::new();
+        assert!(matches!(single(none), Err(KmsError::Unreachable(_))));
+        assert!(matches!(single(vec![Ok(1u8), Ok(2)]), Err(KmsError::Unreachable(_))));
+    }
+}

@@ -365,12 +365,7 @@ impl KmipKms {
     }
 
     async fn unwrap_one(&self, wrapped: &WrappedDek, binding: &Binding) -> Result<SecretKey, KmsError> {
-        let direct = || async {
-            self.unwrap_batch(&[(wrapped.clone(), *binding)])
-                .await
-                .pop()
-                .expect("one result")
-        };
+        let direct = || async { super::single(self.unwrap_batch(&[(wrapped.clone(), *binding)]).await) };
         self.batcher
             .unwrap_or(self.batching, wrapped, binding, direct)
             .await
@@ -413,12 +408,7 @@ impl KeyProvider for KmipKms {
         &'a self,
         binding: &'a Binding,
     ) -> BoxFuture<'a, Result<(SecretKey, WrappedDek), KmsError>> {
-        Box::pin(async move {
-            self.generate_many(std::slice::from_ref(binding))
-                .await
-                .pop()
-                .expect("one result")
-        })
+        Box::pin(async move { super::single(self.generate_many(std::slice::from_ref(binding)).await) })
     }
 
     fn generate_many<'a>(
@@ -453,10 +443,10 @@ impl KeyProvider for KmipKms {
         binding: &'a Binding,
     ) -> BoxFuture<'a, Result<WrappedDek, KmsError>> {
         Box::pin(async move {
-            self.rewrap_many(std::slice::from_ref(&(wrapped.clone(), *binding)))
-                .await
-                .pop()
-                .expect("one result")
+            super::single(
+                self.rewrap_many(std::slice::from_ref(&(wrapped.clone(), *binding)))
+                    .await,
+            )
         })
     }
 

@@ -97,13 +97,8 @@ impl OpenBaoKms {
     async fn unwrap_one(&self, wrapped: &WrappedDek, binding: &Binding) -> Result<SecretKey, KmsError> {
         // The batcher takes its receiver when it starts; until then (or with batching off)
         // ask directly.
-        let direct = || async {
-            self.transit
-                .unwrap_batch(&[(wrapped.clone(), *binding)])
-                .await
-                .pop()
-                .expect("one result")
-        };
+        let direct =
+            || async { super::single(self.transit.unwrap_batch(&[(wrapped.clone(), *binding)]).await) };
         self.batcher
             .unwrap_or(self.batching, wrapped, binding, direct)
             .await
@@ -116,18 +111,8 @@ impl OpenBaoKms {
         let a = Binding::file(volume, FileId::generate());
         let b = Binding::file(volume, FileId::generate());
         let (_, w) = self.generate(&a).await?;
-        self.transit
-            .unwrap_batch(&[(w.clone(), a)])
-            .await
-            .pop()
-            .expect("one result")?;
-        match self
-            .transit
-            .unwrap_batch(&[(w.clone(), b)])
-            .await
-            .pop()
-            .expect("one result")
-        {
+        super::single(self.transit.unwrap_batch(&[(w.clone(), a)]).await)?;
+        match super::single(self.transit.unwrap_batch(&[(w.clone(), b)]).await) {
             Err(KmsError::Corrupt(_)) => {}
             Ok(_) => {
                 return Err(KmsError::Misconfigured(format!(
@@ -160,12 +145,7 @@ impl KeyProvider for OpenBaoKms {
     ) -> BoxFuture<'a, Result<(SecretKey, WrappedDek), KmsError>> {
         Box::pin(async move {
             let dek = SecretKey::generate();
-            let w = self
-                .transit
-                .wrap_many(&[(dek.clone(), *binding)])
-                .await
-                .pop()
-                .expect("one result per item")?;
+            let w = super::single(self.transit.wrap_many(&[(dek.clone(), *binding)]).await)?;
             Ok((dek, w))
         })
     }
@@ -202,10 +182,10 @@ impl KeyProvider for OpenBaoKms {
         binding: &'a Binding,
     ) -> BoxFuture<'a, Result<WrappedDek, KmsError>> {
         Box::pin(async move {
-            self.rewrap_many(std::slice::from_ref(&(wrapped.clone(), *binding)))
-                .await
-                .pop()
-                .expect("one result")
+            super::single(
+                self.rewrap_many(std::slice::from_ref(&(wrapped.clone(), *binding)))
+                    .await,
+            )
         })
     }
 
