@@ -298,6 +298,9 @@ mod single_tests {
         assert_eq!(single(vec![Ok::<u8, KmsError>(7)]).unwrap(), 7);
         let none: Vec<Result<u8, KmsError>> = Vec::new();
         assert!(matches!(single(none), Err(KmsError::Unreachable(_))));
-        assert!(matches!(single(vec![Ok(1u8), Ok(2)]), Err(KmsError::Unreachable(_))));
+        assert!(matches!(
+            single(vec![Ok(1u8), Ok(2)]),
+            Err(KmsError::Unreachable(_))
+        ));
     }
 }

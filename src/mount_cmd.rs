@@ -25,8 +25,8 @@ pub struct MountArgs {
     /// Log file of a daemonised mount (default: /var/log/kmsfs/MOUNTPOINT.log).
     #[arg(long)]
     pub log_file: Option<PathBuf>,
-    /// FUSE worker threads. A thread waiting on the KMS blocks only itself, and concurrent
-    /// opens that wait together are sent to the KMS as one batch, so more threads than cores.
+    /// FUSE worker threads. None of them waits on the KMS (an open that needs it is parked on
+    /// the KMS waiters); more threads than cores still overlap disk waits.
     #[arg(long, default_value_t = 16)]
     pub threads: usize,
     /// Seconds between checks that the KMS still grants access.
