@@ -107,6 +107,9 @@ enum Cmd {
     },
     /// Lock a mount now: drop every key, fail all I/O with ENOKEY, unmount.
     Lock { mountpoint: PathBuf },
+    /// Reload a mount's access policy and reopen its audit log (as SIGHUP does); a bad
+    /// policy file is refused and the one in force stays.
+    Reload { mountpoint: PathBuf },
     /// Manage keys in a local keystore: list, create, rotate, disable, enable.
     Key(KeyArgs),
 }
@@ -184,6 +187,7 @@ pub fn run(cli: Cli) -> Result<(), Fatal> {
         Cmd::Unmount { mountpoint, lazy } => crate::unmount::unmount(&mountpoint, lazy),
         Cmd::Status { mountpoint, json } => status(mountpoint, json),
         Cmd::Lock { mountpoint } => lock(&mountpoint),
+        Cmd::Reload { mountpoint } => reload(&mountpoint),
         Cmd::InstallUnits { bin_dir, root } => crate::install::install_units(&bin_dir, &root),
         Cmd::Key(args) => key(args),
         Cmd::Anchor { backing, replace } => crate::init::anchor(&backing, replace),
@@ -262,6 +266,43 @@ fn status(mountpoint: Option<PathBuf>, as_json: bool) -> Result<(), Fatal> {
             c["bytes_written"],
             c["auth_failures"]
         );
+        let p = &v["policy"];
+        if p.is_object() {
+            println!(
+                "  policy      {} ({} rules, {} guards, loaded {}): {} denials, {} alerts, {} identities restricted",
+                t(&p["file"]),
+                p["rules"],
+                p["guards"],
+                t(&p["loaded"]),
+                p["denials"],
+                p["alerts"],
+                p["restricted"].as_array().map_or(0, Vec::len)
+            );
+        }
+    }
+    Ok(())
+}
+
+fn reload(mountpoint: &Path) -> Result<(), Fatal> {
+    let mp = crate::mountinfo::resolve_mountpoint(mountpoint)
+        .map_err(|e| Fatal::new(format!("{}: {e}", mountpoint.display())))?;
+    let v = crate::control::request(&mp, "reload").map_err(|e| {
+        Fatal::new(format!(
+            "{}: no answer from the daemon's control socket ({e})",
+            mp.display()
+        ))
+    })?;
+    if let Some(e) = v["error"].as_str() {
+        return Err(Fatal::new(format!("{}: policy not reloaded: {e}", mp.display())));
+    }
+    match &v["policy"] {
+        serde_json::Value::Null => println!("{}: no policy (audit log reopened)", mp.display()),
+        p => println!(
+            "{}: policy reloaded: {} rules, {} guards",
+            mp.display(),
+            p["rules"],
+            p["guards"]
+        ),
     }
     Ok(())
 }

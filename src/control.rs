@@ -23,6 +23,9 @@ pub trait Control: Send + Sync {
     /// After `lock` has been answered: invalidates the kernel's caches and detaches the mount,
     /// so that the daemon exits.
     fn detach(&self);
+    /// Reloads the access policy and reopens the audit log: `{"policy": summary or null}`,
+    /// or `{"error": why}` (the policy in force stays).
+    fn reload(&self) -> Value;
 }
 
 /// A mountpoint's name in file names, escaped as systemd does: '/' becomes '-', and '-' and
@@ -85,6 +88,7 @@ fn answer(mut conn: UnixStream, control: &dyn Control, me: u32) -> std::io::Resu
     } else {
         match req.get("cmd").and_then(Value::as_str) {
             Some("status") => control.status(),
+            Some("reload") => control.reload(),
             Some("lock") => {
                 // The keys go first, then the answer: once the client hears "locked", every
                 // key is gone and all I/O fails with ENOKEY. Only then is the mount detached

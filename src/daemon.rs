@@ -35,6 +35,10 @@ pub struct MountRequest {
     pub require_mlock: bool,
     /// JSON-lines audit file.
     pub audit_log: Option<PathBuf>,
+    /// Audit events to journald as well.
+    pub audit_journal: bool,
+    /// The access policy file.
+    pub policy: Option<PathBuf>,
     /// This machine's settings for the volume, if not where `anchor::path_for` looks.
     pub anchor: Option<PathBuf>,
 }
@@ -147,11 +151,19 @@ pub fn run_mount(req: MountRequest) -> Result<Ended, Fatal> {
     if let Some(p) = &req.audit_log {
         crate::audit::open(p).map_err(|e| fatal!("cannot open audit log {}: {e}", p.display()))?;
     }
+    if req.audit_journal {
+        crate::audit::to_journal();
+    }
 
     let located = Located::find_with(&req.backing, req.anchor.as_deref())?;
     let backing = located.backing.clone();
     let mountpoint = std::fs::canonicalize(&req.mountpoint).unwrap_or_else(|_| req.mountpoint.clone());
     check_mountpoint(&req.mountpoint)?;
+    let access = Arc::new(match &req.policy {
+        Some(p) => crate::policy::Access::load(p, Some(&mountpoint))
+            .map_err(|e| fatal!("{e}; fix the file or mount without --policy"))?,
+        None => crate::policy::Access::none(Some(&mountpoint)),
+    });
     if !Path::new("/dev/fuse").exists() {
         return Err(fatal!(
             "/dev/fuse is missing: install fuse3 (`apt-get install fuse3`) and load the module (`modprobe fuse`)"
@@ -205,7 +217,8 @@ pub fn run_mount(req: MountRequest) -> Result<Ended, Fatal> {
             options,
             signals,
         )
-        .map_err(|e| fatal!("cannot open {}: {e}", backing.display()))?,
+        .map_err(|e| fatal!("cannot open {}: {e}", backing.display()))?
+        .with_access(access.clone()),
     );
     let state = Arc::new(MountState {
         fs: fs.clone(),
@@ -235,7 +248,8 @@ pub fn run_mount(req: MountRequest) -> Result<Ended, Fatal> {
     crate::audit::event(
         "mounted",
         serde_json::json!({"volume_id": config.volume_id, "backend": backend,
-                           "key": status.key_ref, "version": status.current_version}),
+                           "key": status.key_ref, "version": status.current_version,
+                           "policy": access.status()}),
     );
     let socket = crate::control::serve(&mountpoint, state.clone())
         .inspect_err(|e| {
@@ -245,11 +259,15 @@ pub fn run_mount(req: MountRequest) -> Result<Ended, Fatal> {
 
     // SIGTERM/SIGINT unmount gracefully: the session loop then ends and every key is dropped.
     let mut unmounter = session.unmount_callable();
+    let hup_state = state.clone();
     let signal_mountpoint = mountpoint.clone();
     runtime.spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-        else {
+        let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
+        ) else {
             log::warn!("cannot install signal handlers; stop with `kmsfs unmount`");
             return;
         };
@@ -258,6 +276,11 @@ pub fn run_mount(req: MountRequest) -> Result<Ended, Fatal> {
             tokio::select! {
                 _ = term.recv() => log::info!("SIGTERM: unmounting"),
                 _ = int.recv() => log::info!("SIGINT: unmounting"),
+                _ = hup.recv() => {
+                    log::info!("SIGHUP: reloading the policy and reopening the audit log");
+                    hup_state.reload();
+                    continue;
+                }
             }
             // The first signal unmounts gracefully; if files are busy, the next one detaches.
             let result = if lazy {

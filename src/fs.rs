@@ -21,6 +21,7 @@ use crate::format::block::ContentCipher;
 use crate::format::header::{self, HEADER_LEN};
 use crate::keycache::KeyCache;
 use crate::kms::{Binding, KeyProvider, KmsError, WrappedDek};
+use crate::policy::{Access, Asker, Verdict};
 use crate::sys;
 use attr::Attr;
 use content::ContentFile;
@@ -34,11 +35,13 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-/// Who is asking: the caller's credentials, for ownership of what they create.
+/// Who is asking: the caller's credentials, for ownership of what they create, and its
+/// process, for the access policy and the audit log.
 #[derive(Debug, Clone, Copy)]
 pub struct Caller {
     pub uid: u32,
     pub gid: u32,
+    pub pid: u32,
 }
 
 /// Attribute changes requested by setattr; `None` leaves a field alone.
@@ -65,6 +68,8 @@ enum Handle {
         inode: Arc<Inode>,
         content: Arc<ContentFile>,
         write: bool,
+        /// Who opened it: its reads count for that identity's usage guard.
+        asker: Arc<Asker>,
     },
     Dir {
         entries: Arc<Vec<DirEntry>>,
@@ -134,6 +139,8 @@ pub struct Fs {
     waiters: waiters::Waiters,
     /// Set to true by `lock`: ends every wait on the KMS at once.
     lock_signal: tokio::sync::watch::Sender<bool>,
+    /// Who may open files, beyond their permissions (`policy`).
+    access: Arc<Access>,
 }
 
 impl Drop for Fs {
@@ -176,7 +183,63 @@ impl Fs {
             stats: Arc::new(Stats::default()),
             waiters: waiters::Waiters::default(),
             lock_signal: tokio::sync::watch::Sender::new(false),
+            access: Arc::new(Access::none(None)),
         })
+    }
+
+    /// Puts opens and creates under an access policy.
+    pub fn with_access(mut self, access: Arc<Access>) -> Fs {
+        self.access = access;
+        self
+    }
+
+    pub fn access(&self) -> &Access {
+        &self.access
+    }
+
+    /// The policy's decision on an open or create by `caller`, made before anything else
+    /// (a denial never reaches the KMS): who carries on, and how long its reply is held back
+    /// (a throttling guard). `file_id` names the file in a denial's audit event.
+    fn admit(
+        &self,
+        caller: Caller,
+        what: &str,
+        file_id: impl FnOnce() -> Option<String>,
+    ) -> FsResult<(Arc<Asker>, Option<std::time::Duration>)> {
+        let mut asker = self.access.asker(caller.uid, caller.gid, caller.pid);
+        if !self.access.enabled() {
+            return Ok((Arc::new(asker), None));
+        }
+        let fields = || serde_json::json!({ "file_id": file_id() });
+        match self.access.check(&mut asker, what, fields) {
+            Verdict::Go => Ok((Arc::new(asker), None)),
+            Verdict::After(d) => Ok((Arc::new(asker), Some(d))),
+            Verdict::Denied => Err(FsError::PermissionDenied),
+            Verdict::Busy => Err(FsError::WouldWait),
+            Verdict::Lock(why) => {
+                self.events.lock(&why);
+                Err(FsError::Locked)
+            }
+        }
+    }
+
+    /// The file id of a regular file, from its header (for the audit log).
+    fn file_id_of(&self, ino: u64) -> Option<String> {
+        let inode = self.inodes.get(ino).ok()?;
+        let file = File::from(sys::reopen(inode.fd(), libc::O_RDONLY).ok()?);
+        let mut hdr = vec![0u8; HEADER_LEN as usize];
+        let n = crate::durable::read_up_to(&file, &mut hdr).ok()?;
+        header::decode(&hdr[..n]).ok().map(|h| h.file_id.to_string())
+    }
+
+    /// Audits an open or create that its rule says to audit.
+    fn audit_open(&self, asker: &Asker, what: &str, content: &ContentFile, write: bool) {
+        if asker.audit {
+            let mut m = asker.fields();
+            m.insert("file_id".into(), serde_json::json!(content.file_id().to_string()));
+            m.insert("write".into(), serde_json::json!(write));
+            crate::audit::event(what, serde_json::Value::Object(m));
+        }
     }
 
     /// Fails every operation once the volume is locked.
@@ -259,7 +322,7 @@ impl Fs {
     /// The DEK lives on the heap inside its `SecretKey` from the KMS's answer until the
     /// cipher is made from it, and is wiped when it drops here; only the cipher (the derived
     /// key's schedule) is kept.
-    fn cipher_for(&self, h: &header::Header, wait: Wait) -> FsResult<Arc<ContentCipher>> {
+    fn cipher_for(&self, h: &header::Header, asker: &Asker, wait: Wait) -> FsResult<Arc<ContentCipher>> {
         // A locked volume asks the KMS for nothing.
         self.guard()?;
         if let Some(c) = self.keys.get(&h.file_id) {
@@ -291,11 +354,15 @@ impl Fs {
             Err(KmsError::Unreachable(_)) => "unreachable",
             Err(_) => "failed",
         };
-        crate::audit::event(
-            "unwrap",
+        let mut fields = asker.fields();
+        fields.extend(
             serde_json::json!({"file_id": h.file_id.to_string(), "key": wrapped.key_ref, "version": version,
-                               "outcome": outcome, "latency_ms": (ms * 1000.0).round() / 1000.0}),
+                               "outcome": outcome, "latency_ms": (ms * 1000.0).round() / 1000.0})
+            .as_object()
+            .cloned()
+            .unwrap_or_default(),
         );
+        crate::audit::event("unwrap", serde_json::Value::Object(fields));
         let dek = result.inspect_err(|e| {
             log::error!("file {}: cannot unwrap its key: {e}", h.file_id);
             match e {
@@ -305,6 +372,9 @@ impl Fs {
             }
         })?;
         self.events.ok();
+        if let Some(why) = self.access.unwrapped(asker) {
+            self.events.lock(&why);
+        }
         let cipher = Arc::new(ContentCipher::new(&dek, h.file_id));
         drop(dek);
         if let Some(old) = self.keys.insert(h.file_id, cipher.clone()) {
@@ -356,7 +426,7 @@ impl Fs {
     }
 
     pub fn setattr(&self, ino: u64, fh: Option<u64>, set: SetAttr) -> FsResult<Attr> {
-        self.setattr_waiting(ino, fh, set, Wait::Forever)
+        self.setattr_waiting(ino, fh, set, &Asker::daemon(), Wait::Forever)
     }
 
     /// [`Fs::setattr`] for a FUSE worker: a truncate by path (no handle) of a file whose key
@@ -367,25 +437,39 @@ impl Fs {
         ino: u64,
         fh: Option<u64>,
         set: SetAttr,
+        caller: Caller,
         done: impl FnOnce(FsResult<Attr>) + Send + 'static,
     ) {
         if set.size.is_some() && fh.is_none() && self.guard().is_ok() {
+            // Truncating by path opens the file: the policy decides as for an open.
+            let asker = match self.admit(caller, "truncate", || self.file_id_of(ino)) {
+                Ok((asker, _)) => asker,
+                Err(e) => return done(Err(e)),
+            };
             // A probe before anything changes, so that a parked setattr starts from scratch.
             let probe = self.inodes.get(ino).and_then(|inode| {
-                self.open_content(&inode, Wait::No)?;
+                self.open_content(&inode, &asker, Wait::No)?;
                 self.close_content(&inode);
                 Ok(())
             });
             if let Err(FsError::WouldWait) = probe {
                 let fs = self.clone();
-                self.park(move |wait| done(fs.setattr_waiting(ino, fh, set, wait)));
+                self.park(move |wait| done(fs.setattr_waiting(ino, fh, set, &asker, wait)));
                 return;
             }
+            return done(self.setattr_waiting(ino, fh, set, &asker, Wait::Forever));
         }
-        done(self.setattr_waiting(ino, fh, set, Wait::Forever))
+        done(self.setattr_waiting(ino, fh, set, &Asker::daemon(), Wait::Forever))
     }
 
-    fn setattr_waiting(&self, ino: u64, fh: Option<u64>, set: SetAttr, wait: Wait) -> FsResult<Attr> {
+    fn setattr_waiting(
+        &self,
+        ino: u64,
+        fh: Option<u64>,
+        set: SetAttr,
+        asker: &Asker,
+        wait: Wait,
+    ) -> FsResult<Attr> {
         let inode = self.inodes.get(ino)?;
         if let Some(mode) = set.mode
             && inode.kind != Kind::Symlink
@@ -407,7 +491,7 @@ impl Fs {
                     Handle::File { content, .. } => content.clone(),
                     Handle::Dir { .. } => return Err(FsError::BadHandle),
                 },
-                None => self.open_content(&inode, wait)?,
+                None => self.open_content(&inode, asker, wait)?,
             };
             let result = content.truncate(size);
             if fh.is_none() {
@@ -431,7 +515,9 @@ impl Fs {
         flags: i32,
         caller: Caller,
     ) -> FsResult<(Attr, u64)> {
-        self.create_waiting(parent, name, mode, flags, caller, Wait::Forever)
+        // Not parked (mknod of a regular file): a throttling guard's delay is not applied.
+        let (asker, _) = self.admit(caller, "create", || None)?;
+        self.create_waiting(parent, name, mode, flags, &asker, Wait::Forever)
     }
 
     /// [`Fs::create`] for a FUSE worker: `done` gets the result, at once when a file made
@@ -446,10 +532,20 @@ impl Fs {
         caller: Caller,
         done: impl FnOnce(FsResult<(Attr, u64)>) + Send + 'static,
     ) {
-        match self.create_waiting(parent, name, mode, flags, caller, Wait::No) {
+        let (asker, delay) = match self.admit(caller, "create", || None) {
+            Ok(a) => a,
+            Err(e) => return done(Err(e)),
+        };
+        if let Some(d) = delay {
+            let (fs, name) = (self.clone(), name.to_owned());
+            return self.park_after(d, move |wait| {
+                done(fs.create_waiting(parent, &name, mode, flags, &asker, wait))
+            });
+        }
+        match self.create_waiting(parent, name, mode, flags, &asker, Wait::No) {
             Err(FsError::WouldWait) => {
                 let (fs, name) = (self.clone(), name.to_owned());
-                self.park(move |wait| done(fs.create_waiting(parent, &name, mode, flags, caller, wait)));
+                self.park(move |wait| done(fs.create_waiting(parent, &name, mode, flags, &asker, wait)));
             }
             r => done(r),
         }
@@ -461,10 +557,15 @@ impl Fs {
         name: &OsStr,
         mode: u32,
         flags: i32,
-        caller: Caller,
+        asker: &Arc<Asker>,
         wait: Wait,
     ) -> FsResult<(Attr, u64)> {
         self.guard()?;
+        let caller = Caller {
+            uid: asker.who.uid,
+            gid: asker.who.gid,
+            pid: asker.who.pid,
+        };
         self.check_writable()?;
         let dir = self.inodes.get(parent)?;
         let b = self.backing(&dir, name)?;
@@ -517,10 +618,12 @@ impl Fs {
             content
         };
         let write = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        self.audit_open(asker, "create", &content, write);
         let fh = self.add_handle(Handle::File {
             inode,
             content,
             write,
+            asker: asker.clone(),
         })?;
         Ok((attr, fh))
     }
@@ -580,7 +683,7 @@ impl Fs {
     ///
     /// With `Wait::No` it fails with `WouldWait` rather than ask the KMS, or wait behind an
     /// open of the same file that is asking it.
-    fn open_content(&self, inode: &Inode, wait: Wait) -> FsResult<Arc<ContentFile>> {
+    fn open_content(&self, inode: &Inode, asker: &Asker, wait: Wait) -> FsResult<Arc<ContentFile>> {
         if inode.kind != Kind::File {
             return Err(FsError::InvalidArgument);
         }
@@ -616,7 +719,7 @@ impl Fs {
             log::error!("inode {}: unreadable header: {e}", inode.ino);
             FsError::Corrupt
         })?;
-        let cipher = self.cipher_for(&h, wait)?;
+        let cipher = self.cipher_for(&h, asker, wait)?;
         let content = Arc::new(ContentFile::new(file, cipher, writable)?);
         // A lock that came while we waited on the KMS wins: drop the key, publish nothing.
         self.guard()?;
@@ -634,9 +737,10 @@ impl Fs {
         }
     }
 
-    /// Opens a file, waiting for the KMS if its key is not in memory.
+    /// Opens a file for the daemon itself (no policy), waiting for the KMS if its key is not
+    /// in memory.
     pub fn open(&self, ino: u64, flags: i32) -> FsResult<u64> {
-        self.open_waiting(ino, flags, Wait::Forever)
+        self.open_waiting(ino, flags, &Arc::new(Asker::daemon()), Wait::Forever)
     }
 
     /// [`Fs::open`] for a FUSE worker: `done` gets the handle or the error, at once when no
@@ -647,15 +751,34 @@ impl Fs {
         self: &Arc<Self>,
         ino: u64,
         flags: i32,
+        caller: Caller,
         done: impl FnOnce(FsResult<u64>) + Send + 'static,
     ) {
-        match self.open_waiting(ino, flags, Wait::No) {
+        let (asker, delay) = match self.admit(caller, "open", || self.file_id_of(ino)) {
+            Ok(a) => a,
+            Err(e) => return done(Err(e)),
+        };
+        if let Some(d) = delay {
+            let fs = self.clone();
+            return self.park_after(d, move |wait| done(fs.open_waiting(ino, flags, &asker, wait)));
+        }
+        match self.open_waiting(ino, flags, &asker, Wait::No) {
             Err(FsError::WouldWait) => {
                 let fs = self.clone();
-                self.park(move |wait| done(fs.open_waiting(ino, flags, wait)));
+                self.park(move |wait| done(fs.open_waiting(ino, flags, &asker, wait)));
             }
             r => done(r),
         }
+    }
+
+    /// Parks `job` for `delay` (a throttled open: on a timer, no thread sleeps), then as
+    /// `park` does.
+    fn park_after(self: &Arc<Self>, delay: std::time::Duration, job: impl FnOnce(Wait) + Send + 'static) {
+        let fs = self.clone();
+        self.runtime.spawn(async move {
+            tokio::time::sleep(delay).await;
+            fs.park(job);
+        });
     }
 
     /// Runs `job` on a KMS waiter thread, allowed to wait `--open-timeout` from now. With
@@ -682,23 +805,38 @@ impl Fs {
         }
     }
 
-    fn open_waiting(&self, ino: u64, flags: i32, wait: Wait) -> FsResult<u64> {
+    fn open_waiting(&self, ino: u64, flags: i32, asker: &Arc<Asker>, wait: Wait) -> FsResult<u64> {
         self.guard()?;
         let inode = self.inodes.get(ino)?;
         let write = flags & libc::O_ACCMODE != libc::O_RDONLY;
         if write {
             self.check_writable()?;
         }
-        let content = self.open_content(&inode, wait)?;
+        let content = self.open_content(&inode, asker, wait)?;
         if write && !content.writable() {
             self.close_content(&inode);
             return Err(FsError::PermissionDenied);
         }
+        self.audit_open(asker, "open", &content, write);
         self.add_handle(Handle::File {
             inode,
             content,
             write,
+            asker: asker.clone(),
         })
+    }
+
+    /// Counts bytes read for the usage guard of who opened `fh`.
+    fn count_read(&self, fh: u64, n: usize) {
+        if !self.access.enabled() {
+            return;
+        }
+        if let Ok(h) = self.handle(fh)
+            && let Handle::File { asker, .. } = &*h
+            && let Some(why) = self.access.read(asker, n as u64)
+        {
+            self.events.lock(&why);
+        }
     }
 
     fn file_handle(&self, fh: u64) -> FsResult<(Arc<ContentFile>, bool)> {
@@ -712,7 +850,10 @@ impl Fs {
     pub fn read(&self, fh: u64, offset: u64, size: u32, buf: &mut Vec<u8>) -> FsResult<usize> {
         let r = self.file_handle(fh)?.0.read_into(offset, size, buf);
         match &r {
-            Ok(n) => self.stats.bytes_read.fetch_add(*n as u64, Ordering::Relaxed),
+            Ok(n) => {
+                self.count_read(fh, *n);
+                self.stats.bytes_read.fetch_add(*n as u64, Ordering::Relaxed)
+            }
             Err(FsError::Corrupt) => self.stats.auth_failures.fetch_add(1, Ordering::Relaxed),
             Err(_) => 0,
         };

@@ -95,6 +95,7 @@ fn caller(req: &Request) -> Caller {
     Caller {
         uid: req.uid(),
         gid: req.gid(),
+        pid: req.pid(),
     }
 }
 
@@ -152,7 +153,7 @@ impl Filesystem for FuseAdapter {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -179,7 +180,7 @@ impl Filesystem for FuseAdapter {
         };
         // A truncate by path that needs the KMS is answered from a KMS waiter thread.
         self.fs
-            .setattr_then(ino.0, fh.map(|f| f.0), set, move |r| match r {
+            .setattr_then(ino.0, fh.map(|f| f.0), set, caller(req), move |r| match r {
                 Ok(a) => reply.attr(&TTL, &file_attr(&a)),
                 Err(e) => reply.error(errno(&e)),
             });
@@ -256,11 +257,11 @@ impl Filesystem for FuseAdapter {
         entry(reply, self.fs.link(ino.0, newparent.0, newname));
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         guard!(self, reply);
         // Answered here when the key is in memory; otherwise from a KMS waiter thread, while
         // this worker serves other requests.
-        self.fs.open_then(ino.0, flags.0, move |r| match r {
+        self.fs.open_then(ino.0, flags.0, caller(req), move |r| match r {
             // Every write reaches us through this mount, so the kernel's cached pages stay
             // valid across opens.
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),

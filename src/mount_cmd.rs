@@ -51,6 +51,13 @@ pub struct MountArgs {
     /// Append JSON-lines audit events of key operations to this file (also logged).
     #[arg(long)]
     pub audit_log: Option<PathBuf>,
+    /// Also send audit events to journald as structured KMSFS_* fields.
+    #[arg(long)]
+    pub audit_journal: bool,
+    /// Access policy (TOML): who may open files, beyond their permissions, and usage guards
+    /// (docs/policy.md). SIGHUP or `kmsfs reload` reloads it.
+    #[arg(long)]
+    pub policy: Option<PathBuf>,
     /// This machine's record of the volume (which KMS and key), if not in the anchor
     /// directory (/etc/kmsfs/anchors).
     #[arg(long)]
@@ -130,6 +137,12 @@ pub fn mount(args: MountArgs) -> Result<(), Fatal> {
     if let Some(a) = &args.audit_log {
         cmd.arg("--audit-log").arg(absolute(a)?);
     }
+    if args.audit_journal {
+        cmd.arg("--audit-journal");
+    }
+    if let Some(p) = &args.policy {
+        cmd.arg("--policy").arg(absolute(p)?);
+    }
     if let Some(a) = &args.anchor {
         cmd.arg("--anchor").arg(absolute(a)?);
     }
@@ -197,6 +210,8 @@ fn mount_foreground(args: MountArgs) -> Result<(), Fatal> {
             .flatten(),
         require_mlock: args.require_mlock,
         audit_log: args.audit_log,
+        audit_journal: args.audit_journal,
+        policy: args.policy,
         anchor: args.anchor,
     };
     match crate::daemon::run_mount(req) {

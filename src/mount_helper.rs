@@ -43,6 +43,7 @@ const PASSED: &[&str] = &[
 const VALUED: &[(&str, &str)] = &[
     ("log", "--log-file"),
     ("audit", "--audit-log"),
+    ("policy", "--policy"),
     ("check_interval", "--check-interval"),
     ("grace", "--grace"),
     ("key_ttl", "--key-ttl"),

@@ -40,6 +40,19 @@ impl MountState {
         self.detach();
     }
 
+    /// SIGHUP and `kmsfs reload`: the audit log reopened (after logrotate), the policy read
+    /// again (a bad file keeps the one in force).
+    pub fn reload(&self) -> Value {
+        if let Err(e) = crate::audit::reopen() {
+            log::error!("cannot reopen the audit log ({e}); still writing to the old file");
+        }
+        match self.fs.access().reload() {
+            Ok(summary) if self.fs.access().enabled() => json!({ "policy": summary }),
+            Ok(_) => json!({ "policy": null }),
+            Err(e) => json!({ "error": e }),
+        }
+    }
+
     /// The first half of `lock`: every key dropped and wiped, ENOKEY from now on. Fast in any
     /// KMS state (opens waiting on the KMS fail at once); idempotent.
     pub fn drop_keys(&self, why: &str) {
@@ -160,11 +173,16 @@ impl crate::control::Control for MountState {
                 "bytes_written": st.bytes_written.load(Ordering::Relaxed),
                 "auth_failures": st.auth_failures.load(Ordering::Relaxed),
             },
+            "policy": self.fs.access().status(),
         })
     }
 
     fn lock(&self, who: &str) {
         self.drop_keys(&format!("locked by {who}"));
+    }
+
+    fn reload(&self) -> Value {
+        MountState::reload(self)
     }
 
     fn detach(&self) {

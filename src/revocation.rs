@@ -23,6 +23,8 @@ pub enum Signal {
     Reachable,
     /// The session ended: stop watching.
     Stop,
+    /// Lock the mount now, for this reason (a usage guard's `lock` action).
+    Lock(String),
 }
 
 /// The filesystem's KMS events: the health as each call ends, and the watcher told.
@@ -46,6 +48,10 @@ impl KmsEvents for Signals {
     fn unreachable(&self, why: &str) {
         self.health.set(format!("unreachable: {why}"));
         self.send(Signal::Unreachable(why.into()));
+    }
+
+    fn lock(&self, why: &str) {
+        self.send(Signal::Lock(why.into()));
     }
 
     fn ok(&self) {
@@ -95,6 +101,10 @@ pub fn watch(
         let wait = next_check.saturating_duration_since(Instant::now());
         let check_now = match rx.recv_timeout(wait) {
             Ok(Signal::Stop) | Err(RecvTimeoutError::Disconnected) => return,
+            Ok(Signal::Lock(why)) => {
+                lock_and_exit(&state, &why);
+                return;
+            }
             // One refused unwrap might concern one file only (a retired key version): confirm
             // with an access check before locking the whole mount.
             Ok(Signal::Denied(_)) => true,

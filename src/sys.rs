@@ -500,6 +500,40 @@ pub fn raise_nofile_limit() {
 mod tests;
 
 /// Tests of the helpers that open what the backing directory holds without trusting it.
+/// The uid of user `name` (through NSS: /etc/passwd, LDAP, …), `None` if there is none.
+pub fn user_id(name: &str) -> io::Result<Option<u32>> {
+    let cname = CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    // SAFETY: `pwd`, `buf` and `result` outlive the call, which writes only within them.
+    unsafe {
+        let mut pwd: libc::passwd = std::mem::zeroed();
+        let mut result: *mut libc::passwd = std::ptr::null_mut();
+        let rc = libc::getpwnam_r(cname.as_ptr(), &mut pwd, buf.as_mut_ptr(), buf.len(), &mut result);
+        match rc {
+            0 if result.is_null() => Ok(None),
+            0 => Ok(Some(pwd.pw_uid)),
+            e => Err(io::Error::from_raw_os_error(e)),
+        }
+    }
+}
+
+/// The gid of group `name` (through NSS), `None` if there is none.
+pub fn group_id(name: &str) -> io::Result<Option<u32>> {
+    let cname = CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let mut buf = vec![0 as libc::c_char; 64 * 1024];
+    // SAFETY: as in `user_id`.
+    unsafe {
+        let mut grp: libc::group = std::mem::zeroed();
+        let mut result: *mut libc::group = std::ptr::null_mut();
+        let rc = libc::getgrnam_r(cname.as_ptr(), &mut grp, buf.as_mut_ptr(), buf.len(), &mut result);
+        match rc {
+            0 if result.is_null() => Ok(None),
+            0 => Ok(Some(grp.gr_gid)),
+            e => Err(io::Error::from_raw_os_error(e)),
+        }
+    }
+}
+
 #[cfg(test)]
 mod untrusted_tests {
     use super::*;

@@ -786,7 +786,7 @@ fn readdir_lists_plaintext_names_and_resumes_at_an_offset() {
 /// How `open_then` answered: on which thread, with what.
 fn open_then(fs: &std::sync::Arc<Fs>, ino: u64) -> (Option<String>, Result<u64, i32>) {
     let (tx, rx) = std::sync::mpsc::channel();
-    fs.open_then(ino, libc::O_RDONLY, move |r| {
+    fs.open_then(ino, libc::O_RDONLY, common::inprocess::caller(), move |r| {
         let thread = std::thread::current().name().map(str::to_owned);
         let _ = tx.send((thread, r.map_err(|e| e.errno())));
     });

@@ -75,6 +75,10 @@ impl ContentFile {
         *self.size.read().unwrap_or_else(|p| p.into_inner())
     }
 
+    pub fn file_id(&self) -> crate::format::FileId {
+        *self.cipher.file_id()
+    }
+
     pub fn writable(&self) -> bool {
         self.writable
     }

@@ -1,4 +1,5 @@
-//! What the filesystem reports as it works: KMS outcomes to the daemon, counters to status.
+//! What the filesystem reports as it works: KMS outcomes (and lock requests) to the daemon,
+//! counters to status.
 
 use std::sync::atomic::AtomicU64;
 
@@ -10,6 +11,8 @@ pub trait KmsEvents: Send + Sync {
     fn unreachable(&self, why: &str);
     /// The KMS answered a call: reachable and willing.
     fn ok(&self) {}
+    /// Something other than the KMS wants the mount locked (a usage guard with `lock`).
+    fn lock(&self, _why: &str) {}
 }
 
 /// Counters for `kmsfs status`.

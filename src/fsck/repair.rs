@@ -92,7 +92,7 @@ pub fn quarantine(root: &Path, problems: &[Problem], keep_names: bool) -> Result
             parents.push(parent.clone());
             let reasons: Vec<&str> = why.iter().map(|p| p.message.as_str()).collect();
             let line = serde_json::json!({
-                "time": utc_rfc3339(now),
+                "time": crate::time::utc_rfc3339(now),
                 "original": from.to_string_lossy(),
                 "moved_to": to.to_string_lossy(),
                 "reason": reasons.join("; "),
@@ -207,38 +207,10 @@ fn move_one(
     Ok((Path::new(LOST_FOUND_NAME).join(name), parent))
 }
 
-/// `YYYY-MM-DDTHH:MM:SSZ` for seconds since the epoch (civil-from-days, proleptic Gregorian).
-fn utc_rfc3339(secs: u64) -> String {
-    let days = (secs / 86400) as i64;
-    let rem = secs % 86400;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::super::report::Kind;
     use super::*;
-
-    #[test]
-    fn utc_times() {
-        assert_eq!(utc_rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(utc_rfc3339(951_782_400), "2000-02-29T00:00:00Z");
-        assert_eq!(utc_rfc3339(1_790_000_000), "2026-09-21T14:13:20Z");
-    }
 
     #[test]
     fn entries_inside_a_moved_directory_move_with_it() {

@@ -141,6 +141,7 @@ pub fn caller() -> Caller {
         Caller {
             uid: libc::geteuid(),
             gid: libc::getegid(),
+            pid: std::process::id(),
         }
     }
 }
