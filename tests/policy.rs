@@ -440,3 +440,70 @@ cooldown = "10m"
     let alerts = s.events("alert");
     assert_eq!(alerts[0]["counter"], "bytes_read");
 }
+
+/// journald for this test: the machine's, or one started here (the daemon runs standalone).
+fn journald() -> Option<std::process::Child> {
+    let socket = Path::new("/run/systemd/journal/socket");
+    let unbound = std::os::unix::net::UnixDatagram::unbound().unwrap();
+    if socket.exists() && unbound.connect(socket).is_ok() {
+        return None;
+    }
+    let child = Command::new("/lib/systemd/systemd-journald")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("systemd-journald (apt-get install systemd)");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Some(child)
+}
+
+#[test]
+fn audit_events_reach_journald_as_fields() {
+    let mut started = journald();
+    let mut v = Volume::new();
+    let policy = v.dir.path().join("p.policy");
+    let text =
+        "version = 1\ndefault = \"deny\"\n[[rule]]\nname = \"harness\"\nusers = [0]\neffect = \"audit\"\n";
+    std::fs::write(&policy, text).unwrap();
+    v.mount_with_args(&["--policy", policy.to_str().unwrap(), "--audit-journal"]);
+    std::fs::write(v.m("f"), CONTENT).unwrap();
+    let pid = format!("_PID={}", v.daemon_pid());
+    let mut found = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while found.is_empty() && Instant::now() < deadline {
+        let out = Command::new("journalctl")
+            .args([
+                "-o",
+                "json",
+                "--no-pager",
+                "SYSLOG_IDENTIFIER=kmsfs-audit",
+                &pid,
+                "KMSFS_EVENT=create",
+            ])
+            .output()
+            .unwrap();
+        found = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .collect();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    v.unmount();
+    if let Some(c) = &mut started {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    let e = found.first().expect("the create event in the journal");
+    assert_eq!(e["KMSFS_RULE"], "harness");
+    assert_eq!(e["KMSFS_UID"], "0");
+    assert_eq!(e["KMSFS_SCHEMA"], "1");
+    assert_eq!(e["KMSFS_FILE_ID"].as_str().unwrap().len(), 32);
+    assert!(
+        e["KMSFS_EXE"].as_str().unwrap().contains("policy-"),
+        "the test binary: {e}"
+    );
+    assert_eq!(e["PRIORITY"], "5");
+}
