@@ -42,15 +42,17 @@ pub struct Selector {
 
 impl Selector {
     pub fn matches(&self, who: &Identity) -> bool {
+        // Cheapest first: a program is one stat of /proc/PID/exe, groups a read of
+        // /proc/PID/status (about 0.1 ms), made only when the rest matched.
         self.users.as_ref().is_none_or(|u| u.contains(&who.uid))
-            && self
-                .groups
-                .as_ref()
-                .is_none_or(|g| g.iter().any(|&g| who.in_group(g)))
             && self.programs.as_ref().is_none_or(|ps| {
                 who.program()
                     .is_some_and(|p| ps.iter().any(|&(dev, ino, _)| p.dev == dev && p.ino == ino))
             })
+            && self
+                .groups
+                .as_ref()
+                .is_none_or(|g| g.iter().any(|&g| who.in_group(g)))
     }
 }
 
@@ -277,7 +279,7 @@ impl Access {
         let mut lock = None;
         for c in crossed {
             self.alerts.fetch_add(1, Ordering::Relaxed);
-            let exe = asker.who.program().map_or("unknown program", |p| p.path.as_str());
+            let exe = asker.who.exe().unwrap_or("unknown program");
             let line = format!(
                 "guard {}: uid {} running {exe}: {} {} in {} s (threshold {}); action {}",
                 c.guard,

@@ -507,3 +507,25 @@ fn audit_events_reach_journald_as_fields() {
     );
     assert_eq!(e["PRIORITY"], "5");
 }
+
+#[test]
+fn reload_reopens_the_audit_log_after_it_was_moved() {
+    let s = Setup::new(POLICY);
+    assert!(denied(s.read_as(NOBODY, "/bin/cat", "a")));
+    let rotated = s.audit.with_extension("1");
+    std::fs::rename(&s.audit, &rotated).unwrap();
+    let out = s.reload();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(denied(s.read_as(NOBODY, "/bin/cat", "b")));
+    let new = s.events("denied");
+    assert_eq!(new.len(), 1, "the new file has the new denial only: {new:?}");
+    let mode = std::fs::metadata(&s.audit).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    assert_eq!(
+        std::fs::read_to_string(&rotated)
+            .unwrap()
+            .matches("\"denied\"")
+            .count(),
+        1
+    );
+}

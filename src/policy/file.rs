@@ -70,7 +70,17 @@ struct GuardFile {
 /// Reads, checks and compiles the policy at `path`. The file must be the admin's: a regular
 /// file owned by root (or by the daemon's user) that nobody else may write, as sudoers is.
 pub fn load(path: &Path) -> Result<Policy, String> {
-    let meta = std::fs::metadata(path).map_err(|e| format!("cannot read policy {}: {e}", path.display()))?;
+    use std::io::Read;
+    let cannot = |e: std::io::Error| format!("cannot read policy {}: {e}", path.display());
+    // Checked and read through one descriptor: the file read is the file checked. Opened
+    // non-blocking so that a FIFO put there cannot hang a reload.
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(cannot)?;
+    let meta = f.metadata().map_err(cannot)?;
     if !meta.is_file() {
         return Err(format!("policy {} is not a regular file", path.display()));
     }
@@ -89,8 +99,9 @@ pub fn load(path: &Path) -> Result<Policy, String> {
             path.display()
         ));
     }
-    let text =
-        std::fs::read_to_string(path).map_err(|e| format!("cannot read policy {}: {e}", path.display()))?;
+    // A policy is a page or two; a huge file is a mistake, not a policy.
+    let mut text = String::new();
+    (&mut f).take(1 << 20).read_to_string(&mut text).map_err(cannot)?;
     parse(&text).map_err(|e| format!("policy {}: {e}", path.display()))
 }
 

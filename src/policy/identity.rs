@@ -12,13 +12,12 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 /// The running program, as the kernel knows it: the file it was executed from (device and
-/// inode, which a copy or a replacement of the binary does not share) and that file's path.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// inode, which a copy or a replacement of the binary does not share). Its path is only for
+/// the log (`Identity::exe`), never matched: a path can be re-pointed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Program {
     pub dev: u64,
     pub ino: u64,
-    /// For the audit log; never used to match (a path can be re-pointed).
-    pub path: String,
 }
 
 /// The caller of one request.
@@ -28,6 +27,7 @@ pub struct Identity {
     pub gid: u32,
     pub pid: u32,
     program: OnceLock<Option<Program>>,
+    exe: OnceLock<Option<String>>,
     groups: OnceLock<Vec<u32>>,
     /// Programs run from inside the mount are named by this, not by their path: a path in
     /// the mount is a plaintext file name, which the audit log never holds.
@@ -49,6 +49,7 @@ impl Identity {
             gid,
             pid,
             program: OnceLock::new(),
+            exe: OnceLock::new(),
             groups: OnceLock::new(),
             mountpoint: mountpoint.map(Path::to_path_buf),
         }
@@ -60,10 +61,15 @@ impl Identity {
     }
 
     /// The program the caller runs, or `None` if it cannot be known (the caller is gone).
-    pub fn program(&self) -> Option<&Program> {
-        self.program
-            .get_or_init(|| program_of(self.pid, self.mountpoint.as_deref()))
-            .as_ref()
+    pub fn program(&self) -> Option<Program> {
+        *self.program.get_or_init(|| program_of(self.pid))
+    }
+
+    /// The program's path, for the log; `None` if the caller is gone.
+    pub fn exe(&self) -> Option<&str> {
+        self.exe
+            .get_or_init(|| exe_of(self.pid, self.mountpoint.as_deref()))
+            .as_deref()
     }
 
     /// The caller's supplementary groups (its primary gid is `gid`).
@@ -90,28 +96,32 @@ impl Identity {
             "uid": self.uid,
             "gid": self.gid,
             "pid": self.pid,
-            "exe": self.program().map(|p| p.path.as_str()),
+            "exe": self.exe(),
         })
     }
 }
 
-fn program_of(pid: u32, mountpoint: Option<&Path>) -> Option<Program> {
+fn program_of(pid: u32) -> Option<Program> {
     if pid == 0 {
         return None;
     }
-    let exe = PathBuf::from(format!("/proc/{pid}/exe"));
     // stat follows the magic link to the very file the process runs, even when its path has
     // since been replaced or deleted.
-    let meta = std::fs::metadata(&exe).ok()?;
-    let path = std::fs::read_link(&exe).ok()?;
-    let shown = match mountpoint {
-        Some(mp) if path.starts_with(mp) => "(a program in the mount)".to_owned(),
-        _ => path.to_string_lossy().into_owned(),
-    };
+    let meta = std::fs::metadata(format!("/proc/{pid}/exe")).ok()?;
     Some(Program {
         dev: meta.dev(),
         ino: meta.ino(),
-        path: shown,
+    })
+}
+
+fn exe_of(pid: u32, mountpoint: Option<&Path>) -> Option<String> {
+    if pid == 0 {
+        return None;
+    }
+    let path = std::fs::read_link(PathBuf::from(format!("/proc/{pid}/exe"))).ok()?;
+    Some(match mountpoint {
+        Some(mp) if path.starts_with(mp) => "(a program in the mount)".to_owned(),
+        _ => path.to_string_lossy().into_owned(),
     })
 }
 
@@ -158,6 +168,6 @@ mod tests {
     fn a_program_in_the_mount_is_not_named() {
         let exe = std::env::current_exe().unwrap();
         let me = Identity::new(0, 0, std::process::id(), exe.parent());
-        assert_eq!(me.program().unwrap().path, "(a program in the mount)");
+        assert_eq!(me.exe().unwrap(), "(a program in the mount)");
     }
 }
