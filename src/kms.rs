@@ -18,6 +18,7 @@ pub mod local;
 pub mod openbao;
 mod pool;
 mod retry;
+mod rtt;
 mod wire;
 
 use crate::crypto::SecretKey;
@@ -286,6 +287,8 @@ pub async fn fresh_file_key<P: KeyProvider + ?Sized>(
     })
 }
 
+#[cfg(test)]
+mod distant;
 #[cfg(test)]
 mod stub;
 
