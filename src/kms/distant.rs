@@ -2,6 +2,7 @@
 //! layers shared by the network backends (the unwrap batcher, the pool of new-file keys) can be
 //! tested for what they send and when, without a network.
 
+use super::pool::KeyPool;
 use super::{Binding, BoxFuture, Description, KeyProvider, KeyStatus, KmsError, WrappedDek};
 use crate::crypto::SecretKey;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -19,6 +20,8 @@ pub(in crate::kms) struct Distant {
     pub most_unwraps_in_flight: AtomicUsize,
     /// Batch unwrap requests sent.
     pub unwrap_requests: AtomicUsize,
+    /// New-file keys made ahead, as a network backend keeps them.
+    pub pool: KeyPool,
 }
 
 impl Distant {
@@ -30,6 +33,7 @@ impl Distant {
             unwraps_in_flight: AtomicUsize::new(0),
             most_unwraps_in_flight: AtomicUsize::new(0),
             unwrap_requests: AtomicUsize::new(0),
+            pool: KeyPool::default(),
         }
     }
 
