@@ -13,6 +13,8 @@ pub mod aws;
 mod batcher;
 pub mod env;
 mod http;
+mod nodes;
+pub use nodes::SetAside;
 pub mod kmip;
 pub mod local;
 pub mod openbao;
@@ -241,6 +243,12 @@ pub trait KeyProvider: Send + Sync {
     /// Requests sent to a network KMS so far (0 for one that is not on the network).
     fn request_count(&self) -> u64 {
         0
+    }
+
+    /// The KMS nodes this provider stopped asking for a while because they hung (none for a
+    /// provider with one node).
+    fn set_aside(&self) -> Vec<SetAside> {
+        Vec::new()
     }
 }
 
