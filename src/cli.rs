@@ -253,6 +253,14 @@ fn status(mountpoint: Option<PathBuf>, as_json: bool) -> Result<(), Fatal> {
             t(&v["key_version"]),
             t(&v["kms_health"])
         );
+        for node in v["kms_set_aside"].as_array().into_iter().flatten() {
+            println!(
+                "  set aside   KMS node {} ({}; asked again in {} s)",
+                t(&node["addr"]),
+                t(&node["why"]),
+                t(&node["secs_left"])
+            );
+        }
         println!("  locked      {}", v["locked"].as_str().unwrap_or("no"));
         println!("  uptime      {} s", v["uptime_secs"]);
         println!("  keys cached {}", v["cached_keys"]);

@@ -13,11 +13,14 @@ pub mod aws;
 mod batcher;
 pub mod env;
 mod http;
+mod nodes;
+pub use nodes::SetAside;
 pub mod kmip;
 pub mod local;
 pub mod openbao;
 mod pool;
 mod retry;
+mod rtt;
 mod wire;
 
 use crate::crypto::SecretKey;
@@ -241,6 +244,12 @@ pub trait KeyProvider: Send + Sync {
     fn request_count(&self) -> u64 {
         0
     }
+
+    /// The KMS nodes this provider stopped asking for a while because they hung (none for a
+    /// provider with one node).
+    fn set_aside(&self) -> Vec<SetAside> {
+        Vec::new()
+    }
 }
 
 /// A fresh DEK for each binding, to be wrapped in one batch (see [`with_wraps`]).
@@ -286,6 +295,8 @@ pub async fn fresh_file_key<P: KeyProvider + ?Sized>(
     })
 }
 
+#[cfg(test)]
+mod distant;
 #[cfg(test)]
 mod stub;
 

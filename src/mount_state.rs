@@ -161,6 +161,10 @@ impl crate::control::Control for MountState {
             "key": self.key_ref,
             "key_version": *self.key_version.lock().unwrap_or_else(|p| p.into_inner()),
             "kms_health": self.health.get(),
+            // KMS nodes that hung lately and are not asked meanwhile (HA clusters).
+            "kms_set_aside": self.kms.set_aside().iter().map(|n| json!({
+                "addr": n.addr, "why": n.why, "secs_left": n.secs_left,
+            })).collect::<Vec<_>>(),
             "locked": self.locked_reason(),
             "uptime_secs": self.started.elapsed().as_secs(),
             "cached_keys": self.fs.cached_keys(),

@@ -276,6 +276,82 @@ fn killing_the_active_node_of_an_ha_cluster_reaches_no_application() {
     }
 }
 
+#[test]
+fn a_hung_node_of_an_ha_cluster_holds_no_cold_open_past_a_second() {
+    use common::openbao::RaftCluster;
+    use std::time::{Duration, Instant};
+    let cluster = RaftCluster::start();
+    // kmsfs asks the first address first: make it the active node, the one that will hang.
+    let active = cluster.active().expect("an active node");
+    let mut addrs = cluster.addrs.clone();
+    addrs.rotate_left(active);
+    let all = addrs.join(",");
+    let token = cluster.root_token.clone();
+    let env = [("BAO_ADDR", all.as_str()), ("BAO_TOKEN", token.as_str())];
+    let mut v = Volume::init_with(&["--kms", "openbao", "--kms-key", "fs-kek"], &env);
+    v.mount(&[]);
+    let n = 200;
+    for i in 0..n {
+        std::fs::write(v.m(&format!("f{i}")), format!("content {i}")).unwrap();
+    }
+    // No key cache: every open below asks the cluster.
+    v.remount_with(&["--key-ttl", "0", "--grace", "60"]);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let readers: Vec<_> = (0..4)
+        .map(|t| {
+            let mnt = v.mnt.clone();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut slowest = Duration::ZERO;
+                for i in (t..n).step_by(4).cycle() {
+                    let started = Instant::now();
+                    let got = std::fs::read_to_string(mnt.join(format!("f{i}")));
+                    slowest = slowest.max(started.elapsed());
+                    assert_eq!(got.unwrap(), format!("content {i}"), "file {i}");
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        return slowest;
+                    }
+                }
+                unreachable!()
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    // The node kmsfs talks to hangs for 5 s (it resumes when `frozen` drops, whatever happens).
+    let frozen = cluster.freeze(active);
+    std::thread::sleep(Duration::from_secs(2));
+    let mnt = v.mnt.to_str().unwrap().to_owned();
+    let json: serde_json::Value =
+        serde_json::from_slice(&run_ok(&["status", &mnt, "--json"]).stdout).unwrap();
+    let text = String::from_utf8(run_ok(&["status", &mnt]).stdout).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let slowest = readers
+        .into_iter()
+        .map(|r| r.join().expect("no reader saw an error"))
+        .max();
+    drop(frozen);
+    eprintln!("hung node: slowest cold open {slowest:?}");
+    assert!(
+        slowest < Some(Duration::from_secs(1)),
+        "a cold open waited {slowest:?}"
+    );
+    let aside = &json[0]["kms_set_aside"];
+    assert_eq!(aside[0]["addr"].as_str(), Some(addrs[0].as_str()), "{json}");
+    assert_eq!(aside.as_array().map(Vec::len), Some(1), "{json}");
+    assert!(
+        text.contains(&format!("set aside   KMS node {}", addrs[0])),
+        "{text}"
+    );
+    v.unmount();
+    let log = v.log_text();
+    let said = log
+        .lines()
+        .filter(|l| l.contains(&addrs[0]) && l.contains("no answer within"))
+        .count();
+    assert_eq!(said, 1, "the hung node is logged once: {log}");
+}
+
 /// The p-th percentile (0..=100) of `v`, in milliseconds.
 fn percentile_ms(v: &mut [std::time::Duration], p: usize) -> f64 {
     v.sort();

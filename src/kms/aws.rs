@@ -83,17 +83,7 @@ impl AwsKms {
     /// A new file's key from the pool when it has one; the pool refills in the background.
     async fn pooled_file_key(&self, volume_id: VolumeId) -> Result<NewFileKey, KmsError> {
         let me = self.me.get().and_then(Weak::upgrade).filter(|_| self.pooling);
-        let Some(me) = me else {
-            return super::fresh_file_key(self, volume_id).await;
-        };
-        let (taken, refill) = self.pool.take(volume_id);
-        if refill {
-            tokio::spawn(async move { me.pool.refill(&*me, volume_id).await });
-        }
-        match taken {
-            Some(k) => Ok(k),
-            None => super::fresh_file_key(self, volume_id).await,
-        }
+        self.pool.take_or_make(me, |k| &k.pool, self, volume_id).await
     }
 
     /// Proves the key is usable: it exists, is enabled and is for encryption, and we may ask

@@ -216,4 +216,8 @@ impl KeyProvider for OpenBaoKms {
     fn request_count(&self) -> u64 {
         self.transit.request_count()
     }
+
+    fn set_aside(&self) -> Vec<super::SetAside> {
+        self.transit.set_aside()
+    }
 }

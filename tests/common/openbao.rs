@@ -392,6 +392,14 @@ impl RaftCluster {
         })
     }
 
+    /// Freezes node `i` (SIGSTOP) until the guard drops: it accepts connections and answers
+    /// nothing, as a node in a long GC pause or on a stalled disk does.
+    pub fn freeze(&self, i: usize) -> Frozen {
+        let pid = self.nodes[i].as_ref().expect("a running node").id();
+        signal(pid, "STOP");
+        Frozen(pid)
+    }
+
     /// SIGKILLs node `i`.
     pub fn kill(&mut self, i: usize) {
         if let Some(mut c) = self.nodes[i].take() {

@@ -84,6 +84,11 @@ impl Transit {
         self.transport.request_count()
     }
 
+    /// The servers set aside now.
+    pub(super) fn set_aside(&self) -> Vec<crate::kms::SetAside> {
+        self.transport.set_aside()
+    }
+
     async fn call(&self, op: &str, body: &Value) -> Result<Value, KmsError> {
         let path = format!("{}/{op}/{}", self.mount, self.key);
         self.auth.call(&self.transport, &path, op, &self.key, body).await

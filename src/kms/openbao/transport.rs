@@ -1,15 +1,17 @@
 //! HTTP to the OpenBao servers: the client (trusted CA bundle, client certificate, redirects
 //! never followed) and [`Transport::send`], one exchange retried across the HA addresses with
-//! backoff. Which answers are retried is [`triage`]'s call; a request that no server answers
+//! backoff, and re-sent to another node when it is late (`kms::nodes`: hedging, and nodes set
+//! aside). Which answers are retried is [`triage`]'s call; a request that no server answers
 //! ends as *unreachable*.
 
 use super::errors::{Triage, triage};
 use crate::kms::KmsError;
 use crate::kms::http::{describe, is_certificate_error};
+use crate::kms::nodes::{Nodes, SetAside};
 use serde_json::Value;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Attempts per request across all servers before a request counts as unreachable.
 const ATTEMPTS: u32 = 6;
@@ -23,13 +25,20 @@ pub(super) enum Answer {
     Refused(u16, String),
 }
 
+/// What one exchange with one node came to.
+enum Outcome {
+    /// Final, either way: an answer, or an error that retrying cannot fix.
+    Done(Result<Answer, KmsError>),
+    /// Ask again (another node, after a pause), with the text for the *unreachable* error.
+    Retry(String),
+}
+
 /// The HTTP client and the servers it talks to.
 pub(super) struct Transport {
     http: reqwest::Client,
-    addrs: Vec<String>,
+    /// The servers, which one to ask first, and which are set aside.
+    nodes: Nodes,
     namespace: Option<String>,
-    /// Index of the server that answered last: HA clients stick to the active node.
-    preferred: AtomicU64,
     /// HTTP requests sent to the server (for status and tests).
     requests: AtomicU64,
 }
@@ -61,9 +70,8 @@ impl Transport {
             .map_err(|e| KmsError::Misconfigured(format!("HTTP client: {e}")))?;
         Ok(Transport {
             http,
-            addrs,
+            nodes: Nodes::new(addrs),
             namespace,
-            preferred: AtomicU64::new(0),
             requests: AtomicU64::new(0),
         })
     }
@@ -73,57 +81,99 @@ impl Transport {
         self.requests.load(Ordering::Relaxed)
     }
 
+    /// The servers set aside now, for status.
+    pub(super) fn set_aside(&self) -> Vec<SetAside> {
+        self.nodes.report()
+    }
+
     /// One HTTP exchange with retries: connection failures, timeouts, 429, 5xx and standby
     /// answers move on to the next server after a backoff with jitter; 4xx answers are final.
+    /// An exchange that is late is sent to another server too (see [`Transport::hedged`]).
     pub(super) async fn send(
         &self,
         path: &str,
         body: Option<&Value>,
         token: Option<&str>,
     ) -> Result<Answer, KmsError> {
-        let n = self.addrs.len();
         let mut last = String::new();
         for attempt in 0..ATTEMPTS {
-            let idx = (self.preferred.load(Ordering::Relaxed) as usize + attempt as usize) % n;
-            let url = format!("{}/v1/{path}", self.addrs[idx]);
-            let mut req = match body {
-                Some(b) => self.http.post(&url).json(b),
-                None => self.http.get(&url),
-            };
-            if let Some(t) = token {
-                req = req.header("X-Vault-Token", t);
-            }
-            if let Some(ns) = &self.namespace {
-                req = req.header("X-Vault-Namespace", ns);
-            }
-            self.requests.fetch_add(1, Ordering::Relaxed);
-            match req.send().await {
-                Err(e) if is_certificate_error(&e) => {
-                    return Err(KmsError::Misconfigured(format!(
-                        "{}: the server's TLS certificate is not trusted ({}); set BAO_CACERT to its CA bundle",
-                        self.addrs[idx],
-                        describe(&e)
-                    )));
-                }
-                Err(e) => last = format!("{}: {}", self.addrs[idx], describe(&e)),
-                Ok(resp) => {
-                    let status = resp.status().as_u16();
-                    let v: Value = resp.json().await.unwrap_or(Value::Null);
-                    match triage(status, &v) {
-                        Triage::Answer => {
-                            self.preferred.store(idx as u64, Ordering::Relaxed);
-                            return Ok(Answer::Ok(v));
-                        }
-                        Triage::Retry(why) => last = format!("{}: {why}", self.addrs[idx]),
-                        Triage::Refused(code, m) => return Ok(Answer::Refused(code, m)),
-                    }
-                }
+            match self.hedged(self.nodes.pick(attempt), path, body, token).await {
+                Outcome::Done(r) => return r,
+                Outcome::Retry(why) => last = why,
             }
             if let Some(pause) = crate::kms::retry::pause_after(attempt, ATTEMPTS) {
                 tokio::time::sleep(pause).await;
             }
         }
         Err(KmsError::Unreachable(last))
+    }
+
+    /// An exchange with node `idx`; if it has not ended after [`Nodes::hedge_after`], node
+    /// `idx` is set aside and the same request goes to another node, and whichever ends first
+    /// with an outcome other than retry wins (the other is dropped, which cancels it).
+    async fn hedged(&self, idx: usize, path: &str, body: Option<&Value>, token: Option<&str>) -> Outcome {
+        let first = self.exchange(idx, path, body, token);
+        tokio::pin!(first);
+        let late = self.nodes.hedge_after();
+        if self.nodes.len() < 2 {
+            return first.await;
+        }
+        let Ok(done) = tokio::time::timeout(late, &mut first).await else {
+            let Some(other) = self.nodes.other_than(idx) else {
+                return first.await;
+            };
+            self.nodes.set_aside(idx, late);
+            let second = self.exchange(other, path, body, token);
+            tokio::pin!(second);
+            return tokio::select! {
+                o = &mut first => match o {
+                    Outcome::Retry(_) => second.await,
+                    o => o,
+                },
+                o = &mut second => match o {
+                    Outcome::Retry(_) => first.await,
+                    o => o,
+                },
+            };
+        };
+        done
+    }
+
+    /// One HTTP exchange with node `idx`.
+    async fn exchange(&self, idx: usize, path: &str, body: Option<&Value>, token: Option<&str>) -> Outcome {
+        let addr = self.nodes.addr(idx);
+        let url = format!("{addr}/v1/{path}");
+        let mut req = match body {
+            Some(b) => self.http.post(&url).json(b),
+            None => self.http.get(&url),
+        };
+        if let Some(t) = token {
+            req = req.header("X-Vault-Token", t);
+        }
+        if let Some(ns) = &self.namespace {
+            req = req.header("X-Vault-Namespace", ns);
+        }
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let sent = Instant::now();
+        match req.send().await {
+            Err(e) if is_certificate_error(&e) => Outcome::Done(Err(KmsError::Misconfigured(format!(
+                "{addr}: the server's TLS certificate is not trusted ({}); set BAO_CACERT to its CA bundle",
+                describe(&e)
+            )))),
+            Err(e) => Outcome::Retry(format!("{addr}: {}", describe(&e))),
+            Ok(resp) => {
+                let status = resp.status().as_u16();
+                let v: Value = resp.json().await.unwrap_or(Value::Null);
+                match triage(status, &v) {
+                    Triage::Answer => {
+                        self.nodes.answered(idx, sent.elapsed());
+                        Outcome::Done(Ok(Answer::Ok(v)))
+                    }
+                    Triage::Retry(why) => Outcome::Retry(format!("{addr}: {why}")),
+                    Triage::Refused(code, m) => Outcome::Done(Ok(Answer::Refused(code, m))),
+                }
+            }
+        }
     }
 }
 
