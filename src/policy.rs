@@ -13,74 +13,19 @@
 mod file;
 pub mod guard;
 pub mod identity;
+mod rules;
+mod selector;
 
 pub use identity::Identity;
+pub use rules::{Effect, Policy, Rule};
+pub use selector::Selector;
 
-use guard::{Action, Counter, Crossing, Gate, GuardRule, Usage};
+use guard::{Action, Counter, Crossing, Gate, Usage};
 use serde_json::{Map, Value, json};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Effect {
-    Allow,
-    Deny,
-    /// Allow, and write the open to the audit log.
-    Audit,
-}
-
-/// Which callers a rule or guard is about; a missing list matches everyone.
-#[derive(Debug, Default)]
-pub struct Selector {
-    pub users: Option<Vec<u32>>,
-    pub groups: Option<Vec<u32>>,
-    /// (device, inode, path as written).
-    pub programs: Option<Vec<(u64, u64, PathBuf)>>,
-}
-
-impl Selector {
-    pub fn matches(&self, who: &Identity) -> bool {
-        // Cheapest first: a program is one stat of /proc/PID/exe, groups a read of
-        // /proc/PID/status (about 0.1 ms), made only when the rest matched.
-        self.users.as_ref().is_none_or(|u| u.contains(&who.uid))
-            && self.programs.as_ref().is_none_or(|ps| {
-                who.program()
-                    .is_some_and(|p| ps.iter().any(|&(dev, ino, _)| p.dev == dev && p.ino == ino))
-            })
-            && self
-                .groups
-                .as_ref()
-                .is_none_or(|g| g.iter().any(|&g| who.in_group(g)))
-    }
-}
-
-#[derive(Debug)]
-pub struct Rule {
-    pub name: Arc<str>,
-    pub select: Selector,
-    pub effect: Effect,
-}
-
-/// A checked, compiled policy file.
-#[derive(Debug)]
-pub struct Policy {
-    pub rules: Vec<Rule>,
-    /// When no rule matches.
-    pub default: Effect,
-    pub guards: Vec<GuardRule>,
-}
-
-impl Policy {
-    /// The first rule that matches, or the default.
-    pub fn decide(&self, who: &Identity) -> (Effect, Arc<str>) {
-        self.rules.iter().find(|r| r.select.matches(who)).map_or_else(
-            || (self.default, "default".into()),
-            |r| (r.effect, r.name.clone()),
-        )
-    }
-}
 
 /// A caller, with what the policy decided for it: carried from the open to its KMS call and
 /// its audit events.

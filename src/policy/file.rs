@@ -3,7 +3,8 @@
 //! good policy (docs/policy.md has the reference).
 
 use super::guard::{Action, GuardRule, Limits};
-use super::{Effect, Policy, Rule, Selector};
+use super::rules::{Effect, Policy, Rule};
+use super::selector::Selector;
 use serde::Deserialize;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};

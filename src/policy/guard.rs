@@ -8,8 +8,8 @@
 //! applies only where an admin wrote it). The guard acts on opens: reads through descriptors
 //! already open carry on, as they do after a chmod.
 
-use super::Selector;
 use super::identity::{Identity, UsageKey};
+use super::selector::Selector;
 use lru::LruCache;
 use std::num::NonZeroUsize;
 use std::sync::Mutex;
