@@ -150,8 +150,9 @@ pub fn run_mount(req: MountRequest) -> Result<Ended, Fatal> {
 
     let located = Located::find_with(&req.backing, req.anchor.as_deref())?;
     let backing = located.backing.clone();
-    let mountpoint = std::fs::canonicalize(&req.mountpoint).unwrap_or_else(|_| req.mountpoint.clone());
+    crate::stop::clear_stale_mount(&req.mountpoint)?;
     check_mountpoint(&req.mountpoint)?;
+    let mountpoint = std::fs::canonicalize(&req.mountpoint).unwrap_or_else(|_| req.mountpoint.clone());
     if !Path::new("/dev/fuse").exists() {
         return Err(fatal!(
             "/dev/fuse is missing: install fuse3 (`apt-get install fuse3`) and load the module (`modprobe fuse`)"
@@ -221,6 +222,7 @@ pub fn run_mount(req: MountRequest) -> Result<Ended, Fatal> {
         locked: std::sync::Mutex::new(None),
         session_ended: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         to_invalidate: std::sync::Mutex::new(None),
+        stopping: std::sync::atomic::AtomicBool::new(false),
     });
     let adapter = FuseAdapter::new(fs, req.on_ready);
     let mut session = fuser::Session::new(adapter, &req.mountpoint, &fuse_config).map_err(|e| {
@@ -243,37 +245,9 @@ pub fn run_mount(req: MountRequest) -> Result<Ended, Fatal> {
         })
         .ok();
 
-    // SIGTERM/SIGINT unmount gracefully: the session loop then ends and every key is dropped.
-    let mut unmounter = session.unmount_callable();
-    let signal_mountpoint = mountpoint.clone();
-    runtime.spawn(async move {
-        use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-        else {
-            log::warn!("cannot install signal handlers; stop with `kmsfs unmount`");
-            return;
-        };
-        let mut lazy = false;
-        loop {
-            tokio::select! {
-                _ = term.recv() => log::info!("SIGTERM: unmounting"),
-                _ = int.recv() => log::info!("SIGINT: unmounting"),
-            }
-            // The first signal unmounts gracefully; if files are busy, the next one detaches.
-            let result = if lazy {
-                sys::umount(signal_mountpoint.as_os_str(), true)
-            } else {
-                unmounter.unmount()
-            };
-            match result {
-                Ok(()) => return,
-                Err(e) => {
-                    log::error!("unmount failed ({e}); send the signal again to detach lazily");
-                    lazy = true;
-                }
-            }
-        }
-    });
+    // SIGTERM/SIGINT unmount gracefully, or drop the keys and detach if files are open.
+    runtime.spawn(crate::stop::on_signals(state.clone(), session.unmount_callable()));
+    crate::watchdog::start(mountpoint.clone(), state.session_ended.clone());
     let watcher = {
         let state = state.clone();
         let handle = runtime.handle().clone();
@@ -311,7 +285,7 @@ pub fn run_mount(req: MountRequest) -> Result<Ended, Fatal> {
         log::info!("KMS requests sent while mounted: {}", kms.request_count());
     }
     runtime.shutdown_background();
-    if let Some(why) = state.locked_reason() {
+    if let Some(why) = state.locked_reason().filter(|_| !state.stopped()) {
         log::warn!("volume {} locked and unmounted: {why}", config.volume_id);
         crate::audit::event(
             "unmounted",

@@ -32,6 +32,8 @@ pub mod mountinfo;
 pub mod notify;
 pub mod revocation;
 pub mod rewrap;
+pub mod stop;
 pub mod sys;
 pub mod unmount;
 pub mod volume;
+pub mod watchdog;
