@@ -107,19 +107,21 @@ enum Cmd {
     },
     /// Lock a mount now: drop every key, fail all I/O with ENOKEY, unmount.
     Lock { mountpoint: PathBuf },
-    /// Manage keys in a local keystore: list, create, rotate, disable, enable.
+    /// Manage keys in a local keystore: list, create, rotate, disable, enable, backup.
     Key(KeyArgs),
 }
 
 #[derive(Args)]
 struct KeyArgs {
     action: KeyAction,
-    /// The key's name (all actions but `list`).
+    /// The key's name (all actions but `list` and `backup`); for `backup`, the file to write.
+    #[arg(value_name = "NAME|OUT")]
     name: Option<String>,
     /// The keystore file.
     #[arg(long, conflicts_with = "volume")]
     keystore: Option<PathBuf>,
-    /// A volume's backing directory: use the keystore its config names.
+    /// A volume's backing directory: use the keystore this machine's settings for it (the
+    /// anchor) name, never the one its config in the backing directory names.
     #[arg(long)]
     volume: Option<PathBuf>,
 }
@@ -136,6 +138,8 @@ enum KeyAction {
     Disable,
     /// Allow a disabled key again.
     Enable,
+    /// Copy the keystore to OUT (mode 600) and list the key versions the copy holds.
+    Backup,
 }
 
 pub fn run(cli: Cli) -> Result<(), Fatal> {
@@ -323,6 +327,11 @@ fn lock(mountpoint: &Path) -> Result<(), Fatal> {
 }
 
 fn key(args: KeyArgs) -> Result<(), Fatal> {
+    let volume_hint = match &args.volume {
+        Some(v) => format!("--volume {}", v.display()),
+        None => "--keystore PATH".into(),
+    };
+    let backing = args.volume.clone();
     let path = match (args.keystore, args.volume) {
         (Some(k), _) => std::path::absolute(&k).map_err(|e| fatal!("{}: {e}", k.display()))?,
         // Found as every command finds a volume: a config that points at a keystore planted
@@ -352,6 +361,12 @@ fn key(args: KeyArgs) -> Result<(), Fatal> {
         s.save(&path)
             .map_err(|e| Fatal::new(format!("cannot write keystore {}: {e}", path.display())))
     };
+    if let KeyAction::Backup = args.action {
+        let out = args
+            .name
+            .ok_or_else(|| Fatal::new("name the backup file: `kmsfs key backup --volume BACKING OUT`"))?;
+        return crate::key_backup::backup(&path, Path::new(&out), backing.as_deref());
+    }
     if let KeyAction::List = args.action {
         for k in &load()?.keys {
             let state = if k.enabled { "enabled" } else { "DISABLED" };
@@ -372,14 +387,17 @@ fn key(args: KeyArgs) -> Result<(), Fatal> {
         _ => load()?,
     };
     let message = match args.action {
-        KeyAction::List => unreachable!("handled above"),
+        KeyAction::List | KeyAction::Backup => unreachable!("handled above"),
         KeyAction::Create => {
             s.create_key(&name).map_err(Fatal::new)?;
             format!("created key {name:?} in {}", path.display())
         }
         KeyAction::Rotate => {
             let v = s.rotate(&name).map_err(Fatal::new)?;
-            format!("key {name:?} now at version {v}; new files use it, existing files keep opening")
+            format!(
+                "key {name:?} now at version {v}; new files use it, existing files keep opening\n{}",
+                crate::key_backup::new_backup_needed(v, &volume_hint)
+            )
         }
         KeyAction::Disable => {
             s.set_enabled(&name, false).map_err(Fatal::new)?;

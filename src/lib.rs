@@ -22,6 +22,7 @@ pub mod fuzzing;
 pub mod hex;
 pub mod init;
 pub mod install;
+pub mod key_backup;
 pub mod keycache;
 pub mod kmip;
 pub mod kms;

@@ -207,3 +207,55 @@ fn status_for_people_prints_text_not_json() {
     );
     assert!(!text.contains('"'), "JSON quotes in the human form: {text}");
 }
+
+#[test]
+fn restoring_a_backup_older_than_a_rotation_names_the_missing_version_and_the_remedy() {
+    let mut v = Volume::mounted();
+    let b = v.backing.to_str().unwrap().to_owned();
+    std::fs::write(v.m("before"), b"written before the backup").unwrap();
+    let old = v.dir.path().join("keystore.old-backup");
+    let out = run_ok(&["key", "backup", "--volume", &b, old.to_str().unwrap()]);
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    eprintln!("{said}");
+    assert!(said.contains("\"default\": versions 1 (current 1)"), "{said}");
+    assert_eq!(
+        std::fs::metadata(&old).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    // A backup beside the data would travel with it.
+    let inside = v.backing.join("keys.backup");
+    let err = run_err(&["key", "backup", "--volume", &b, inside.to_str().unwrap()]);
+    assert!(err.contains("inside the backing directory"), "{err}");
+    assert!(!inside.exists());
+
+    std::fs::write(v.m("after"), b"written after").unwrap();
+    v.unmount();
+    let out = run_ok(&["key", "rotate", "default", "--volume", &b]);
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        said.contains("a new backup is needed") && said.contains("version 2"),
+        "{said}"
+    );
+    let out = run_ok(&["rewrap", &b]);
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(said.contains("a new backup is needed"), "{said}");
+    let new = v.dir.path().join("keystore.new-backup");
+    run_ok(&["key", "backup", "--volume", &b, new.to_str().unwrap()]);
+
+    // The old backup restored: the mount names the version it lacks and what to do.
+    std::fs::copy(&old, &v.keystore).unwrap();
+    let err = v.mount_err(&[]);
+    eprintln!("{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("need version 2 of key \"default\""), "{err}");
+    assert!(err.contains("restore a newer backup"), "{err}");
+    // The newer backup opens everything.
+    std::fs::copy(&new, &v.keystore).unwrap();
+    v.mount(&[]);
+    assert_eq!(
+        std::fs::read(v.m("before")).unwrap(),
+        b"written before the backup"
+    );
+    assert_eq!(std::fs::read(v.m("after")).unwrap(), b"written after");
+    v.unmount();
+}
