@@ -58,7 +58,7 @@ fn take_lock(backing: &Path) -> Result<File, Fatal> {
     }
 }
 
-fn check_mountpoint(mp: &Path) -> Result<(), Fatal> {
+fn check_mountpoint(mp: &Path, nonempty: bool) -> Result<(), Fatal> {
     let meta = std::fs::metadata(mp).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
             fatal!(
@@ -83,7 +83,20 @@ fn check_mountpoint(mp: &Path) -> Result<(), Fatal> {
             mp.display()
         ));
     }
+    // Files under the mountpoint would be hidden by the mount, and programs writing there
+    // would not notice that they miss the encrypted volume: refused unless asked for.
+    if !nonempty && std::fs::read_dir(mp).is_ok_and(|mut d| d.next().is_some()) {
+        return Err(fatal!(
+            "mountpoint {} is not empty: the mount would hide its files; empty it, or add `-o nonempty`",
+            mp.display()
+        ));
+    }
     Ok(())
+}
+
+/// True if `-o nonempty` was given.
+fn wants_nonempty(options: &[String]) -> bool {
+    options.iter().flat_map(|s| s.split(',')).any(|o| o == "nonempty")
 }
 
 fn fuser_config(req: &MountRequest, backing: &Path) -> Result<fuser::Config, Fatal> {
@@ -91,7 +104,10 @@ fn fuser_config(req: &MountRequest, backing: &Path) -> Result<fuser::Config, Fat
     let mut config = fuser::Config::default();
     let mut opts = vec![
         O::FSName(backing.display().to_string()),
-        O::Subtype("kmsfs".into()),
+        // As a kernel option, not fuser's Subtype: run as root, fuser calls mount(2) itself
+        // with type "fuse" and passes Subtype only to fusermount3. The kernel then shows
+        // the type as fuse.kmsfs (`findmnt -t fuse.kmsfs`, mount(8) -t, fstab).
+        O::CUSTOM("subtype=kmsfs".into()),
         // The kernel checks permissions against the attributes we report; without this any
         // local user could read files through a root-run daemon.
         O::DefaultPermissions,
@@ -107,7 +123,7 @@ fn fuser_config(req: &MountRequest, backing: &Path) -> Result<fuser::Config, Fat
             "rw" => opts.push(O::RW),
             "allow_other" => config.acl = fuser::SessionACL::All,
             "allow_root" => config.acl = fuser::SessionACL::RootAndOwner,
-            "default_permissions" => {}
+            "default_permissions" | "nonempty" => {}
             "dev" => opts.push(O::Dev),
             "nodev" => opts.push(O::NoDev),
             "suid" => opts.push(O::Suid),
@@ -151,7 +167,7 @@ pub fn run_mount(req: MountRequest) -> Result<Ended, Fatal> {
     let located = Located::find_with(&req.backing, req.anchor.as_deref())?;
     let backing = located.backing.clone();
     crate::stop::clear_stale_mount(&req.mountpoint)?;
-    check_mountpoint(&req.mountpoint)?;
+    check_mountpoint(&req.mountpoint, wants_nonempty(&req.options))?;
     let mountpoint = std::fs::canonicalize(&req.mountpoint).unwrap_or_else(|_| req.mountpoint.clone());
     if !Path::new("/dev/fuse").exists() {
         return Err(fatal!(

@@ -96,6 +96,7 @@ pub fn mount(args: MountArgs) -> Result<(), Fatal> {
         use std::os::unix::fs::DirBuilderExt;
         let _ = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir);
     }
+    let fresh_log = !log_path.exists();
     let log = {
         use std::os::unix::fs::OpenOptionsExt;
         std::fs::OpenOptions::new()
@@ -154,14 +155,30 @@ pub fn mount(args: MountArgs) -> Result<(), Fatal> {
         }
         if let Some(msg) = line.strip_prefix("ERROR: ") {
             let _ = child.wait();
+            if fresh_log {
+                remove_if_only(&log_path, &format!("kmsfs: {msg}"));
+            }
             return Err(Fatal::new(msg));
         }
     }
     let status = child.wait().map_err(|e| Fatal::new(e.to_string()))?;
+    if fresh_log && remove_if_only(&log_path, "") {
+        return Err(fatal!(
+            "the daemon exited during startup ({status}) without a word"
+        ));
+    }
     Err(Fatal::new(format!(
         "the daemon exited during startup ({status}); see {}",
         log_path.display()
     )))
+}
+
+/// Removes a log file that a failed start created and that holds nothing but `error` (which
+/// the caller prints anyway) or nothing at all: no empty or redundant logs pile up. True if
+/// it did.
+fn remove_if_only(log: &Path, error: &str) -> bool {
+    let redundant = std::fs::read_to_string(log).is_ok_and(|t| t.trim().is_empty() || t.trim() == error);
+    redundant && std::fs::remove_file(log).is_ok()
 }
 
 fn mount_foreground(args: MountArgs) -> Result<(), Fatal> {

@@ -37,6 +37,7 @@ const PASSED: &[&str] = &[
     "sync",
     "async",
     "dirsync",
+    "nonempty",
 ];
 
 /// kmsfs's own options (`name=value`), mapped to `kmsfs mount` flags.

@@ -259,3 +259,63 @@ fn restoring_a_backup_older_than_a_rotation_names_the_missing_version_and_the_re
     assert_eq!(std::fs::read(v.m("after")).unwrap(), b"written after");
     v.unmount();
 }
+
+#[test]
+fn a_mount_is_fuse_kmsfs_and_status_finds_it_under_a_name_with_a_space() {
+    let mut v = Volume::new();
+    v.mnt = v.dir.path().join("my media");
+    std::fs::create_dir(&v.mnt).unwrap();
+    v.mount(&[]);
+    let mp = v.mnt.canonicalize().unwrap();
+    let out = std::process::Command::new("findmnt")
+        .args(["-n", "-t", "fuse.kmsfs", "-o", "TARGET,FSTYPE"])
+        .output()
+        .unwrap();
+    let found = String::from_utf8_lossy(&out.stdout).into_owned();
+    eprintln!("findmnt -t fuse.kmsfs:\n{found}");
+    assert!(
+        found.lines().any(|l| l.starts_with(mp.to_str().unwrap())),
+        "{found}"
+    );
+    // All mounts, then this one by name: in plain text, no JSON quotes.
+    let all = String::from_utf8_lossy(&run_ok(&["status"]).stdout).into_owned();
+    assert!(all.lines().any(|l| l == mp.to_str().unwrap()), "{all}");
+    let one = String::from_utf8_lossy(&run_ok(&["status", v.mnt.to_str().unwrap()]).stdout).into_owned();
+    eprintln!("{one}");
+    assert!(one.starts_with(mp.to_str().unwrap()), "{one}");
+    assert!(!one.contains('"'), "JSON quotes in plain status:\n{one}");
+    v.unmount();
+}
+
+#[test]
+fn a_non_empty_mountpoint_is_refused_unless_nonempty() {
+    let mut v = Volume::new();
+    std::fs::write(v.mnt.join("hidden"), b"would be hidden").unwrap();
+    let err = v.mount_err(&[]);
+    assert!(
+        one_line(&err).contains("is not empty") && err.contains("-o nonempty"),
+        "{err}"
+    );
+    assert!(!v.is_mounted());
+    v.mount(&["nonempty"]);
+    assert!(v.is_mounted());
+    v.unmount();
+    assert!(v.mnt.join("hidden").exists());
+}
+
+#[test]
+fn a_failed_mount_leaves_no_log_file() {
+    let d = tempfile::tempdir().unwrap();
+    let (backing, mnt, log) = (d.path().join("b"), d.path().join("m"), d.path().join("m.log"));
+    std::fs::create_dir(&backing).unwrap();
+    std::fs::create_dir(&mnt).unwrap();
+    let err = run_err(&[
+        "mount",
+        backing.to_str().unwrap(),
+        mnt.to_str().unwrap(),
+        "--log-file",
+        log.to_str().unwrap(),
+    ]);
+    assert!(one_line(&err).contains("not a kmsfs volume"), "{err}");
+    assert!(!log.exists(), "a failed mount left {}", log.display());
+}
