@@ -6,6 +6,7 @@ use std::path::Path;
 
 pub const SERVICE_TEMPLATE: &str = include_str!("../systemd/kmsfs@.service");
 const CONF_EXAMPLE: &str = include_str!("../systemd/kmsfs.conf.example");
+const LOGROTATE: &str = include_str!("../systemd/kmsfs.logrotate");
 const CREDENTIALS_EXAMPLE: &str = include_str!("../systemd/kmsfs@.service.d/credentials.conf.example");
 
 /// The unit template with `kmsfs` at `bin`.
@@ -40,6 +41,9 @@ pub fn install_units(bin_dir: &Path, root: &Path) -> Result<(), Fatal> {
         CREDENTIALS_EXAMPLE,
     )
     .map_err(|e| io("drop-in example", e))?;
+    let logrotate = under("etc/logrotate.d");
+    std::fs::create_dir_all(&logrotate).map_err(|e| io("/etc/logrotate.d", e))?;
+    std::fs::write(logrotate.join("kmsfs"), LOGROTATE).map_err(|e| io("logrotate snippet", e))?;
     let etc = under("etc/kmsfs");
     std::fs::DirBuilder::new()
         .recursive(true)

@@ -26,6 +26,7 @@ pub mod key_backup;
 pub mod keycache;
 pub mod kmip;
 pub mod kms;
+pub mod logging;
 pub mod mount_cmd;
 pub mod mount_helper;
 pub mod mount_state;

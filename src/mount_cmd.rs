@@ -140,6 +140,7 @@ pub fn mount(args: MountArgs) -> Result<(), Fatal> {
     use std::os::unix::process::CommandExt;
     let mut child = cmd
         .env(READY_ENV, "1")
+        .env(crate::logging::LOG_FILE_ENV, &log_path)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log)

@@ -398,3 +398,56 @@ fn the_watchdog_is_fed_only_while_the_fuse_loop_answers() {
     unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
     drop(svc);
 }
+
+/// How many `HH:MM:SS` times a log line carries.
+fn timestamps(line: &str) -> usize {
+    let b = line.as_bytes();
+    let d = |i: usize| b.get(i).is_some_and(u8::is_ascii_digit);
+    (0..b.len())
+        .filter(|&i| {
+            d(i) && d(i + 1)
+                && b.get(i + 2) == Some(&b':')
+                && d(i + 3)
+                && d(i + 4)
+                && b.get(i + 5) == Some(&b':')
+                && d(i + 6)
+                && d(i + 7)
+        })
+        .count()
+}
+
+#[test]
+fn log_lines_carry_journald_priorities_under_systemd_and_one_timestamp_otherwise() {
+    use std::os::unix::fs::MetadataExt;
+    let v = Volume::new();
+    // stderr is the journal's stream when JOURNAL_STREAM names its device and inode.
+    std::fs::write(&v.log, b"").unwrap();
+    let m = std::fs::metadata(&v.log).unwrap();
+    let stream = format!("{}:{}", m.dev(), m.ino());
+    drop(Service::start(&v, &[], &[("JOURNAL_STREAM", &stream)]));
+    let journal = std::fs::read_to_string(&v.log).unwrap();
+    eprintln!("as the journal gets it:\n{journal}");
+    assert!(journal.lines().count() >= 2, "{journal}");
+    for l in journal.lines() {
+        assert!(
+            l.len() > 3 && l.starts_with('<') && (b'0'..=b'7').contains(&l.as_bytes()[1]) && &l[2..3] == ">",
+            "no priority: {l}"
+        );
+        assert_eq!(timestamps(l), 0, "the journal stamps lines itself: {l}");
+    }
+    assert!(
+        journal
+            .lines()
+            .any(|l| l.starts_with("<6>") && l.contains("mounted at")),
+        "{journal}"
+    );
+
+    // Not the journal (the variable inherited, the stream not): one timestamp per line.
+    drop(Service::start(&v, &[], &[("JOURNAL_STREAM", "1:1")]));
+    let file = std::fs::read_to_string(&v.log).unwrap();
+    eprintln!("as a file gets it:\n{file}");
+    for l in file.lines() {
+        assert!(!l.starts_with('<'), "{l}");
+        assert_eq!(timestamps(l), 1, "{l}");
+    }
+}
