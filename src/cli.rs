@@ -10,10 +10,22 @@ use crate::volume::{Located, explain_kms};
 use clap::{Args, Parser, Subcommand};
 use std::path::{Path, PathBuf};
 
+/// The KMS backends this binary speaks, as `init --kms` takes them.
+pub const BACKENDS: [&str; 5] = ["local", "openbao", "vault", "aws-kms", "kmip"];
+
+/// `kmsfs --version`: the release, the commit it was built from, and the backends (a literal,
+/// checked against [`BACKENDS`] by a test, since `concat!` takes only literals).
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("KMSFS_COMMIT"),
+    "; KMS backends: local, openbao, vault, aws-kms, kmip)"
+);
+
 #[derive(Parser)]
 #[command(
     name = "kmsfs",
-    version,
+    version = VERSION,
     about = "An encrypting FUSE filesystem whose keys live in a KMS"
 )]
 pub struct Cli {
@@ -34,7 +46,7 @@ enum Cmd {
         key: String,
         /// The KMS: `local` (embedded keystore), `openbao` / `vault` (Transit), `aws-kms` or
         /// `kmip`.
-        #[arg(long, default_value = "local", value_parser = ["local", "openbao", "vault", "aws-kms", "kmip"])]
+        #[arg(long, default_value = "local", value_parser = BACKENDS)]
         kms: String,
         /// OpenBao/Vault URL(s) (default: $BAO_ADDR or $VAULT_ADDR), or KMIP HOST:PORT(s)
         /// (default: $KMSFS_KMIP_ADDR); comma-separated, tried in order.
@@ -107,6 +119,10 @@ enum Cmd {
     },
     /// Lock a mount now: drop every key, fail all I/O with ENOKEY, unmount.
     Lock { mountpoint: PathBuf },
+    /// Write the man pages (kmsfs.1, kmsfs-mount.1, …) into DIR.
+    Man { dir: PathBuf },
+    /// Print the completion script for SHELL (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
     /// Manage keys in a local keystore: list, create, rotate, disable, enable, backup.
     Key(KeyArgs),
 }
@@ -191,6 +207,13 @@ pub fn run(cli: Cli) -> Result<(), Fatal> {
         Cmd::InstallUnits { bin_dir, root } => crate::install::install_units(&bin_dir, &root),
         Cmd::Key(args) => key(args),
         Cmd::Anchor { backing, replace } => crate::init::anchor(&backing, replace),
+        Cmd::Man { dir } => crate::docs::man_pages(&dir),
+        Cmd::Completions { shell } => {
+            use std::io::Write;
+            std::io::stdout()
+                .write_all(&crate::docs::completions(shell))
+                .map_err(|e| fatal!("cannot write the completions: {e}"))
+        }
     }
 }
 
@@ -411,4 +434,23 @@ fn key(args: KeyArgs) -> Result<(), Fatal> {
     save(&s)?;
     println!("{message}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_version_names_every_backend() {
+        let listed = super::VERSION
+            .split("KMS backends: ")
+            .nth(1)
+            .unwrap()
+            .trim_end_matches(')');
+        assert_eq!(listed, super::BACKENDS.join(", "));
+    }
+
+    #[test]
+    fn the_cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
 }

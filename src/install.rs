@@ -41,6 +41,26 @@ pub fn install_units(bin_dir: &Path, root: &Path) -> Result<(), Fatal> {
         CREDENTIALS_EXAMPLE,
     )
     .map_err(|e| io("drop-in example", e))?;
+    // Where a local install's man(1) and the shells look (a package uses /usr/share).
+    crate::docs::man_pages(&under("usr/local/share/man/man1"))?;
+    for (shell, path) in [
+        (
+            clap_complete::Shell::Bash,
+            "usr/local/share/bash-completion/completions/kmsfs",
+        ),
+        (
+            clap_complete::Shell::Zsh,
+            "usr/local/share/zsh/site-functions/_kmsfs",
+        ),
+        (
+            clap_complete::Shell::Fish,
+            "usr/local/share/fish/vendor_completions.d/kmsfs.fish",
+        ),
+    ] {
+        let p = under(path);
+        std::fs::create_dir_all(p.parent().expect("has a parent")).map_err(|e| io(path, e))?;
+        std::fs::write(&p, crate::docs::completions(shell)).map_err(|e| io(path, e))?;
+    }
     let logrotate = under("etc/logrotate.d");
     std::fs::create_dir_all(&logrotate).map_err(|e| io("/etc/logrotate.d", e))?;
     std::fs::write(logrotate.join("kmsfs"), LOGROTATE).map_err(|e| io("logrotate snippet", e))?;

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod control;
 pub mod crypto;
 pub mod daemon;
+pub mod docs;
 pub mod durable;
 pub mod exit;
 pub mod format;

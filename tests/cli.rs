@@ -319,3 +319,38 @@ fn a_failed_mount_leaves_no_log_file() {
     assert!(one_line(&err).contains("not a kmsfs volume"), "{err}");
     assert!(!log.exists(), "a failed mount left {}", log.display());
 }
+
+#[test]
+fn man_pages_completions_and_version_come_from_the_cli() {
+    let d = tempfile::tempdir().unwrap();
+    run_ok(&["man", d.path().to_str().unwrap()]);
+    let page = d.path().join("kmsfs-mount.1");
+    let out = std::process::Command::new("man")
+        .args(["-l", "-P", "cat"])
+        .arg(&page)
+        .env("MANWIDTH", "200")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("--open-timeout"), "{text}");
+    assert!(d.path().join("kmsfs.1").exists() && d.path().join("kmsfs-key.1").exists());
+
+    let script = run_ok(&["completions", "bash"]).stdout;
+    let out = std::process::Command::new("bash")
+        .args(["-c", "source /dev/stdin && complete -p kmsfs"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(&script)?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("kmsfs"), "{out:?}");
+
+    let v = String::from_utf8_lossy(&run_ok(&["--version"]).stdout).into_owned();
+    eprintln!("{v}");
+    assert!(v.contains("commit ") && !v.contains("commit unknown"), "{v}");
+    assert!(v.contains("local, openbao, vault, aws-kms, kmip"), "{v}");
+}

@@ -34,9 +34,13 @@ fn units_verify_without_a_single_warning() {
         .replace("/usr/local/bin/kmsfs", env!("CARGO_BIN_EXE_kmsfs"));
     let instance = d.path().join("kmsfs@media.service");
     std::fs::write(&instance, text).unwrap();
+    // Documentation= names the man pages install-units wrote: verify runs man(1) on each
+    // (the trailing colon keeps the system's own pages, mount.fuse3(8), in the path).
+    let manpath = format!("{}:", d.path().join("usr/local/share/man").display());
     let out = std::process::Command::new("systemd-analyze")
         .arg("verify")
         .arg(&instance)
+        .env("MANPATH", manpath)
         .output()
         .unwrap();
     let all = format!(
