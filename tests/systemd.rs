@@ -455,3 +455,65 @@ fn log_lines_carry_journald_priorities_under_systemd_and_one_timestamp_otherwise
         assert_eq!(timestamps(l), 1, "{l}");
     }
 }
+
+#[test]
+fn the_unit_rates_4_5_or_better_without_hiding_the_mount() {
+    let unit =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/kmsfs@.service")).unwrap();
+    // Each of these gives the service its own mount namespace: the FUSE mount would be
+    // invisible to the host.
+    for key in [
+        "ProtectSystem",
+        "ProtectHome",
+        "PrivateTmp",
+        "PrivateDevices",
+        "PrivateMounts",
+        "ProtectKernelTunables",
+        "ProtectKernelModules",
+        "ProtectKernelLogs",
+        "ProtectControlGroups",
+        "ProtectProc",
+        "ProcSubset",
+        "RootDirectory",
+        "ReadWritePaths",
+        "ReadOnlyPaths",
+        "InaccessiblePaths",
+        "TemporaryFileSystem",
+        "BindPaths",
+        "PrivateUsers",
+    ] {
+        assert!(
+            !unit
+                .lines()
+                .any(|l| l.trim_start().starts_with(&format!("{key}="))),
+            "{key}= would hide the mount from the host"
+        );
+    }
+    if !have("systemd-analyze") {
+        assert!(std::env::var_os("CI").is_none(), "CI must have systemd-analyze");
+        eprintln!("skipped: systemd-analyze is not installed");
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join("kmsfs@media.service"), &unit).unwrap();
+    let out = std::process::Command::new("systemd-analyze")
+        .args([
+            "security",
+            "--offline=yes",
+            "--threshold=45",
+            "kmsfs@media.service",
+        ])
+        .current_dir(d.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let overall = text
+        .lines()
+        .find(|l| l.contains("Overall exposure"))
+        .unwrap_or("");
+    eprintln!("{overall}");
+    assert!(
+        out.status.success(),
+        "systemd-analyze security rates the unit above 4.5:\n{text}"
+    );
+}
