@@ -37,6 +37,8 @@ pub struct MountRequest {
     pub audit_log: Option<PathBuf>,
     /// This machine's settings for the volume, if not where `anchor::path_for` looks.
     pub anchor: Option<PathBuf>,
+    /// Where to serve Prometheus metrics.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// How a mount ended.
@@ -200,6 +202,7 @@ pub fn run_mount(req: MountRequest) -> Result<Ended, Fatal> {
         .map_err(|e| fatal!("cannot open {}: {e}", backing.display()))?
         .into();
     let fuse_config = fuser_config(&req, &backing)?;
+    let metrics = req.metrics.map(crate::metrics::bind).transpose()?;
     let options = Options {
         read_only: fuse_config.mount_options.contains(&fuser::MountOption::RO),
         key_cache_entries: req.key_cache_entries,
@@ -264,6 +267,9 @@ pub fn run_mount(req: MountRequest) -> Result<Ended, Fatal> {
     // SIGTERM/SIGINT unmount gracefully, or drop the keys and detach if files are open.
     runtime.spawn(crate::stop::on_signals(state.clone(), session.unmount_callable()));
     crate::watchdog::start(mountpoint.clone(), state.session_ended.clone());
+    if let Some(listener) = metrics {
+        crate::metrics::serve(listener, state.clone());
+    }
     let watcher = {
         let state = state.clone();
         let handle = runtime.handle().clone();

@@ -28,6 +28,7 @@ pub mod keycache;
 pub mod kmip;
 pub mod kms;
 pub mod logging;
+pub mod metrics;
 pub mod mount_cmd;
 pub mod mount_helper;
 pub mod mount_state;

@@ -55,6 +55,9 @@ pub struct MountArgs {
     /// directory (/etc/kmsfs/anchors).
     #[arg(long)]
     pub anchor: Option<PathBuf>,
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9464; no authentication).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 fn absolute(p: &Path) -> Result<PathBuf, Fatal> {
@@ -133,6 +136,9 @@ pub fn mount(args: MountArgs) -> Result<(), Fatal> {
     }
     if let Some(a) = &args.anchor {
         cmd.arg("--anchor").arg(absolute(a)?);
+    }
+    if let Some(m) = &args.metrics {
+        cmd.arg("--metrics").arg(m.to_string());
     }
     for o in &args.options {
         cmd.arg("-o").arg(o);
@@ -216,6 +222,7 @@ fn mount_foreground(args: MountArgs) -> Result<(), Fatal> {
         require_mlock: args.require_mlock,
         audit_log: args.audit_log,
         anchor: args.anchor,
+        metrics: args.metrics,
     };
     match crate::daemon::run_mount(req) {
         Ok(crate::daemon::Ended::Unmounted) => Ok(()),

@@ -43,6 +43,7 @@ const PASSED: &[&str] = &[
 /// kmsfs's own options (`name=value`), mapped to `kmsfs mount` flags.
 const VALUED: &[(&str, &str)] = &[
     ("log", "--log-file"),
+    ("metrics", "--metrics"),
     ("audit", "--audit-log"),
     ("check_interval", "--check-interval"),
     ("grace", "--grace"),
