@@ -10,10 +10,22 @@ use crate::volume::{Located, explain_kms};
 use clap::{Args, Parser, Subcommand};
 use std::path::{Path, PathBuf};
 
+/// The KMS backends this binary speaks, as `init --kms` takes them.
+pub const BACKENDS: [&str; 5] = ["local", "openbao", "vault", "aws-kms", "kmip"];
+
+/// `kmsfs --version`: the release, the commit it was built from, and the backends (a literal,
+/// checked against [`BACKENDS`] by a test, since `concat!` takes only literals).
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("KMSFS_COMMIT"),
+    "; KMS backends: local, openbao, vault, aws-kms, kmip)"
+);
+
 #[derive(Parser)]
 #[command(
     name = "kmsfs",
-    version,
+    version = VERSION,
     about = "An encrypting FUSE filesystem whose keys live in a KMS"
 )]
 pub struct Cli {
@@ -34,7 +46,7 @@ enum Cmd {
         key: String,
         /// The KMS: `local` (embedded keystore), `openbao` / `vault` (Transit), `aws-kms` or
         /// `kmip`.
-        #[arg(long, default_value = "local", value_parser = ["local", "openbao", "vault", "aws-kms", "kmip"])]
+        #[arg(long, default_value = "local", value_parser = BACKENDS)]
         kms: String,
         /// OpenBao/Vault URL(s) (default: $BAO_ADDR or $VAULT_ADDR), or KMIP HOST:PORT(s)
         /// (default: $KMSFS_KMIP_ADDR); comma-separated, tried in order.
@@ -110,19 +122,25 @@ enum Cmd {
     /// Reload a mount's access policy and reopen its audit log (as SIGHUP does); a bad
     /// policy file is refused and the one in force stays.
     Reload { mountpoint: PathBuf },
-    /// Manage keys in a local keystore: list, create, rotate, disable, enable.
+    /// Write the man pages (kmsfs.1, kmsfs-mount.1, …) into DIR.
+    Man { dir: PathBuf },
+    /// Print the completion script for SHELL (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
+    /// Manage keys in a local keystore: list, create, rotate, disable, enable, backup.
     Key(KeyArgs),
 }
 
 #[derive(Args)]
 struct KeyArgs {
     action: KeyAction,
-    /// The key's name (all actions but `list`).
+    /// The key's name (all actions but `list` and `backup`); for `backup`, the file to write.
+    #[arg(value_name = "NAME|OUT")]
     name: Option<String>,
     /// The keystore file.
     #[arg(long, conflicts_with = "volume")]
     keystore: Option<PathBuf>,
-    /// A volume's backing directory: use the keystore its config names.
+    /// A volume's backing directory: use the keystore this machine's settings for it (the
+    /// anchor) name, never the one its config in the backing directory names.
     #[arg(long)]
     volume: Option<PathBuf>,
 }
@@ -139,6 +157,8 @@ enum KeyAction {
     Disable,
     /// Allow a disabled key again.
     Enable,
+    /// Copy the keystore to OUT (mode 600) and list the key versions the copy holds.
+    Backup,
 }
 
 pub fn run(cli: Cli) -> Result<(), Fatal> {
@@ -191,6 +211,13 @@ pub fn run(cli: Cli) -> Result<(), Fatal> {
         Cmd::InstallUnits { bin_dir, root } => crate::install::install_units(&bin_dir, &root),
         Cmd::Key(args) => key(args),
         Cmd::Anchor { backing, replace } => crate::init::anchor(&backing, replace),
+        Cmd::Man { dir } => crate::docs::man_pages(&dir),
+        Cmd::Completions { shell } => {
+            use std::io::Write;
+            std::io::stdout()
+                .write_all(&crate::docs::completions(shell))
+                .map_err(|e| fatal!("cannot write the completions: {e}"))
+        }
     }
 }
 
@@ -372,6 +399,11 @@ fn lock(mountpoint: &Path) -> Result<(), Fatal> {
 }
 
 fn key(args: KeyArgs) -> Result<(), Fatal> {
+    let volume_hint = match &args.volume {
+        Some(v) => format!("--volume {}", v.display()),
+        None => "--keystore PATH".into(),
+    };
+    let backing = args.volume.clone();
     let path = match (args.keystore, args.volume) {
         (Some(k), _) => std::path::absolute(&k).map_err(|e| fatal!("{}: {e}", k.display()))?,
         // Found as every command finds a volume: a config that points at a keystore planted
@@ -401,6 +433,12 @@ fn key(args: KeyArgs) -> Result<(), Fatal> {
         s.save(&path)
             .map_err(|e| Fatal::new(format!("cannot write keystore {}: {e}", path.display())))
     };
+    if let KeyAction::Backup = args.action {
+        let out = args
+            .name
+            .ok_or_else(|| Fatal::new("name the backup file: `kmsfs key backup --volume BACKING OUT`"))?;
+        return crate::key_backup::backup(&path, Path::new(&out), backing.as_deref());
+    }
     if let KeyAction::List = args.action {
         for k in &load()?.keys {
             let state = if k.enabled { "enabled" } else { "DISABLED" };
@@ -421,14 +459,17 @@ fn key(args: KeyArgs) -> Result<(), Fatal> {
         _ => load()?,
     };
     let message = match args.action {
-        KeyAction::List => unreachable!("handled above"),
+        KeyAction::List | KeyAction::Backup => unreachable!("handled above"),
         KeyAction::Create => {
             s.create_key(&name).map_err(Fatal::new)?;
             format!("created key {name:?} in {}", path.display())
         }
         KeyAction::Rotate => {
             let v = s.rotate(&name).map_err(Fatal::new)?;
-            format!("key {name:?} now at version {v}; new files use it, existing files keep opening")
+            format!(
+                "key {name:?} now at version {v}; new files use it, existing files keep opening\n{}",
+                crate::key_backup::new_backup_needed(v, &volume_hint)
+            )
         }
         KeyAction::Disable => {
             s.set_enabled(&name, false).map_err(Fatal::new)?;
@@ -442,4 +483,23 @@ fn key(args: KeyArgs) -> Result<(), Fatal> {
     save(&s)?;
     println!("{message}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_version_names_every_backend() {
+        let listed = super::VERSION
+            .split("KMS backends: ")
+            .nth(1)
+            .unwrap()
+            .trim_end_matches(')');
+        assert_eq!(listed, super::BACKENDS.join(", "));
+    }
+
+    #[test]
+    fn the_cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
 }

@@ -41,6 +41,8 @@ pub struct MountRequest {
     pub policy: Option<PathBuf>,
     /// This machine's settings for the volume, if not where `anchor::path_for` looks.
     pub anchor: Option<PathBuf>,
+    /// Where to serve Prometheus metrics.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// How a mount ended.
@@ -62,7 +64,7 @@ fn take_lock(backing: &Path) -> Result<File, Fatal> {
     }
 }
 
-fn check_mountpoint(mp: &Path) -> Result<(), Fatal> {
+fn check_mountpoint(mp: &Path, nonempty: bool) -> Result<(), Fatal> {
     let meta = std::fs::metadata(mp).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
             fatal!(
@@ -87,7 +89,20 @@ fn check_mountpoint(mp: &Path) -> Result<(), Fatal> {
             mp.display()
         ));
     }
+    // Files under the mountpoint would be hidden by the mount, and programs writing there
+    // would not notice that they miss the encrypted volume: refused unless asked for.
+    if !nonempty && std::fs::read_dir(mp).is_ok_and(|mut d| d.next().is_some()) {
+        return Err(fatal!(
+            "mountpoint {} is not empty: the mount would hide its files; empty it, or add `-o nonempty`",
+            mp.display()
+        ));
+    }
     Ok(())
+}
+
+/// True if `-o nonempty` was given.
+fn wants_nonempty(options: &[String]) -> bool {
+    options.iter().flat_map(|s| s.split(',')).any(|o| o == "nonempty")
 }
 
 fn fuser_config(req: &MountRequest, backing: &Path) -> Result<fuser::Config, Fatal> {
@@ -95,7 +110,10 @@ fn fuser_config(req: &MountRequest, backing: &Path) -> Result<fuser::Config, Fat
     let mut config = fuser::Config::default();
     let mut opts = vec![
         O::FSName(backing.display().to_string()),
-        O::Subtype("kmsfs".into()),
+        // As a kernel option, not fuser's Subtype: run as root, fuser calls mount(2) itself
+        // with type "fuse" and passes Subtype only to fusermount3. The kernel then shows
+        // the type as fuse.kmsfs (`findmnt -t fuse.kmsfs`, mount(8) -t, fstab).
+        O::CUSTOM("subtype=kmsfs".into()),
         // The kernel checks permissions against the attributes we report; without this any
         // local user could read files through a root-run daemon.
         O::DefaultPermissions,
@@ -111,7 +129,7 @@ fn fuser_config(req: &MountRequest, backing: &Path) -> Result<fuser::Config, Fat
             "rw" => opts.push(O::RW),
             "allow_other" => config.acl = fuser::SessionACL::All,
             "allow_root" => config.acl = fuser::SessionACL::RootAndOwner,
-            "default_permissions" => {}
+            "default_permissions" | "nonempty" => {}
             "dev" => opts.push(O::Dev),
             "nodev" => opts.push(O::NoDev),
             "suid" => opts.push(O::Suid),
@@ -157,8 +175,9 @@ pub fn run_mount(req: MountRequest) -> Result<Ended, Fatal> {
 
     let located = Located::find_with(&req.backing, req.anchor.as_deref())?;
     let backing = located.backing.clone();
+    crate::stop::clear_stale_mount(&req.mountpoint)?;
+    check_mountpoint(&req.mountpoint, wants_nonempty(&req.options))?;
     let mountpoint = std::fs::canonicalize(&req.mountpoint).unwrap_or_else(|_| req.mountpoint.clone());
-    check_mountpoint(&req.mountpoint)?;
     let access = Arc::new(match &req.policy {
         Some(p) => crate::policy::Access::load(p, Some(&mountpoint))
             .map_err(|e| fatal!("{e}; fix the file or mount without --policy"))?,
@@ -195,6 +214,7 @@ pub fn run_mount(req: MountRequest) -> Result<Ended, Fatal> {
         .map_err(|e| fatal!("cannot open {}: {e}", backing.display()))?
         .into();
     let fuse_config = fuser_config(&req, &backing)?;
+    let metrics = req.metrics.map(crate::metrics::bind).transpose()?;
     let options = Options {
         read_only: fuse_config.mount_options.contains(&fuser::MountOption::RO),
         key_cache_entries: req.key_cache_entries,
@@ -234,6 +254,7 @@ pub fn run_mount(req: MountRequest) -> Result<Ended, Fatal> {
         locked: std::sync::Mutex::new(None),
         session_ended: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         to_invalidate: std::sync::Mutex::new(None),
+        stopping: std::sync::atomic::AtomicBool::new(false),
     });
     let adapter = FuseAdapter::new(fs, req.on_ready);
     let mut session = fuser::Session::new(adapter, &req.mountpoint, &fuse_config).map_err(|e| {
@@ -257,44 +278,23 @@ pub fn run_mount(req: MountRequest) -> Result<Ended, Fatal> {
         })
         .ok();
 
-    // SIGTERM/SIGINT unmount gracefully: the session loop then ends and every key is dropped.
-    let mut unmounter = session.unmount_callable();
+    // SIGTERM/SIGINT unmount gracefully, or drop the keys and detach if files are open.
+    runtime.spawn(crate::stop::on_signals(state.clone(), session.unmount_callable()));
+    crate::watchdog::start(mountpoint.clone(), state.session_ended.clone());
+    if let Some(listener) = metrics {
+        crate::metrics::serve(listener, state.clone());
+    }
+    // SIGHUP: the policy reloaded, the audit log and the log file reopened (logrotate).
     let hup_state = state.clone();
-    let signal_mountpoint = mountpoint.clone();
     runtime.spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::hangup()),
-        ) else {
-            log::warn!("cannot install signal handlers; stop with `kmsfs unmount`");
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            log::warn!("cannot handle SIGHUP; reload with `kmsfs reload`");
             return;
         };
-        let mut lazy = false;
-        loop {
-            tokio::select! {
-                _ = term.recv() => log::info!("SIGTERM: unmounting"),
-                _ = int.recv() => log::info!("SIGINT: unmounting"),
-                _ = hup.recv() => {
-                    log::info!("SIGHUP: reloading the policy and reopening the audit log");
-                    hup_state.reload();
-                    continue;
-                }
-            }
-            // The first signal unmounts gracefully; if files are busy, the next one detaches.
-            let result = if lazy {
-                sys::umount(signal_mountpoint.as_os_str(), true)
-            } else {
-                unmounter.unmount()
-            };
-            match result {
-                Ok(()) => return,
-                Err(e) => {
-                    log::error!("unmount failed ({e}); send the signal again to detach lazily");
-                    lazy = true;
-                }
-            }
+        while hup.recv().await.is_some() {
+            log::info!("SIGHUP: reloading the policy, reopening the audit log and the log file");
+            hup_state.reload();
         }
     });
     let watcher = {
@@ -334,7 +334,7 @@ pub fn run_mount(req: MountRequest) -> Result<Ended, Fatal> {
         log::info!("KMS requests sent while mounted: {}", kms.request_count());
     }
     runtime.shutdown_background();
-    if let Some(why) = state.locked_reason() {
+    if let Some(why) = state.locked_reason().filter(|_| !state.stopped()) {
         log::warn!("volume {} locked and unmounted: {why}", config.volume_id);
         crate::audit::event(
             "unmounted",

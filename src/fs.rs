@@ -13,7 +13,7 @@ mod stats;
 mod waiters;
 mod xattr;
 
-pub use stats::{KmsEvents, Stats};
+pub use stats::{KMS_ERROR_KINDS, KmsEvents, LATENCY_BUCKETS, Stats};
 pub use waiters::Wait;
 
 use crate::format::VolumeId;
@@ -347,6 +347,7 @@ impl Fs {
             wait,
             self.kms.unwrap(&wrapped, &binding),
         )?;
+        self.stats.kms_call_ended(started.elapsed(), &result);
         let ms = started.elapsed().as_secs_f64() * 1000.0;
         let outcome = match &result {
             Ok(_) => "ok",
@@ -754,6 +755,7 @@ impl Fs {
         caller: Caller,
         done: impl FnOnce(FsResult<u64>) + Send + 'static,
     ) {
+        self.stats.opens.fetch_add(1, Ordering::Relaxed);
         let (asker, delay) = match self.admit(caller, "open", || self.file_id_of(ino)) {
             Ok(a) => a,
             Err(e) => return done(Err(e)),

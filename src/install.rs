@@ -6,6 +6,7 @@ use std::path::Path;
 
 pub const SERVICE_TEMPLATE: &str = include_str!("../systemd/kmsfs@.service");
 const CONF_EXAMPLE: &str = include_str!("../systemd/kmsfs.conf.example");
+const LOGROTATE: &str = include_str!("../systemd/kmsfs.logrotate");
 const CREDENTIALS_EXAMPLE: &str = include_str!("../systemd/kmsfs@.service.d/credentials.conf.example");
 
 /// The unit template with `kmsfs` at `bin`.
@@ -40,6 +41,29 @@ pub fn install_units(bin_dir: &Path, root: &Path) -> Result<(), Fatal> {
         CREDENTIALS_EXAMPLE,
     )
     .map_err(|e| io("drop-in example", e))?;
+    // Where a local install's man(1) and the shells look (a package uses /usr/share).
+    crate::docs::man_pages(&under("usr/local/share/man/man1"))?;
+    for (shell, path) in [
+        (
+            clap_complete::Shell::Bash,
+            "usr/local/share/bash-completion/completions/kmsfs",
+        ),
+        (
+            clap_complete::Shell::Zsh,
+            "usr/local/share/zsh/site-functions/_kmsfs",
+        ),
+        (
+            clap_complete::Shell::Fish,
+            "usr/local/share/fish/vendor_completions.d/kmsfs.fish",
+        ),
+    ] {
+        let p = under(path);
+        std::fs::create_dir_all(p.parent().expect("has a parent")).map_err(|e| io(path, e))?;
+        std::fs::write(&p, crate::docs::completions(shell)).map_err(|e| io(path, e))?;
+    }
+    let logrotate = under("etc/logrotate.d");
+    std::fs::create_dir_all(&logrotate).map_err(|e| io("/etc/logrotate.d", e))?;
+    std::fs::write(logrotate.join("kmsfs"), LOGROTATE).map_err(|e| io("logrotate snippet", e))?;
     let etc = under("etc/kmsfs");
     std::fs::DirBuilder::new()
         .recursive(true)

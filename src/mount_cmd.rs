@@ -62,6 +62,9 @@ pub struct MountArgs {
     /// directory (/etc/kmsfs/anchors).
     #[arg(long)]
     pub anchor: Option<PathBuf>,
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9464; no authentication).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 fn absolute(p: &Path) -> Result<PathBuf, Fatal> {
@@ -103,6 +106,7 @@ pub fn mount(args: MountArgs) -> Result<(), Fatal> {
         use std::os::unix::fs::DirBuilderExt;
         let _ = std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir);
     }
+    let fresh_log = !log_path.exists();
     let log = {
         use std::os::unix::fs::OpenOptionsExt;
         std::fs::OpenOptions::new()
@@ -146,12 +150,16 @@ pub fn mount(args: MountArgs) -> Result<(), Fatal> {
     if let Some(a) = &args.anchor {
         cmd.arg("--anchor").arg(absolute(a)?);
     }
+    if let Some(m) = &args.metrics {
+        cmd.arg("--metrics").arg(m.to_string());
+    }
     for o in &args.options {
         cmd.arg("-o").arg(o);
     }
     use std::os::unix::process::CommandExt;
     let mut child = cmd
         .env(READY_ENV, "1")
+        .env(crate::logging::LOG_FILE_ENV, &log_path)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log)
@@ -167,14 +175,30 @@ pub fn mount(args: MountArgs) -> Result<(), Fatal> {
         }
         if let Some(msg) = line.strip_prefix("ERROR: ") {
             let _ = child.wait();
+            if fresh_log {
+                remove_if_only(&log_path, &format!("kmsfs: {msg}"));
+            }
             return Err(Fatal::new(msg));
         }
     }
     let status = child.wait().map_err(|e| Fatal::new(e.to_string()))?;
+    if fresh_log && remove_if_only(&log_path, "") {
+        return Err(fatal!(
+            "the daemon exited during startup ({status}) without a word"
+        ));
+    }
     Err(Fatal::new(format!(
         "the daemon exited during startup ({status}); see {}",
         log_path.display()
     )))
+}
+
+/// Removes a log file that a failed start created and that holds nothing but `error` (which
+/// the caller prints anyway) or nothing at all: no empty or redundant logs pile up. True if
+/// it did.
+fn remove_if_only(log: &Path, error: &str) -> bool {
+    let redundant = std::fs::read_to_string(log).is_ok_and(|t| t.trim().is_empty() || t.trim() == error);
+    redundant && std::fs::remove_file(log).is_ok()
 }
 
 fn mount_foreground(args: MountArgs) -> Result<(), Fatal> {
@@ -213,6 +237,7 @@ fn mount_foreground(args: MountArgs) -> Result<(), Fatal> {
         audit_journal: args.audit_journal,
         policy: args.policy,
         anchor: args.anchor,
+        metrics: args.metrics,
     };
     match crate::daemon::run_mount(req) {
         Ok(crate::daemon::Ended::Unmounted) => Ok(()),

@@ -37,11 +37,13 @@ const PASSED: &[&str] = &[
     "sync",
     "async",
     "dirsync",
+    "nonempty",
 ];
 
 /// kmsfs's own options (`name=value`), mapped to `kmsfs mount` flags.
 const VALUED: &[(&str, &str)] = &[
     ("log", "--log-file"),
+    ("metrics", "--metrics"),
     ("audit", "--audit-log"),
     ("policy", "--policy"),
     ("check_interval", "--check-interval"),

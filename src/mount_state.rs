@@ -30,6 +30,9 @@ pub struct MountState {
     pub session_ended: Arc<std::sync::atomic::AtomicBool>,
     /// Inodes whose cached pages the kernel must drop: set by `drop_keys`, taken by `detach`.
     pub to_invalidate: Mutex<Option<Vec<u64>>>,
+    /// Set by a stop (SIGTERM/SIGINT) that had to drop the keys and detach because files were
+    /// open: the daemon then exits 0, as for any stop, not with the lock's status.
+    pub stopping: std::sync::atomic::AtomicBool,
 }
 
 impl MountState {
@@ -43,6 +46,7 @@ impl MountState {
     /// SIGHUP and `kmsfs reload`: the audit log reopened (after logrotate), the policy read
     /// again (a bad file keeps the one in force).
     pub fn reload(&self) -> Value {
+        crate::logging::reopen_logs();
         if let Err(e) = crate::audit::reopen() {
             log::error!("cannot reopen the audit log ({e}); still writing to the old file");
         }
@@ -94,9 +98,25 @@ impl MountState {
         }
     }
 
+    /// A stop asked for while files are open (a plain unmount is refused with EBUSY): what
+    /// `kmsfs lock` does, keys dropped and the mount detached, but the daemon exits 0 since
+    /// systemd (or the admin) asked for exactly this.
+    pub fn stop(&self, why: &str) {
+        self.stopping.store(true, Ordering::Release);
+        self.drop_keys(why);
+        self.detach();
+        self.exit_if_held_open(Duration::from_secs(2), crate::exit::OK);
+    }
+
+    /// True once a stop (not a revocation or `kmsfs lock`) has locked the mount.
+    pub fn stopped(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+
     /// After a lock: if files held open keep the detached mount alive, the daemon does not
-    /// wait for them. It exits, which aborts the FUSE connection (their next access fails).
-    pub fn exit_if_held_open(&self, wait: Duration) {
+    /// wait for them. It exits with `status`, which aborts the FUSE connection (their next
+    /// access fails).
+    pub fn exit_if_held_open(&self, wait: Duration, status: i32) {
         let ended = self.session_ended.clone();
         let volume_id = self.volume_id.clone();
         let _ = std::thread::Builder::new()
@@ -109,7 +129,8 @@ impl MountState {
                         "unmounted",
                         json!({"volume_id": volume_id, "outcome": "locked, connection aborted"}),
                     );
-                    std::process::exit(crate::exit::LOCKED);
+                    crate::notify::notify("STOPPING=1");
+                    std::process::exit(status);
                 }
             });
     }
@@ -191,6 +212,6 @@ impl crate::control::Control for MountState {
 
     fn detach(&self) {
         MountState::detach(self);
-        self.exit_if_held_open(Duration::from_secs(2));
+        self.exit_if_held_open(Duration::from_secs(2), crate::exit::LOCKED);
     }
 }

@@ -72,7 +72,7 @@ pub struct WatchSettings {
 /// Locks and makes sure the daemon exits soon after.
 fn lock_and_exit(state: &MountState, why: &str) {
     state.lock(why);
-    state.exit_if_held_open(Duration::from_secs(2));
+    state.exit_if_held_open(Duration::from_secs(2), crate::exit::LOCKED);
 }
 
 /// The watcher loop: runs until the session stops or the mount locks.

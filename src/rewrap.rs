@@ -172,6 +172,12 @@ pub fn run(backing: &Path, dry_run: bool) -> Result<(), Fatal> {
         },
         if name_key { "; name key re-wrapped" } else { "" },
     );
+    if (done > 0 || name_key) && volume.kms.describe().backend == "local" {
+        println!(
+            "{}",
+            crate::key_backup::new_backup_needed(latest, &format!("--volume {}", backing.display()))
+        );
+    }
     if failed > 0 {
         return Err(fatal!(
             "{failed} files could not be re-wrapped; run `kmsfs rewrap` again"

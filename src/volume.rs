@@ -141,6 +141,10 @@ impl Volume {
         };
         rt.block_on(self.kms.unwrap(&wrapped, &Binding::volume(self.id)))
             .map_err(|e| match e {
+                KmsError::Corrupt(m) if let Some(f) = self.missing_version(rt, &wrapped) => {
+                    log::debug!("volume key: {m}");
+                    f
+                }
                 KmsError::Corrupt(m) => fatal!(
                     "the KMS could not unwrap the volume key of {} ({m}): is this the volume's keystore? \
                      If it is, the config was changed outside kmsfs: restore kmsfs.json from a backup",
@@ -148,6 +152,22 @@ impl Volume {
                 ),
                 e => explain_kms(e),
             })
+    }
+
+    /// If `wrapped` needs a newer key version than the KMS has (a keystore restored from a
+    /// backup taken before a rotate and rewrap), the error that says so and what to do.
+    fn missing_version(&self, rt: &tokio::runtime::Runtime, wrapped: &WrappedDek) -> Option<Fatal> {
+        let needed = self.kms.version_of(wrapped)?;
+        let have = rt.block_on(self.kms.check_access()).ok()?;
+        (needed > have.current_version).then(|| {
+            fatal!(
+                "the volume's keys need version {needed} of key {:?}, but the KMS has it only up to version {}: \
+                 the keystore is older than the volume (restored from a backup taken before a `key rotate`?); \
+                 restore a newer backup of it (one that lists version {needed})",
+                have.key_ref,
+                have.current_version
+            )
+        })
     }
 
     /// Unwraps the volume name key (bound to the volume id) and derives the name ciphers.

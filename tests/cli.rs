@@ -207,3 +207,150 @@ fn status_for_people_prints_text_not_json() {
     );
     assert!(!text.contains('"'), "JSON quotes in the human form: {text}");
 }
+
+#[test]
+fn restoring_a_backup_older_than_a_rotation_names_the_missing_version_and_the_remedy() {
+    let mut v = Volume::mounted();
+    let b = v.backing.to_str().unwrap().to_owned();
+    std::fs::write(v.m("before"), b"written before the backup").unwrap();
+    let old = v.dir.path().join("keystore.old-backup");
+    let out = run_ok(&["key", "backup", "--volume", &b, old.to_str().unwrap()]);
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    eprintln!("{said}");
+    assert!(said.contains("\"default\": versions 1 (current 1)"), "{said}");
+    assert_eq!(
+        std::fs::metadata(&old).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    // A backup beside the data would travel with it.
+    let inside = v.backing.join("keys.backup");
+    let err = run_err(&["key", "backup", "--volume", &b, inside.to_str().unwrap()]);
+    assert!(err.contains("inside the backing directory"), "{err}");
+    assert!(!inside.exists());
+
+    std::fs::write(v.m("after"), b"written after").unwrap();
+    v.unmount();
+    let out = run_ok(&["key", "rotate", "default", "--volume", &b]);
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        said.contains("a new backup is needed") && said.contains("version 2"),
+        "{said}"
+    );
+    let out = run_ok(&["rewrap", &b]);
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(said.contains("a new backup is needed"), "{said}");
+    let new = v.dir.path().join("keystore.new-backup");
+    run_ok(&["key", "backup", "--volume", &b, new.to_str().unwrap()]);
+
+    // The old backup restored: the mount names the version it lacks and what to do.
+    std::fs::copy(&old, &v.keystore).unwrap();
+    let err = v.mount_err(&[]);
+    eprintln!("{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("need version 2 of key \"default\""), "{err}");
+    assert!(err.contains("restore a newer backup"), "{err}");
+    // The newer backup opens everything.
+    std::fs::copy(&new, &v.keystore).unwrap();
+    v.mount(&[]);
+    assert_eq!(
+        std::fs::read(v.m("before")).unwrap(),
+        b"written before the backup"
+    );
+    assert_eq!(std::fs::read(v.m("after")).unwrap(), b"written after");
+    v.unmount();
+}
+
+#[test]
+fn a_mount_is_fuse_kmsfs_and_status_finds_it_under_a_name_with_a_space() {
+    let mut v = Volume::new();
+    v.mnt = v.dir.path().join("my media");
+    std::fs::create_dir(&v.mnt).unwrap();
+    v.mount(&[]);
+    let mp = v.mnt.canonicalize().unwrap();
+    let out = std::process::Command::new("findmnt")
+        .args(["-n", "-t", "fuse.kmsfs", "-o", "TARGET,FSTYPE"])
+        .output()
+        .unwrap();
+    let found = String::from_utf8_lossy(&out.stdout).into_owned();
+    eprintln!("findmnt -t fuse.kmsfs:\n{found}");
+    assert!(
+        found.lines().any(|l| l.starts_with(mp.to_str().unwrap())),
+        "{found}"
+    );
+    // All mounts, then this one by name: in plain text, no JSON quotes.
+    let all = String::from_utf8_lossy(&run_ok(&["status"]).stdout).into_owned();
+    assert!(all.lines().any(|l| l == mp.to_str().unwrap()), "{all}");
+    let one = String::from_utf8_lossy(&run_ok(&["status", v.mnt.to_str().unwrap()]).stdout).into_owned();
+    eprintln!("{one}");
+    assert!(one.starts_with(mp.to_str().unwrap()), "{one}");
+    assert!(!one.contains('"'), "JSON quotes in plain status:\n{one}");
+    v.unmount();
+}
+
+#[test]
+fn a_non_empty_mountpoint_is_refused_unless_nonempty() {
+    let mut v = Volume::new();
+    std::fs::write(v.mnt.join("hidden"), b"would be hidden").unwrap();
+    let err = v.mount_err(&[]);
+    assert!(
+        one_line(&err).contains("is not empty") && err.contains("-o nonempty"),
+        "{err}"
+    );
+    assert!(!v.is_mounted());
+    v.mount(&["nonempty"]);
+    assert!(v.is_mounted());
+    v.unmount();
+    assert!(v.mnt.join("hidden").exists());
+}
+
+#[test]
+fn a_failed_mount_leaves_no_log_file() {
+    let d = tempfile::tempdir().unwrap();
+    let (backing, mnt, log) = (d.path().join("b"), d.path().join("m"), d.path().join("m.log"));
+    std::fs::create_dir(&backing).unwrap();
+    std::fs::create_dir(&mnt).unwrap();
+    let err = run_err(&[
+        "mount",
+        backing.to_str().unwrap(),
+        mnt.to_str().unwrap(),
+        "--log-file",
+        log.to_str().unwrap(),
+    ]);
+    assert!(one_line(&err).contains("not a kmsfs volume"), "{err}");
+    assert!(!log.exists(), "a failed mount left {}", log.display());
+}
+
+#[test]
+fn man_pages_completions_and_version_come_from_the_cli() {
+    let d = tempfile::tempdir().unwrap();
+    run_ok(&["man", d.path().to_str().unwrap()]);
+    let page = d.path().join("kmsfs-mount.1");
+    let out = std::process::Command::new("man")
+        .args(["-l", "-P", "cat"])
+        .arg(&page)
+        .env("MANWIDTH", "200")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("--open-timeout"), "{text}");
+    assert!(d.path().join("kmsfs.1").exists() && d.path().join("kmsfs-key.1").exists());
+
+    let script = run_ok(&["completions", "bash"]).stdout;
+    let out = std::process::Command::new("bash")
+        .args(["-c", "source /dev/stdin && complete -p kmsfs"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().unwrap().write_all(&script)?;
+            c.wait_with_output()
+        })
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("kmsfs"), "{out:?}");
+
+    let v = String::from_utf8_lossy(&run_ok(&["--version"]).stdout).into_owned();
+    eprintln!("{v}");
+    assert!(v.contains("commit ") && !v.contains("commit unknown"), "{v}");
+    assert!(v.contains("local, openbao, vault, aws-kms, kmip"), "{v}");
+}

@@ -73,13 +73,15 @@ impl Maker {
     pub fn new_key(&self, ahead: bool, wait: Wait) -> FsResult<NewFileKey> {
         self.stats.kms_calls.fetch_add(1, Ordering::Relaxed);
         let wait = if wait.may_wait() { wait } else { Wait::Forever };
+        let started = std::time::Instant::now();
         let key = wait_kms(
             &self.runtime,
             &self.locked,
             wait,
             self.kms.new_file_key(self.volume_id),
-        )?
-        .inspect_err(|e| match e {
+        )?;
+        self.stats.kms_call_ended(started.elapsed(), &key);
+        let key = key.inspect_err(|e| match e {
             KmsError::Denied(m) => self.events.denied(m),
             KmsError::Unreachable(m) => self.events.unreachable(m),
             _ => {}

@@ -1,7 +1,8 @@
 //! What the filesystem reports as it works: KMS outcomes (and lock requests) to the daemon,
 //! counters to status.
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 /// What the filesystem tells the daemon about the KMS as it uses it.
 pub trait KmsEvents: Send + Sync {
@@ -24,4 +25,74 @@ pub struct Stats {
     pub bytes_read: AtomicU64,
     pub bytes_written: AtomicU64,
     pub auth_failures: AtomicU64,
+    /// Opens asked for through the mount.
+    pub opens: AtomicU64,
+    /// How long each KMS call for a key took (unwraps and new file keys), however it ended.
+    pub kms_latency: Histogram,
+    /// KMS calls that failed, by [`crate::kms::KmsError::kind`]: denied, unreachable, corrupt,
+    /// misconfigured.
+    pub kms_errors: [AtomicU64; 4],
+}
+
+/// The kinds `kms_errors` counts, in its order.
+pub const KMS_ERROR_KINDS: [&str; 4] = ["denied", "unreachable", "corrupt", "misconfigured"];
+
+impl Stats {
+    /// Records one KMS call's duration and, if it failed, its kind.
+    pub fn kms_call_ended<T>(&self, took: Duration, result: &Result<T, crate::kms::KmsError>) {
+        use crate::kms::KmsError as E;
+        self.kms_latency.observe(took);
+        let kind = match result {
+            Ok(_) => return,
+            Err(E::Denied(_)) => 0,
+            Err(E::Unreachable(_)) => 1,
+            Err(E::Corrupt(_)) => 2,
+            Err(E::Misconfigured(_)) => 3,
+        };
+        self.kms_errors[kind].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Upper bounds (seconds) of the KMS latency buckets: a local keystore answers in
+/// microseconds, a server across a network in milliseconds, a failing one after its retries.
+pub const LATENCY_BUCKETS: [f64; 10] = [0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0];
+
+/// A Prometheus-style histogram: a count per bucket (not cumulative here), a total count and
+/// a sum, all lock-free.
+#[derive(Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; LATENCY_BUCKETS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        if let Some(i) = LATENCY_BUCKETS.iter().position(|b| secs <= *b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add(d.as_micros().try_into().unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    /// Cumulative counts per bucket (as Prometheus's `le` buckets), the total, the sum in seconds.
+    pub fn snapshot(&self) -> (Vec<u64>, u64, f64) {
+        let mut total = 0;
+        let cumulative = self
+            .buckets
+            .iter()
+            .map(|b| {
+                total += b.load(Ordering::Relaxed);
+                total
+            })
+            .collect();
+        let micros = self.sum_micros.load(Ordering::Relaxed);
+        (
+            cumulative,
+            self.count.load(Ordering::Relaxed),
+            micros as f64 / 1e6,
+        )
+    }
 }

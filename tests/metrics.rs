@@ -1,0 +1,100 @@
+//! `--metrics`: the Prometheus text a mount serves, read by Prometheus's own Python client's
+//! parser (prometheus_client from PyPI, in the test venv), not by our own code.
+
+mod common;
+
+use common::*;
+use std::collections::HashMap;
+
+/// Fetches ADDR/metrics and parses it with prometheus_client; returns (sample name, labels)
+/// → value, and family name → type.
+fn scrape(addr: &str) -> (HashMap<(String, String), f64>, HashMap<String, String>) {
+    let (venv, _lock) = test_venv("KMSFS_PROMETHEUS_VENV", "prometheus-venv");
+    pip_install(&venv, &["prometheus_client"]);
+    let script = r#"
+import json, sys, urllib.request
+from prometheus_client.parser import text_string_to_metric_families
+text = urllib.request.urlopen("http://" + sys.argv[1] + "/metrics", timeout=10).read().decode()
+out = {"samples": [], "types": {}}
+for f in text_string_to_metric_families(text):
+    out["types"][f.name] = f.type
+    for s in f.samples:
+        labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+        out["samples"].append([s.name, labels, s.value])
+print(json.dumps(out))
+"#;
+    let out = std::process::Command::new(venv.join("bin/python"))
+        .args(["-c", script, addr])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "parse failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let samples = v["samples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                (
+                    s[0].as_str().unwrap().to_owned(),
+                    s[1].as_str().unwrap().to_owned(),
+                ),
+                s[2].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    let types = v["types"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, t)| (k.clone(), t.as_str().unwrap().to_owned()))
+        .collect();
+    (samples, types)
+}
+
+#[test]
+fn metrics_parse_as_prometheus_text_and_count_what_the_mount_did() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut v = Volume::new();
+    v.mount_with_args(&["--metrics", &addr]);
+    let data = pseudo_random(200_000, 7);
+    std::fs::write(v.m("f"), &data).unwrap();
+    v.remount_with(&["--metrics", &addr]);
+    assert!(std::fs::read(v.m("f")).unwrap() == data);
+    assert!(std::fs::read(v.m("f")).unwrap() == data);
+
+    let (s, types) = scrape(&addr);
+    let get = |name: &str, labels: &str| -> f64 {
+        *s.get(&(name.to_owned(), labels.to_owned()))
+            .unwrap_or_else(|| panic!("no sample {name}{{{labels}}} in {s:?}"))
+    };
+    eprintln!("types: {types:?}");
+    assert_eq!(types["kmsfs_kms_call_duration_seconds"], "histogram");
+    assert_eq!(types["kmsfs_opens"], "counter");
+    assert_eq!(types["kmsfs_key_cache_size"], "gauge");
+    // The second read may come from the page cache.
+    assert!(get("kmsfs_read_bytes_total", "") >= data.len() as f64);
+    assert!(get("kmsfs_opens_total", "") >= 2.0);
+    // The first open needs the KMS, the second finds its key cached.
+    assert!(get("kmsfs_key_cache_misses_total", "") >= 1.0);
+    assert!(get("kmsfs_key_cache_hits_total", "") >= 1.0);
+    assert!(get("kmsfs_key_cache_size", "") >= 1.0);
+    let calls = get("kmsfs_kms_call_duration_seconds_count", "");
+    assert!(calls >= 1.0);
+    assert_eq!(get("kmsfs_kms_call_duration_seconds_bucket", "le=+Inf"), calls);
+    // Requests are what a network backend sends; the local keystore sends none.
+    assert!(get("kmsfs_kms_requests_total", "") >= 0.0);
+    assert_eq!(get("kmsfs_kms_errors_total", "kind=denied"), 0.0);
+    assert_eq!(get("kmsfs_kms_health", "state=ok"), 1.0);
+    assert_eq!(get("kmsfs_locked", ""), 0.0);
+    v.unmount();
+}
