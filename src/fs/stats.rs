@@ -24,4 +24,6 @@ pub struct Stats {
     pub bytes_read: AtomicU64,
     pub bytes_written: AtomicU64,
     pub auth_failures: AtomicU64,
+    /// Keys unwrapped ahead of their opens (`prefetch`).
+    pub prefetched: AtomicU64,
 }
