@@ -152,6 +152,8 @@ impl Fs {
             return;
         }
         let asker = self.access.asker(caller.uid, caller.gid, caller.pid);
+        // The program is named now: the pass's audit events come after `ls` may have exited.
+        let _ = asker.who.exe();
         let Some(seen) = self.prefetch.start(ino, |d| {
             // A listing is a fresh look: files whose keys have gone since are wanted again.
             d.seen.clear();
@@ -192,6 +194,7 @@ impl Fs {
         // The pass asks in this caller's name (the rules are applied again there, off this
         // thread).
         let who = self.access.asker(asker.who.uid, asker.who.gid, asker.who.pid);
+        let _ = who.who.exe();
         self.spawn_pass(dir, Some(inode.backing_ino()), who, seen);
     }
 
