@@ -31,6 +31,8 @@ pub struct MountRequest {
     pub key_cache_entries: usize,
     /// How long an open or create that needs the KMS waits for it (`None`: its retry budget).
     pub open_timeout: Option<std::time::Duration>,
+    /// Keys unwrapped ahead per prefetch pass (0: no prefetch).
+    pub prefetch: usize,
     /// Refuse to run if memory cannot be locked.
     pub require_mlock: bool,
     /// JSON-lines audit file.
@@ -220,6 +222,7 @@ pub fn run_mount(req: MountRequest) -> Result<Ended, Fatal> {
         key_cache_entries: req.key_cache_entries,
         key_cache_ttl: req.key_cache_ttl,
         open_timeout: req.open_timeout,
+        prefetch: req.prefetch,
     };
     let (tx, rx) = std::sync::mpsc::channel();
     let health = Arc::new(crate::mount_state::Health::default());

@@ -8,11 +8,13 @@ mod dir;
 pub mod error;
 pub mod inode;
 pub mod names;
+mod prefetch;
 mod ready;
 mod stats;
 mod waiters;
 mod xattr;
 
+pub use prefetch::DEFAULT_PREFETCH;
 pub use stats::{KMS_ERROR_KINDS, KmsEvents, LATENCY_BUCKETS, Stats};
 pub use waiters::Wait;
 
@@ -87,6 +89,8 @@ pub struct Options {
     /// How long a parked open or create may wait for the KMS before it fails with EIO;
     /// `None`: as long as the KMS client retries.
     pub open_timeout: Option<std::time::Duration>,
+    /// Keys unwrapped ahead per prefetch pass (`prefetch`); 0: none.
+    pub prefetch: usize,
 }
 
 impl Default for Options {
@@ -96,6 +100,7 @@ impl Default for Options {
             key_cache_entries: 4096,
             key_cache_ttl: std::time::Duration::from_secs(300),
             open_timeout: Some(DEFAULT_OPEN_TIMEOUT),
+            prefetch: DEFAULT_PREFETCH,
         }
     }
 }
@@ -124,8 +129,10 @@ pub struct Fs {
     /// Whether names are encrypted: what the volume is, which outlives the name ciphers.
     names_encrypted: bool,
     options: Options,
-    /// Unwrapped keys of recently opened files.
-    keys: KeyCache,
+    /// Unwrapped keys of recently opened files (and of files prefetch expects to be opened).
+    keys: Arc<KeyCache>,
+    /// Keys unwrapped ahead of their opens.
+    prefetch: Arc<prefetch::Prefetch>,
     /// Set once by `lock`: every operation then fails with ENOKEY.
     locked: AtomicBool,
     events: Arc<dyn KmsEvents>,
@@ -176,7 +183,8 @@ impl Fs {
             chown_to_caller: sys::geteuid() == 0,
             names_encrypted: names.encrypted(),
             names: RwLock::new(Some(Arc::new(names))),
-            keys: KeyCache::new(options.key_cache_entries, options.key_cache_ttl),
+            keys: Arc::new(KeyCache::new(options.key_cache_entries, options.key_cache_ttl)),
+            prefetch: Arc::new(prefetch::Prefetch::new(options.prefetch)),
             options,
             locked: AtomicBool::new(false),
             events,
@@ -315,6 +323,15 @@ impl Fs {
 
     pub fn cached_keys(&self) -> usize {
         self.keys.len()
+    }
+
+    /// Prefetched keys that opens used, and that left the cache unused.
+    pub fn prefetch_outcomes(&self) -> (u64, u64) {
+        let p = &self.keys.prefetch;
+        (
+            p.used.load(Ordering::Relaxed),
+            p.evicted_unused.load(Ordering::Relaxed),
+        )
     }
 
     /// The content cipher of the file with header `h`: from the cache, or unwrapped by the KMS.
@@ -766,10 +783,16 @@ impl Fs {
         }
         match self.open_waiting(ino, flags, &asker, Wait::No) {
             Err(FsError::WouldWait) => {
+                self.prefetch_opened(ino, &asker, true);
                 let fs = self.clone();
                 self.park(move |wait| done(fs.open_waiting(ino, flags, &asker, wait)));
             }
-            r => done(r),
+            r => {
+                if r.is_ok() {
+                    self.prefetch_opened(ino, &asker, false);
+                }
+                done(r)
+            }
         }
     }
 

@@ -353,9 +353,9 @@ impl Filesystem for FuseAdapter {
         }
     }
 
-    fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+    fn readdir(&self, req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
         guard!(self, reply);
-        match self.fs.readdir(ino.0, fh.0, offset) {
+        match self.fs.readdir(ino.0, fh.0, offset, caller(req)) {
             Ok(entries) => {
                 for (next, e) in entries {
                     if reply.add(INodeNo(e.ino), next, kind(e.kind), &e.name) {

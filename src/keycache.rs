@@ -10,6 +10,7 @@ use crate::format::FileId;
 use crate::format::block::ContentCipher;
 use lru::LruCache;
 use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,6 +19,18 @@ struct Entry {
     /// When the KMS unwrapped this key: the TTL counts from here, not from last use, so a key
     /// is asked for again at least every TTL while the KMS still agrees.
     unwrapped: Instant,
+    /// Unwrapped ahead of any open (prefetch) and not used yet: its first `get` is a prefetch
+    /// hit, its eviction before one is prefetch work wasted.
+    unused_prefetch: bool,
+}
+
+/// How prefetched keys fared, for `kmsfs status`.
+#[derive(Default)]
+pub struct PrefetchOutcomes {
+    /// Prefetched keys an open then used.
+    pub used: AtomicU64,
+    /// Prefetched keys dropped (LRU or TTL) before any open used them.
+    pub evicted_unused: AtomicU64,
 }
 
 pub struct KeyCache {
@@ -26,6 +39,7 @@ pub struct KeyCache {
     /// open and by the periodic sweep.
     entries: Mutex<(LruCache<FileId, Entry>, bool)>,
     ttl: Duration,
+    pub prefetch: PrefetchOutcomes,
 }
 
 impl KeyCache {
@@ -34,6 +48,7 @@ impl KeyCache {
         KeyCache {
             entries: Mutex::new((LruCache::new(cap), false)),
             ttl,
+            prefetch: PrefetchOutcomes::default(),
         }
     }
 
@@ -50,17 +65,44 @@ impl KeyCache {
     pub fn get(&self, id: &FileId) -> Option<Arc<ContentCipher>> {
         let mut g = self.lock();
         let c = &mut g.0;
-        let fresh = c.get(id).map(|e| e.unwrapped.elapsed() < self.ttl)?;
-        if fresh {
-            c.get(id).map(|e| e.cipher.clone())
+        let e = c.get_mut(id)?;
+        if e.unwrapped.elapsed() < self.ttl {
+            if std::mem::take(&mut e.unused_prefetch) {
+                self.prefetch.used.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(e.cipher.clone())
         } else {
-            c.pop(id);
+            if let Some(e) = c.pop(id) {
+                self.note_gone(&e);
+            }
             None
         }
     }
 
+    /// Whether a fresh key of `id` is cached, without counting it as used or as recent.
+    pub fn contains(&self, id: &FileId) -> bool {
+        self.lock()
+            .0
+            .peek(id)
+            .is_some_and(|e| e.unwrapped.elapsed() < self.ttl)
+    }
+
+    /// Most keys the cache holds.
+    pub fn capacity(&self) -> usize {
+        self.lock().0.cap().get()
+    }
+
     /// Caches a key just unwrapped; returns the id of an entry the LRU bound pushed out.
     pub fn insert(&self, id: FileId, cipher: Arc<ContentCipher>) -> Option<FileId> {
+        self.put(id, cipher, false)
+    }
+
+    /// Caches a key unwrapped ahead of any open (prefetch); as `insert`.
+    pub fn insert_prefetched(&self, id: FileId, cipher: Arc<ContentCipher>) -> Option<FileId> {
+        self.put(id, cipher, true)
+    }
+
+    fn put(&self, id: FileId, cipher: Arc<ContentCipher>, prefetched: bool) -> Option<FileId> {
         let mut g = self.lock();
         if g.1 {
             return None;
@@ -70,9 +112,19 @@ impl KeyCache {
             Entry {
                 cipher,
                 unwrapped: Instant::now(),
+                unused_prefetch: prefetched,
             },
         );
-        evicted.filter(|(old, _)| *old != id).map(|(old, _)| old)
+        let (old, e) = evicted.filter(|(old, _)| *old != id)?;
+        self.note_gone(&e);
+        Some(old)
+    }
+
+    /// Counts a prefetched key that leaves the cache unused.
+    fn note_gone(&self, e: &Entry) {
+        if e.unused_prefetch {
+            self.prefetch.evicted_unused.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Drops entries older than the TTL; returns their ids. The cache's reference is the last
@@ -87,7 +139,9 @@ impl KeyCache {
             .map(|(id, _)| *id)
             .collect();
         for id in &old {
-            c.pop(id);
+            if let Some(e) = c.pop(id) {
+                self.note_gone(&e);
+            }
         }
         old
     }
@@ -153,6 +207,27 @@ mod tests {
         c.insert(e, ke);
         assert_eq!(c.close(), 1);
         assert!(weak_e.upgrade().is_none(), "close drops every cipher");
+    }
+
+    #[test]
+    fn prefetched_keys_count_as_used_once_or_as_evicted_unused() {
+        let c = KeyCache::new(2, Duration::from_secs(60));
+        let (a, ka) = cipher();
+        let (b, kb) = cipher();
+        let (d, kd) = cipher();
+        c.insert_prefetched(a, ka);
+        c.insert_prefetched(b, kb);
+        assert!(c.contains(&b), "contains neither uses a key nor makes it recent");
+        assert!(c.get(&a).is_some());
+        assert!(c.get(&a).is_some());
+        assert_eq!(
+            c.prefetch.used.load(Ordering::Relaxed),
+            1,
+            "only the first use is a hit"
+        );
+        assert_eq!(c.insert(d, kd), Some(b));
+        assert_eq!(c.prefetch.evicted_unused.load(Ordering::Relaxed), 1);
+        assert_eq!(c.capacity(), 2);
     }
 
     #[test]

@@ -45,6 +45,10 @@ pub struct MountArgs {
     /// (0: as long as the KMS client retries). Other files are served meanwhile.
     #[arg(long, default_value_t = crate::fs::DEFAULT_OPEN_TIMEOUT.as_secs_f64())]
     pub open_timeout: f64,
+    /// Keys unwrapped ahead when a directory is listed or its files are opened one after
+    /// another: at most this many per pass, only of files the caller could open (0: off).
+    #[arg(long, default_value_t = crate::fs::DEFAULT_PREFETCH)]
+    pub prefetch: usize,
     /// Refuse to mount if memory cannot be locked against swapping.
     #[arg(long)]
     pub require_mlock: bool,
@@ -131,7 +135,9 @@ pub fn mount(args: MountArgs) -> Result<(), Fatal> {
         .arg("--key-cache")
         .arg(args.key_cache.to_string())
         .arg("--open-timeout")
-        .arg(args.open_timeout.to_string());
+        .arg(args.open_timeout.to_string())
+        .arg("--prefetch")
+        .arg(args.prefetch.to_string());
     if let Some(g) = args.grace {
         cmd.arg("--grace").arg(g.to_string());
     }
@@ -232,6 +238,7 @@ fn mount_foreground(args: MountArgs) -> Result<(), Fatal> {
         open_timeout: (args.open_timeout > 0.0)
             .then(|| std::time::Duration::try_from_secs_f64(args.open_timeout).ok())
             .flatten(),
+        prefetch: args.prefetch,
         require_mlock: args.require_mlock,
         audit_log: args.audit_log,
         audit_journal: args.audit_journal,

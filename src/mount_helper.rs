@@ -51,6 +51,7 @@ const VALUED: &[(&str, &str)] = &[
     ("key_ttl", "--key-ttl"),
     ("key_cache", "--key-cache"),
     ("threads", "--threads"),
+    ("prefetch", "--prefetch"),
     ("anchor", "--anchor"),
 ];
 

@@ -174,6 +174,7 @@ impl Health {
 impl crate::control::Control for MountState {
     fn status(&self) -> Value {
         let st = &self.fs.stats;
+        let (prefetch_used, prefetch_unused) = self.fs.prefetch_outcomes();
         json!({
             "mountpoint": self.mountpoint,
             "backing": self.backing,
@@ -197,6 +198,9 @@ impl crate::control::Control for MountState {
                 "bytes_read": st.bytes_read.load(Ordering::Relaxed),
                 "bytes_written": st.bytes_written.load(Ordering::Relaxed),
                 "auth_failures": st.auth_failures.load(Ordering::Relaxed),
+                "prefetched": st.prefetched.load(Ordering::Relaxed),
+                "prefetch_used": prefetch_used,
+                "prefetch_evicted_unused": prefetch_unused,
             },
             "policy": self.fs.access().status(),
         })

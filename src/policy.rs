@@ -186,6 +186,19 @@ impl Access {
         }
     }
 
+    /// Whether the rules let `asker` open files at all (and records the rule in it), for work
+    /// done on its behalf before it asks (prefetch): no guard counts an open, nothing is
+    /// audited, and a denied identity gets nothing done for it.
+    pub fn permits(&self, asker: &mut Asker) -> bool {
+        let Some(current) = self.current() else {
+            return true;
+        };
+        let (effect, rule) = current.0.decide(&asker.who);
+        asker.rule = Some(rule);
+        asker.audit = effect == Effect::Audit;
+        effect != Effect::Deny
+    }
+
     /// Counts a KMS unwrap made for `asker`; `Some(reason)` if a `lock` guard fired.
     pub fn unwrapped(&self, asker: &Asker) -> Option<String> {
         self.count(asker, Counter::Unwraps, 1)

@@ -749,7 +749,7 @@ fn core_list(fs: &Fs, ino: u64) -> Errno<Vec<Vec<u8>>> {
     let mut names = Vec::new();
     let mut offset = 0;
     let r = loop {
-        match fs.readdir(ino, fh, offset) {
+        match fs.readdir(ino, fh, offset, caller()) {
             Ok(entries) if entries.is_empty() => break Ok(()),
             Ok(entries) => {
                 for (next, e) in entries.into_iter().take(3) {

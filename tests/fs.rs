@@ -93,7 +93,7 @@ fn set_size(fs: &Fs, ino: u64, fh: Option<u64>, size: u64) -> FsResult<()> {
 /// Names in a directory as readdir lists them (without `.` and `..`), sorted.
 fn list(fs: &Fs, dir: u64) -> Vec<Vec<u8>> {
     let fh = ok(fs.opendir(dir));
-    let mut names: Vec<Vec<u8>> = ok(fs.readdir(dir, fh, 0))
+    let mut names: Vec<Vec<u8>> = ok(fs.readdir(dir, fh, 0, caller()))
         .into_iter()
         .map(|(_, e)| e.name.as_bytes().to_vec())
         .filter(|n| n != b"." && n != b"..")
@@ -566,7 +566,7 @@ fn lock_refuses_everything_and_drops_keys() {
     // before it reaches them: every request starts with `guard`.)
     assert_eq!(errno(read_at(fs, fh, 0, 10)), libc::EBADF);
     assert_eq!(errno(fs.write(fh, 0, b"x")), libc::EBADF);
-    assert_eq!(errno(fs.readdir(ROOT_INO, dh, 0)), libc::EBADF);
+    assert_eq!(errno(fs.readdir(ROOT_INO, dh, 0, caller())), libc::EBADF);
     assert_eq!(fs.cached_keys(), 0, "nothing cached after the lock");
     fs.release(fh);
 
@@ -756,7 +756,7 @@ fn readdir_lists_plaintext_names_and_resumes_at_an_offset() {
     ok(fs.mkdir(d, os("sub"), 0o700, caller()));
     ok(fs.symlink(d, os("link"), os("file"), caller()));
     let fh = ok(fs.opendir(d));
-    let all = ok(fs.readdir(d, fh, 0));
+    let all = ok(fs.readdir(d, fh, 0, caller()));
     let mut seen: Vec<(Vec<u8>, Kind)> = all
         .iter()
         .map(|(_, e)| (e.name.as_bytes().to_vec(), e.kind))
@@ -774,13 +774,13 @@ fn readdir_lists_plaintext_names_and_resumes_at_an_offset() {
     assert_eq!(seen, want);
     // Offsets are the `next` values handed out: resuming after the third entry.
     let (third_next, _) = &all[2];
-    let rest = ok(fs.readdir(d, fh, *third_next));
+    let rest = ok(fs.readdir(d, fh, *third_next, caller()));
     let rest: Vec<_> = rest.iter().map(|(_, e)| e.name.clone()).collect();
     let want_rest: Vec<_> = all[3..].iter().map(|(_, e)| e.name.clone()).collect();
     assert_eq!(rest, want_rest);
-    assert!(ok(fs.readdir(d, fh, all.last().unwrap().0)).is_empty());
+    assert!(ok(fs.readdir(d, fh, all.last().unwrap().0, caller())).is_empty());
     fs.releasedir(fh);
-    assert_eq!(errno(fs.readdir(d, fh, 0)), libc::EBADF);
+    assert_eq!(errno(fs.readdir(d, fh, 0, caller())), libc::EBADF);
 }
 
 /// How `open_then` answered: on which thread, with what.

@@ -104,6 +104,7 @@ impl Fs {
         let fd = sys::openat(dir.fd(), backing, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
         let st = sys::fstatat(fd.as_fd(), OsStr::new(""))?;
         let inode = self.inodes.lookup(fd, &st);
+        inode.parent.store(dir.ino, std::sync::atomic::Ordering::Relaxed);
         Ok(self.attr_from(&inode, &st))
     }
 
@@ -408,11 +409,17 @@ impl Fs {
 
     /// The directory's entries after `offset` (entries are numbered from 1; `.` and `..` come
     /// first).
-    pub fn readdir(&self, ino: u64, fh: u64, offset: u64) -> FsResult<Vec<(u64, DirEntry)>> {
+    ///
+    /// A listing from its start unwraps the keys of the files in it that `caller` could open
+    /// ahead, in the background (`prefetch`).
+    pub fn readdir(&self, ino: u64, fh: u64, offset: u64, caller: Caller) -> FsResult<Vec<(u64, DirEntry)>> {
         let entries = match &*self.handle(fh)? {
             Handle::Dir { entries } => entries.clone(),
             Handle::File { .. } => return Err(FsError::BadHandle),
         };
+        if offset == 0 {
+            self.prefetch_listed(ino, caller);
+        }
         let dot = |name: &str, ino| DirEntry {
             ino,
             kind: Kind::Dir,

@@ -9,6 +9,7 @@ use super::error::{FsError, FsResult};
 use crate::format::name::DirId;
 use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 /// The root directory's inode number, fixed by FUSE.
@@ -68,9 +69,17 @@ pub struct Inode {
     /// The same content, readable without `open`: stat must not wait behind a KMS call.
     /// Shared with `OpenState`, written only under `open`.
     current: Arc<RwLock<Option<Arc<ContentFile>>>>,
+    /// The directory it was last looked up in (0: not yet): where a reader opening files one
+    /// after another finds the next ones, for prefetch. Hard links keep the latest.
+    pub parent: AtomicU64,
 }
 
 impl Inode {
+    /// The backing object's inode number (what a backing directory listing shows).
+    pub fn backing_ino(&self) -> u64 {
+        self.key.1
+    }
+
     /// The O_PATH descriptor of the backing object.
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
@@ -99,6 +108,7 @@ impl Inode {
             }),
             dir_id: OnceLock::new(),
             current,
+            parent: AtomicU64::new(0),
         }
     }
 }

@@ -25,6 +25,8 @@ pub struct Stats {
     pub bytes_read: AtomicU64,
     pub bytes_written: AtomicU64,
     pub auth_failures: AtomicU64,
+    /// Keys unwrapped ahead of their opens (`prefetch`).
+    pub prefetched: AtomicU64,
     /// Opens asked for through the mount.
     pub opens: AtomicU64,
     /// How long each KMS call for a key took (unwraps and new file keys), however it ended.
