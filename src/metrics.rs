@@ -169,6 +169,18 @@ pub fn render(state: &MountState) -> String {
         &one(get(&st.auth_failures)),
     );
     family(
+        "kmsfs_policy_denials_total",
+        "counter",
+        "Opens and creates refused by the access policy or a usage guard.",
+        &one(get(&state.fs.access().denials)),
+    );
+    family(
+        "kmsfs_guard_alerts_total",
+        "counter",
+        "Usage guard thresholds crossed (one per crossing).",
+        &one(get(&state.fs.access().alerts)),
+    );
+    family(
         "kmsfs_locked",
         "gauge",
         "1 once the mount is locked (revoked, kmsfs lock, or stopping with files open).",

@@ -96,5 +96,7 @@ fn metrics_parse_as_prometheus_text_and_count_what_the_mount_did() {
     assert_eq!(get("kmsfs_kms_errors_total", "kind=denied"), 0.0);
     assert_eq!(get("kmsfs_kms_health", "state=ok"), 1.0);
     assert_eq!(get("kmsfs_locked", ""), 0.0);
+    assert_eq!(get("kmsfs_policy_denials_total", ""), 0.0);
+    assert_eq!(get("kmsfs_guard_alerts_total", ""), 0.0);
     v.unmount();
 }
