@@ -53,14 +53,16 @@ pub fn to_journal() {
 /// caller's identity.
 pub fn event(kind: &str, fields: Value) {
     let mut m = Map::new();
-    m.insert("time".into(), json!(crate::time::now_rfc3339_ms()));
     m.insert("schema".into(), json!(SCHEMA));
     m.insert("event".into(), json!(kind));
     if let Value::Object(extra) = fields {
         m.extend(extra);
     }
-    let line = Value::Object(m).to_string();
-    log::info!(target: "kmsfs::audit", "{line}");
+    let mut m = Value::Object(m);
+    // The daemon's log stamps its lines itself (or journald does): no second time there.
+    log::info!(target: "kmsfs::audit", "{m}");
+    m["time"] = json!(crate::time::now_rfc3339_ms());
+    let line = m.to_string();
     if let Some((_, f)) = &mut *FILE.lock().unwrap_or_else(|p| p.into_inner()) {
         let _ = writeln!(f, "{line}");
     }

@@ -7,7 +7,7 @@ use crate::init::{InitKms, init};
 use crate::kms::local::Keystore;
 use crate::mount_cmd::MountArgs;
 use crate::volume::{Located, explain_kms};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use std::path::{Path, PathBuf};
 
 /// The KMS backends this binary speaks, as `init --kms` takes them.
@@ -208,14 +208,14 @@ pub fn run(cli: Cli) -> Result<(), Fatal> {
         Cmd::Status { mountpoint, json } => status(mountpoint, json),
         Cmd::Lock { mountpoint } => lock(&mountpoint),
         Cmd::Reload { mountpoint } => reload(&mountpoint),
-        Cmd::InstallUnits { bin_dir, root } => crate::install::install_units(&bin_dir, &root),
+        Cmd::InstallUnits { bin_dir, root } => crate::install::install_units(&bin_dir, &root, Cli::command()),
         Cmd::Key(args) => key(args),
         Cmd::Anchor { backing, replace } => crate::init::anchor(&backing, replace),
-        Cmd::Man { dir } => crate::docs::man_pages(&dir),
+        Cmd::Man { dir } => crate::docs::man_pages(Cli::command(), &dir),
         Cmd::Completions { shell } => {
             use std::io::Write;
             std::io::stdout()
-                .write_all(&crate::docs::completions(shell))
+                .write_all(&crate::docs::completions(Cli::command(), shell))
                 .map_err(|e| fatal!("cannot write the completions: {e}"))
         }
     }

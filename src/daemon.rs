@@ -282,7 +282,10 @@ pub fn run_mount(req: MountRequest) -> Result<Ended, Fatal> {
         .ok();
 
     // SIGTERM/SIGINT unmount gracefully, or drop the keys and detach if files are open.
-    runtime.spawn(crate::stop::on_signals(state.clone(), session.unmount_callable()));
+    let mut unmounter = session.unmount_callable();
+    runtime.spawn(crate::stop::on_signals(state.clone(), move || {
+        unmounter.unmount()
+    }));
     crate::watchdog::start(mountpoint.clone(), state.session_ended.clone());
     if let Some(listener) = metrics {
         crate::metrics::serve(listener, state.clone());

@@ -9,6 +9,7 @@ pub mod error;
 pub mod inode;
 pub mod names;
 mod prefetch;
+mod prefetch_hooks;
 mod ready;
 mod stats;
 mod waiters;

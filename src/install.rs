@@ -14,7 +14,7 @@ pub fn service_unit(bin: &Path) -> String {
     SERVICE_TEMPLATE.replace("/usr/local/bin/kmsfs", &bin.display().to_string())
 }
 
-pub fn install_units(bin_dir: &Path, root: &Path) -> Result<(), Fatal> {
+pub fn install_units(bin_dir: &Path, root: &Path, cli: clap::Command) -> Result<(), Fatal> {
     use std::os::unix::fs::DirBuilderExt;
     let io = |what: &str, e: std::io::Error| Fatal::new(format!("install-units: {what}: {e}"));
     let under = |p: &str| root.join(p.trim_start_matches('/'));
@@ -42,7 +42,7 @@ pub fn install_units(bin_dir: &Path, root: &Path) -> Result<(), Fatal> {
     )
     .map_err(|e| io("drop-in example", e))?;
     // Where a local install's man(1) and the shells look (a package uses /usr/share).
-    crate::docs::man_pages(&under("usr/local/share/man/man1"))?;
+    crate::docs::man_pages(cli.clone(), &under("usr/local/share/man/man1"))?;
     for (shell, path) in [
         (
             clap_complete::Shell::Bash,
@@ -59,7 +59,7 @@ pub fn install_units(bin_dir: &Path, root: &Path) -> Result<(), Fatal> {
     ] {
         let p = under(path);
         std::fs::create_dir_all(p.parent().expect("has a parent")).map_err(|e| io(path, e))?;
-        std::fs::write(&p, crate::docs::completions(shell)).map_err(|e| io(path, e))?;
+        std::fs::write(&p, crate::docs::completions(cli.clone(), shell)).map_err(|e| io(path, e))?;
     }
     let logrotate = under("etc/logrotate.d");
     std::fs::create_dir_all(&logrotate).map_err(|e| io("/etc/logrotate.d", e))?;

@@ -12,7 +12,7 @@ use std::sync::Arc;
 /// cannot succeed until they close, and systemd would SIGKILL us at TimeoutStopSec and leave a
 /// stale mount: so the daemon does what `kmsfs lock` does (keys dropped, I/O refused, mount
 /// detached) and exits 0, since a stop is what was asked for.
-pub async fn on_signals(state: Arc<MountState>, mut unmounter: fuser::SessionUnmounter) {
+pub async fn on_signals(state: Arc<MountState>, mut unmount: impl FnMut() -> std::io::Result<()>) {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
     else {
@@ -24,7 +24,7 @@ pub async fn on_signals(state: Arc<MountState>, mut unmounter: fuser::SessionUnm
         _ = int.recv() => "SIGINT",
     };
     log::info!("{name}: unmounting");
-    match unmounter.unmount() {
+    match unmount() {
         Ok(()) => {}
         Err(e) => {
             log::warn!("{name}: unmount refused ({e}): files are open; dropping the keys and detaching");

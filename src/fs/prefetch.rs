@@ -21,10 +21,9 @@
 //! it), and, to keep ahead of that reader, when its opens have used half of what the last pass
 //! placed.
 
-use super::inode::{Inode, Kind, ROOT_INO};
+use super::inode::{Inode, ROOT_INO};
 use super::names::Names;
 use super::stats::{KmsEvents, Stats};
-use super::{Caller, Fs};
 use crate::format::VolumeId;
 use crate::format::block::ContentCipher;
 use crate::format::header::{self, HEADER_LEN, Header};
@@ -46,7 +45,7 @@ use std::time::{Duration, Instant};
 pub const DEFAULT_PREFETCH: usize = 256;
 /// Two opens that miss the cache in one directory within this long are a reader going
 /// through it.
-const SEQUENTIAL_WITHIN: Duration = Duration::from_secs(5);
+pub(super) const SEQUENTIAL_WITHIN: Duration = Duration::from_secs(5);
 /// Passes running at once over the whole mount.
 const MAX_RUNNING: usize = 4;
 /// Directories whose state is kept; past this, the idle ones are forgotten.
@@ -56,29 +55,29 @@ const MAX_SEEN: usize = 1 << 20;
 
 /// What prefetch knows of one directory.
 #[derive(Default)]
-struct DirState {
-    running: bool,
+pub(super) struct DirState {
+    pub(super) running: bool,
     /// When an open in it last missed the cache.
-    last_miss: Option<Instant>,
+    pub(super) last_miss: Option<Instant>,
     /// Keys the last pass placed, and opens in the directory since it started: the next pass
     /// starts when half of them are used.
-    placed: usize,
-    opens: usize,
+    pub(super) placed: usize,
+    pub(super) opens: usize,
     /// The last pass reached the end of the listing: no pass to keep ahead until a miss.
-    exhausted: bool,
+    pub(super) exhausted: bool,
     /// Backing inode numbers whose keys passes found cached or placed: skipped without reading
     /// their headers. Taken by a running pass and given back when it ends.
-    seen: HashSet<u64>,
+    pub(super) seen: HashSet<u64>,
 }
 
 /// Prefetch settings and state, shared by the filesystem and its running passes.
 pub(super) struct Prefetch {
     /// Keys per pass (`--prefetch`); 0: off.
-    limit: usize,
+    pub(super) limit: usize,
     /// Per-directory state by inode number, and how many passes run. Taken briefly by opens
     /// and listings (on FUSE workers) and by a pass as it starts and ends; never held across
     /// I/O or a KMS call.
-    state: Mutex<(HashMap<u64, DirState>, usize)>,
+    pub(super) state: Mutex<(HashMap<u64, DirState>, usize)>,
 }
 
 impl Prefetch {
@@ -95,7 +94,7 @@ impl Prefetch {
 
     /// Marks a pass over `dir` as running and hands it the directory's done set, if no pass
     /// runs there yet and fewer than [`MAX_RUNNING`] run at all.
-    fn start(&self, dir: u64, decide: impl FnOnce(&mut DirState) -> bool) -> Option<HashSet<u64>> {
+    pub(super) fn start(&self, dir: u64, decide: impl FnOnce(&mut DirState) -> bool) -> Option<HashSet<u64>> {
         let mut g = self.lock();
         let (dirs, running) = &mut *g;
         if dirs.len() >= MAX_DIRS && !dirs.contains_key(&dir) {
@@ -130,12 +129,12 @@ impl Prefetch {
 }
 
 /// Ends a pass's bookkeeping however the pass ends (a runtime shutting down drops it).
-struct Running {
-    prefetch: Arc<Prefetch>,
-    dir: u64,
-    seen: HashSet<u64>,
-    placed: usize,
-    exhausted: bool,
+pub(super) struct Running {
+    pub(super) prefetch: Arc<Prefetch>,
+    pub(super) dir: u64,
+    pub(super) seen: HashSet<u64>,
+    pub(super) placed: usize,
+    pub(super) exhausted: bool,
 }
 
 impl Drop for Running {
@@ -145,147 +144,37 @@ impl Drop for Running {
     }
 }
 
-impl Fs {
-    /// `caller` listed directory `ino` from its start: prefetch from its first file.
-    pub(super) fn prefetch_listed(&self, ino: u64, caller: Caller) {
-        if self.prefetch.limit == 0 {
-            return;
-        }
-        let asker = self.access.asker(caller.uid, caller.gid, caller.pid);
-        // The program is named now: the pass's audit events come after `ls` may have exited.
-        let _ = asker.who.exe();
-        let Some(seen) = self.prefetch.start(ino, |d| {
-            // A listing is a fresh look: files whose keys have gone since are wanted again.
-            d.seen.clear();
-            true
-        }) else {
-            return;
-        };
-        self.spawn_pass(ino, None, asker, seen);
-    }
-
-    /// An open of inode `ino` by `asker` went ahead (the policy admitted it); `missed`: its key
-    /// was not in memory.
-    pub(super) fn prefetch_opened(&self, ino: u64, asker: &Asker, missed: bool) {
-        if self.prefetch.limit == 0 {
-            return;
-        }
-        let Ok(inode) = self.inodes.get(ino) else {
-            return;
-        };
-        let dir = inode.parent.load(Ordering::Relaxed);
-        if inode.kind != Kind::File || dir == 0 {
-            return;
-        }
-        let Some(seen) = self.prefetch.start(dir, |d| {
-            d.opens += 1;
-            let sequential = missed && d.last_miss.is_some_and(|t| t.elapsed() < SEQUENTIAL_WITHIN);
-            if missed {
-                d.last_miss = Some(Instant::now());
-            }
-            if sequential && d.exhausted {
-                // Keys have gone (or files come) since the directory was last covered.
-                d.seen.clear();
-            }
-            sequential || (!d.exhausted && d.placed > 0 && d.opens >= d.placed.div_ceil(2))
-        }) else {
-            return;
-        };
-        // The pass asks in this caller's name (the rules are applied again there, off this
-        // thread).
-        let who = self.access.asker(asker.who.uid, asker.who.gid, asker.who.pid);
-        let _ = who.who.exe();
-        self.spawn_pass(dir, Some(inode.backing_ino()), who, seen);
-    }
-
-    /// Starts a pass over directory `dir` for `asker`, after the file with backing inode
-    /// `after` if given. The pass's state is already marked running.
-    fn spawn_pass(&self, dir: u64, after: Option<u64>, asker: Asker, seen: HashSet<u64>) {
-        let mut running = Running {
-            prefetch: self.prefetch.clone(),
-            dir,
-            seen,
-            placed: 0,
-            exhausted: false,
-        };
-        if self.guard().is_err() {
-            return;
-        }
-        let (Ok(inode), Ok(names)) = (self.inodes.get(dir), self.names()) else {
-            return;
-        };
-        // The directory's id was read when it was listed or a name in it looked up; a pass
-        // does not read it on a FUSE worker.
-        let id = match &*names {
-            Names::Plain => None,
-            Names::Encrypted { root_dir_id, .. } if dir == ROOT_INO => Some(*root_dir_id),
-            Names::Encrypted { .. } => match inode.dir_id.get() {
-                Some(id) => Some(*id),
-                None => return,
-            },
-        };
-        let limit = self.prefetch.limit.min(self.keys.capacity() / 2);
-        let pass = Pass {
-            dir: inode,
-            dir_id: id,
-            names,
-            after,
-            limit,
-            asker,
-            kms: self.kms.clone(),
-            volume_id: self.volume_id,
-            keys: self.keys.clone(),
-            stats: self.stats.clone(),
-            events: self.events.clone(),
-            access: self.access.clone(),
-            locked: self.lock_signal.subscribe(),
-        };
-        self.runtime.spawn(async move {
-            let seen = std::mem::take(&mut running.seen);
-            let Ok(scanned) = tokio::task::spawn_blocking(move || pass.scan(seen)).await else {
-                return;
-            };
-            running.seen = scanned.seen;
-            running.exhausted = scanned.exhausted;
-            if let Some((pass, wanted)) = scanned.todo {
-                running.placed = pass.unwrap_all(wanted, &mut running.seen).await;
-            }
-            drop(running);
-        });
-    }
-}
-
 /// One pass: what it needs of the filesystem, cloned out of it so that it runs on its own.
-struct Pass {
-    dir: Arc<Inode>,
-    dir_id: Option<DirId>,
-    names: Arc<Names>,
+pub(super) struct Pass {
+    pub(super) dir: Arc<Inode>,
+    pub(super) dir_id: Option<DirId>,
+    pub(super) names: Arc<Names>,
     /// Start after this file (backing inode number) in name order; `None`: at the first.
-    after: Option<u64>,
-    limit: usize,
+    pub(super) after: Option<u64>,
+    pub(super) limit: usize,
     /// Who set the pass off: what it may read, and whose name its unwraps are made in.
-    asker: Asker,
-    kms: Arc<dyn KeyProvider>,
-    volume_id: VolumeId,
-    keys: Arc<KeyCache>,
-    stats: Arc<Stats>,
-    events: Arc<dyn KmsEvents>,
-    access: Arc<Access>,
+    pub(super) asker: Asker,
+    pub(super) kms: Arc<dyn KeyProvider>,
+    pub(super) volume_id: VolumeId,
+    pub(super) keys: Arc<KeyCache>,
+    pub(super) stats: Arc<Stats>,
+    pub(super) events: Arc<dyn KmsEvents>,
+    pub(super) access: Arc<Access>,
     /// True once the volume is locked: the pass stops.
-    locked: tokio::sync::watch::Receiver<bool>,
+    pub(super) locked: tokio::sync::watch::Receiver<bool>,
 }
 
 /// A file whose key a pass unwraps: its backing inode number and header.
 type Wanted = (u64, Header);
 
 /// What a pass found in its directory.
-struct Scanned {
+pub(super) struct Scanned {
     /// The pass and the files whose keys it unwraps; `None`: nothing to do.
-    todo: Option<(Pass, Vec<Wanted>)>,
+    pub(super) todo: Option<(Pass, Vec<Wanted>)>,
     /// The done set, with the files found cached added.
-    seen: HashSet<u64>,
+    pub(super) seen: HashSet<u64>,
     /// The listing was covered to its end.
-    exhausted: bool,
+    pub(super) exhausted: bool,
 }
 
 impl Pass {
@@ -295,7 +184,7 @@ impl Pass {
 
     /// Reads the directory and the headers of the files to prefetch (blocking: a thread of the
     /// runtime's blocking pool).
-    fn scan(mut self, mut seen: HashSet<u64>) -> Scanned {
+    pub(super) fn scan(mut self, mut seen: HashSet<u64>) -> Scanned {
         let nothing = |seen, exhausted| Scanned {
             todo: None,
             seen,
@@ -395,7 +284,7 @@ impl Pass {
 
     /// Unwraps every wanted key at once (the batcher makes batches of them) and caches them;
     /// returns how many it placed.
-    async fn unwrap_all(self, wanted: Vec<Wanted>, seen: &mut HashSet<u64>) -> usize {
+    pub(super) async fn unwrap_all(self, wanted: Vec<Wanted>, seen: &mut HashSet<u64>) -> usize {
         let pass = Arc::new(self);
         let mut set = tokio::task::JoinSet::new();
         for (ino, h) in wanted {
