@@ -72,6 +72,9 @@ enum Cmd {
         /// Only count files per key version.
         #[arg(long)]
         dry_run: bool,
+        /// One JSON object (versions found, files re-wrapped, failures) on stdout.
+        #[arg(long)]
+        json: bool,
     },
     /// Check a volume: names, headers, keys (through the KMS) and every block. Read-only
     /// (also next to a live mount) unless --repair. Exit 0 clean, 1 problems, 2 fatal.
@@ -143,6 +146,9 @@ struct KeyArgs {
     /// anchor) name, never the one its config in the backing directory names.
     #[arg(long)]
     volume: Option<PathBuf>,
+    /// `list` only: one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -197,7 +203,11 @@ pub fn run(cli: Cli) -> Result<(), Fatal> {
             };
             init(&backing, kms, plaintext_names)
         }
-        Cmd::Rewrap { backing, dry_run } => crate::rewrap::run(&backing, dry_run),
+        Cmd::Rewrap {
+            backing,
+            dry_run,
+            json,
+        } => crate::rewrap::run(&backing, dry_run, json),
         Cmd::Fsck {
             backing,
             json,
@@ -433,23 +443,17 @@ fn key(args: KeyArgs) -> Result<(), Fatal> {
         s.save(&path)
             .map_err(|e| Fatal::new(format!("cannot write keystore {}: {e}", path.display())))
     };
+    if let KeyAction::List = args.action {
+        return crate::key_list::list(&path, args.json);
+    }
+    if args.json {
+        return Err(Fatal::new("--json goes with `kmsfs key list` only; drop it"));
+    }
     if let KeyAction::Backup = args.action {
         let out = args
             .name
             .ok_or_else(|| Fatal::new("name the backup file: `kmsfs key backup --volume BACKING OUT`"))?;
         return crate::key_backup::backup(&path, Path::new(&out), backing.as_deref());
-    }
-    if let KeyAction::List = args.action {
-        for k in &load()?.keys {
-            let state = if k.enabled { "enabled" } else { "DISABLED" };
-            println!(
-                "{}\t{state}\tcurrent version {}\t{} versions",
-                k.name,
-                k.current().version,
-                k.versions.len()
-            );
-        }
-        return Ok(());
     }
     let name = args
         .name

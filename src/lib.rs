@@ -25,6 +25,7 @@ pub mod init;
 pub mod install;
 pub mod journal;
 pub mod key_backup;
+pub mod key_list;
 pub mod keycache;
 pub mod kmip;
 pub mod kms;

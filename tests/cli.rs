@@ -148,6 +148,71 @@ fn key_commands_manage_the_keystore() {
     assert_eq!(mode & 0o777, 0o600);
 }
 
+/// Parses a command's stdout as exactly one JSON document.
+fn json_of(out: &std::process::Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "not one JSON document ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+#[test]
+fn key_list_and_rewrap_print_one_json_document_with_json() {
+    let mut v = Volume::mounted();
+    std::fs::write(v.m("a"), b"one").unwrap();
+    std::fs::write(v.m("b"), b"two").unwrap();
+    v.unmount();
+    v.key("rotate");
+    let b = v.backing.to_str().unwrap().to_owned();
+
+    let list = json_of(&run_ok(&["key", "list", "--json", "--volume", &b]));
+    assert_eq!(list["keystore"], v.keystore.to_str().unwrap(), "{list}");
+    let key = &list["keys"][0];
+    assert_eq!(key["name"], "default", "{list}");
+    assert_eq!(key["enabled"], true, "{list}");
+    assert_eq!(key["current_version"], 2, "{list}");
+    let versions: Vec<_> = key["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["version"].as_u64().unwrap())
+        .collect();
+    assert_eq!(versions, [1, 2], "{list}");
+    assert!(key["versions"][0]["created_unix"].as_u64().unwrap() > 0, "{list}");
+
+    let dry = json_of(&run_ok(&["rewrap", "--json", "--dry-run", &b]));
+    assert_eq!(dry["latest_version"], 2, "{dry}");
+    assert_eq!(dry["files_by_version"], serde_json::json!({"1": 2}), "{dry}");
+    assert_eq!(dry["dry_run"], true, "{dry}");
+    assert_eq!(dry["to_rewrap"], 2, "{dry}");
+    assert_eq!(dry["rewrapped"], 0, "{dry}");
+
+    let run = json_of(&run_ok(&["rewrap", "--json", &b]));
+    assert_eq!(run["rewrapped"], 2, "{run}");
+    assert_eq!(run["failed"], 0, "{run}");
+    assert_eq!(run["name_key_rewrapped"], true, "{run}");
+    assert!(
+        run["backup_needed"]
+            .as_str()
+            .unwrap()
+            .contains("kmsfs key backup"),
+        "{run}"
+    );
+
+    let again = json_of(&run_ok(&["rewrap", "--json", &b]));
+    assert_eq!(again["files_by_version"], serde_json::json!({"2": 2}), "{again}");
+    assert_eq!(again["rewrapped"], 0, "{again}");
+    assert_eq!(again["backup_needed"], serde_json::Value::Null, "{again}");
+
+    let err = run_err(&["key", "rotate", "default", "--json", "--volume", &b]);
+    assert!(
+        one_line(&err).contains("--json goes with `kmsfs key list` only"),
+        "{err}"
+    );
+}
+
 #[test]
 fn a_read_only_mount_refuses_writes() {
     let mut v = Volume::mounted();
