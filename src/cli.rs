@@ -111,6 +111,10 @@ enum Cmd {
         /// Install under this directory instead of / (for packaging and tests).
         #[arg(long, default_value = "/")]
         root: PathBuf,
+        /// Lay files out as a distribution package does: the unit in /usr/lib/systemd/system,
+        /// man pages and completions under /usr/share (for scripts/build-deb).
+        #[arg(long)]
+        package: bool,
     },
     /// Record on this machine which KMS and key a volume uses (after showing them), for a
     /// volume made elsewhere or before anchors; authenticates its config if it is not yet.
@@ -218,7 +222,18 @@ pub fn run(cli: Cli) -> Result<(), Fatal> {
         Cmd::Status { mountpoint, json } => status(mountpoint, json),
         Cmd::Lock { mountpoint } => lock(&mountpoint),
         Cmd::Reload { mountpoint } => reload(&mountpoint),
-        Cmd::InstallUnits { bin_dir, root } => crate::install::install_units(&bin_dir, &root),
+        Cmd::InstallUnits {
+            bin_dir,
+            root,
+            package,
+        } => {
+            let layout = if package {
+                &crate::install::PACKAGE
+            } else {
+                &crate::install::LOCAL
+            };
+            crate::install::install_units(&bin_dir, &root, layout)
+        }
         Cmd::Key(args) => key(args),
         Cmd::Anchor { backing, replace } => crate::init::anchor(&backing, replace),
         Cmd::Man { dir } => crate::docs::man_pages(&dir),
