@@ -37,6 +37,7 @@ pub mod mount_state;
 pub mod mountinfo;
 pub mod notify;
 pub mod policy;
+pub mod progress;
 pub mod revocation;
 pub mod rewrap;
 pub mod stop;

@@ -134,6 +134,7 @@ pub fn run(backing: &Path, dry_run: bool, json: bool) -> Result<(), Fatal> {
     }
 
     let total = todo.len();
+    let mut progress = crate::progress::Progress::new();
     for chunk in todo.chunks(BATCH) {
         let items: Vec<(WrappedDek, Binding)> = chunk
             .iter()
@@ -156,17 +157,14 @@ pub fn run(backing: &Path, dry_run: bool, json: bool) -> Result<(), Fatal> {
                 Ok(()) => outcome.rewrapped += 1,
                 Err(e) => {
                     outcome.failed += 1;
+                    progress.clear(); // the message gets a line of its own
                     eprintln!("kmsfs: file {}: {e}", c.header.file_id);
                 }
             }
-        }
-        if total > BATCH {
-            // Progress is for a person watching, not for a pipe or a log.
-            if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-                eprintln!("rewrap: {}/{total}", outcome.rewrapped + outcome.failed);
-            }
+            progress.update(|| format!("rewrap: {}/{total} files", outcome.rewrapped + outcome.failed));
         }
     }
+    progress.clear();
     outcome.name_key_rewrapped = rewrap_name_key(&volume, &rt, latest)?;
     if (outcome.rewrapped > 0 || outcome.name_key_rewrapped) && volume.kms.describe().backend == "local" {
         outcome.backup_needed = Some(crate::key_backup::new_backup_needed(

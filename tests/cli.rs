@@ -213,6 +213,50 @@ fn key_list_and_rewrap_print_one_json_document_with_json() {
     );
 }
 
+/// Runs kmsfs with stdout and stderr on a terminal (util-linux script(1) gives it a pty);
+/// returns what the terminal showed.
+fn on_a_terminal(args: &[&str]) -> String {
+    let cmd = std::iter::once(env!("CARGO_BIN_EXE_kmsfs"))
+        .chain(args.iter().copied())
+        .map(|a| format!("'{a}'"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let out = std::process::Command::new("script")
+        .args(["-q", "-e", "-c", &cmd, "/dev/null"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run script(1) (util-linux)");
+    let shown = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{cmd} failed on a terminal: {shown}");
+    shown
+}
+
+#[test]
+fn rewrap_and_fsck_show_progress_on_a_terminal_only() {
+    let mut v = Volume::mounted();
+    for i in 0..3 {
+        std::fs::write(v.m(&format!("f{i}")), b"x").unwrap();
+    }
+    v.unmount();
+    let b = v.backing.to_str().unwrap().to_owned();
+    // Into a pipe: no progress, on stderr or stdout, while 3 files are re-wrapped.
+    v.key("rotate");
+    let out = run_ok(&["rewrap", &b]);
+    let piped = String::from_utf8_lossy(&out.stderr) + String::from_utf8_lossy(&out.stdout);
+    assert!(piped.contains("re-wrapped 3 of 3 files"), "{piped}");
+    assert!(!piped.contains("rewrap: ") && !piped.contains('\r'), "{piped}");
+    // On a terminal: a line rewritten in place, erased before the summary.
+    v.key("rotate");
+    let shown = on_a_terminal(&["rewrap", &b]);
+    assert!(shown.contains("\rrewrap: 1/3 files"), "{shown:?}");
+    assert!(shown.contains("re-wrapped 3 of 3 files"), "{shown:?}");
+
+    let shown = on_a_terminal(&["fsck", &b]);
+    assert!(shown.contains("\rfsck: "), "{shown:?}");
+    let out = run_ok(&["fsck", &b]);
+    assert!(!String::from_utf8_lossy(&out.stderr).contains('\r'));
+}
+
 #[test]
 fn a_read_only_mount_refuses_writes() {
     let mut v = Volume::mounted();
