@@ -72,6 +72,9 @@ enum Cmd {
         /// Only count files per key version.
         #[arg(long)]
         dry_run: bool,
+        /// One JSON object (versions found, files re-wrapped, failures) on stdout.
+        #[arg(long)]
+        json: bool,
     },
     /// Check a volume: names, headers, keys (through the KMS) and every block. Read-only
     /// (also next to a live mount) unless --repair. Exit 0 clean, 1 problems, 2 fatal.
@@ -108,6 +111,10 @@ enum Cmd {
         /// Install under this directory instead of / (for packaging and tests).
         #[arg(long, default_value = "/")]
         root: PathBuf,
+        /// Lay files out as a distribution package does: the unit in /usr/lib/systemd/system,
+        /// man pages and completions under /usr/share (for scripts/build-deb).
+        #[arg(long)]
+        package: bool,
     },
     /// Record on this machine which KMS and key a volume uses (after showing them), for a
     /// volume made elsewhere or before anchors; authenticates its config if it is not yet.
@@ -143,6 +150,9 @@ struct KeyArgs {
     /// anchor) name, never the one its config in the backing directory names.
     #[arg(long)]
     volume: Option<PathBuf>,
+    /// `list` only: one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -197,7 +207,11 @@ pub fn run(cli: Cli) -> Result<(), Fatal> {
             };
             init(&backing, kms, plaintext_names)
         }
-        Cmd::Rewrap { backing, dry_run } => crate::rewrap::run(&backing, dry_run),
+        Cmd::Rewrap {
+            backing,
+            dry_run,
+            json,
+        } => crate::rewrap::run(&backing, dry_run, json),
         Cmd::Fsck {
             backing,
             json,
@@ -208,7 +222,18 @@ pub fn run(cli: Cli) -> Result<(), Fatal> {
         Cmd::Status { mountpoint, json } => status(mountpoint, json),
         Cmd::Lock { mountpoint } => lock(&mountpoint),
         Cmd::Reload { mountpoint } => reload(&mountpoint),
-        Cmd::InstallUnits { bin_dir, root } => crate::install::install_units(&bin_dir, &root, Cli::command()),
+        Cmd::InstallUnits {
+            bin_dir,
+            root,
+            package,
+        } => {
+            let layout = if package {
+                &crate::install::PACKAGE
+            } else {
+                &crate::install::LOCAL
+            };
+            crate::install::install_units(&bin_dir, &root, layout, Cli::command())
+        }
         Cmd::Key(args) => key(args),
         Cmd::Anchor { backing, replace } => crate::init::anchor(&backing, replace),
         Cmd::Man { dir } => crate::docs::man_pages(Cli::command(), &dir),
@@ -433,23 +458,17 @@ fn key(args: KeyArgs) -> Result<(), Fatal> {
         s.save(&path)
             .map_err(|e| Fatal::new(format!("cannot write keystore {}: {e}", path.display())))
     };
+    if let KeyAction::List = args.action {
+        return crate::key_list::list(&path, args.json);
+    }
+    if args.json {
+        return Err(Fatal::new("--json goes with `kmsfs key list` only; drop it"));
+    }
     if let KeyAction::Backup = args.action {
         let out = args
             .name
             .ok_or_else(|| Fatal::new("name the backup file: `kmsfs key backup --volume BACKING OUT`"))?;
         return crate::key_backup::backup(&path, Path::new(&out), backing.as_deref());
-    }
-    if let KeyAction::List = args.action {
-        for k in &load()?.keys {
-            let state = if k.enabled { "enabled" } else { "DISABLED" };
-            println!(
-                "{}\t{state}\tcurrent version {}\t{} versions",
-                k.name,
-                k.current().version,
-                k.versions.len()
-            );
-        }
-        return Ok(());
     }
     let name = args
         .name

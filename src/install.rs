@@ -1,5 +1,7 @@
 //! `kmsfs install-units`: the binary, mount(8) helpers, the systemd unit template and
-//! /etc/kmsfs, under a root directory (for packaging and tests).
+//! /etc/kmsfs, under a root directory (for packaging and tests). `--package` lays them out as
+//! a distribution package does; scripts/build-deb stages a .deb with it, so the package and a
+//! local install ship the same files.
 
 use crate::exit::Fatal;
 use std::path::Path;
@@ -14,7 +16,32 @@ pub fn service_unit(bin: &Path) -> String {
     SERVICE_TEMPLATE.replace("/usr/local/bin/kmsfs", &bin.display().to_string())
 }
 
-pub fn install_units(bin_dir: &Path, root: &Path, cli: clap::Command) -> Result<(), Fatal> {
+/// Where the unit and the shared files go.
+pub struct Layout {
+    /// The unit template's directory.
+    units: &'static str,
+    /// Man pages and completions go under it.
+    share: &'static str,
+    /// zsh's completion file under `share`: Debian's zsh looks in site-functions under
+    /// /usr/local and in vendor-completions for packages.
+    zsh: &'static str,
+}
+
+/// An admin's own install: /etc/systemd/system is the admin's, /usr/local the local software's.
+pub const LOCAL: Layout = Layout {
+    units: "etc/systemd/system",
+    share: "usr/local/share",
+    zsh: "zsh/site-functions/_kmsfs",
+};
+
+/// A distribution package: /etc/systemd/system and /usr/local are left to the admin.
+pub const PACKAGE: Layout = Layout {
+    units: "usr/lib/systemd/system",
+    share: "usr/share",
+    zsh: "zsh/vendor-completions/_kmsfs",
+};
+
+pub fn install_units(bin_dir: &Path, root: &Path, layout: &Layout, cli: clap::Command) -> Result<(), Fatal> {
     use std::os::unix::fs::DirBuilderExt;
     let io = |what: &str, e: std::io::Error| Fatal::new(format!("install-units: {what}: {e}"));
     let under = |p: &str| root.join(p.trim_start_matches('/'));
@@ -33,7 +60,7 @@ pub fn install_units(bin_dir: &Path, root: &Path, cli: clap::Command) -> Result<
         let _ = std::fs::remove_file(&link);
         std::os::unix::fs::symlink(&bin, &link).map_err(|e| io(helper, e))?;
     }
-    let units = under("etc/systemd/system");
+    let units = under(layout.units);
     std::fs::create_dir_all(units.join("kmsfs@.service.d")).map_err(|e| io("unit dir", e))?;
     std::fs::write(units.join("kmsfs@.service"), service_unit(&bin)).map_err(|e| io("unit", e))?;
     std::fs::write(
@@ -41,23 +68,15 @@ pub fn install_units(bin_dir: &Path, root: &Path, cli: clap::Command) -> Result<
         CREDENTIALS_EXAMPLE,
     )
     .map_err(|e| io("drop-in example", e))?;
-    // Where a local install's man(1) and the shells look (a package uses /usr/share).
-    crate::docs::man_pages(cli.clone(), &under("usr/local/share/man/man1"))?;
+    // Where man(1) and the shells look.
+    let share = under(layout.share);
+    crate::docs::man_pages(cli.clone(), &share.join("man/man1"))?;
     for (shell, path) in [
-        (
-            clap_complete::Shell::Bash,
-            "usr/local/share/bash-completion/completions/kmsfs",
-        ),
-        (
-            clap_complete::Shell::Zsh,
-            "usr/local/share/zsh/site-functions/_kmsfs",
-        ),
-        (
-            clap_complete::Shell::Fish,
-            "usr/local/share/fish/vendor_completions.d/kmsfs.fish",
-        ),
+        (clap_complete::Shell::Bash, "bash-completion/completions/kmsfs"),
+        (clap_complete::Shell::Zsh, layout.zsh),
+        (clap_complete::Shell::Fish, "fish/vendor_completions.d/kmsfs.fish"),
     ] {
-        let p = under(path);
+        let p = share.join(path);
         std::fs::create_dir_all(p.parent().expect("has a parent")).map_err(|e| io(path, e))?;
         std::fs::write(&p, crate::docs::completions(cli.clone(), shell)).map_err(|e| io(path, e))?;
     }
@@ -78,7 +97,7 @@ pub fn install_units(bin_dir: &Path, root: &Path, cli: clap::Command) -> Result<
         "installed {} and mount.kmsfs / mount.fuse.kmsfs helpers",
         bin.display()
     );
-    println!("unit: /etc/systemd/system/kmsfs@.service; now:");
+    println!("unit: /{}/kmsfs@.service; now:", layout.units);
     println!("  systemctl daemon-reload");
     println!("  cp /etc/kmsfs/example.conf.example /etc/kmsfs/NAME.conf && $EDITOR /etc/kmsfs/NAME.conf");
     println!("  systemctl enable --now kmsfs@NAME");

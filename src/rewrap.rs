@@ -4,6 +4,8 @@
 //! second run picks up where the first stopped. Works on a mounted or unmounted volume: the
 //! daemon reads a header only when it opens a file, and a torn slot falls back to the old one.
 
+mod report;
+
 use crate::exit::Fatal;
 use crate::fatal;
 use crate::format::config::{CONFIG_FILE_NAME, NamesConfig};
@@ -49,7 +51,9 @@ fn content_files(dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
     Ok(())
 }
 
-pub fn run(backing: &Path, dry_run: bool) -> Result<(), Fatal> {
+/// Re-wraps what is older than the key's newest version (counts only under `dry_run`), and
+/// prints lines, or one JSON object on stdout under `json` (also when some files failed).
+pub fn run(backing: &Path, dry_run: bool, json: bool) -> Result<(), Fatal> {
     // Opened as the mount opens it: rewrap writes new wraps, so a config pointing at a
     // planted keystore must not get them.
     let rt = crate::volume::cli_runtime()?;
@@ -110,20 +114,27 @@ pub fn run(backing: &Path, dry_run: bool) -> Result<(), Fatal> {
             todo.push(Candidate { path, header, id });
         }
     }
-    println!("key {:?} is at version {latest}", status.key_ref);
-    for (v, n) in &by_version {
-        match v {
-            Some(v) => println!("  {n} files wrapped with version {v}"),
-            None => println!("  {n} files with an unknown version"),
-        }
+    let mut outcome = report::Outcome {
+        key: status.key_ref.clone(),
+        latest_version: latest,
+        by_version,
+        dry_run,
+        todo: todo.len(),
+        unreadable,
+        ..report::Outcome::default()
+    };
+    if !json {
+        outcome.head_lines().iter().for_each(|l| println!("{l}"));
     }
     if dry_run {
+        if json {
+            println!("{}", outcome.to_json());
+        }
         return Ok(());
     }
 
-    let mut done = 0usize;
-    let mut failed = 0usize;
     let total = todo.len();
+    let mut progress = crate::progress::Progress::new();
     for chunk in todo.chunks(BATCH) {
         let items: Vec<(WrappedDek, Binding)> = chunk
             .iter()
@@ -143,44 +154,33 @@ pub fn run(backing: &Path, dry_run: bool) -> Result<(), Fatal> {
                 .map_err(|e| e.to_string())
                 .and_then(|w| write_slot(root.as_fd(), backing, c, w).map_err(|e| e.to_string()));
             match result {
-                Ok(()) => done += 1,
+                Ok(()) => outcome.rewrapped += 1,
                 Err(e) => {
-                    failed += 1;
+                    outcome.failed += 1;
+                    progress.clear(); // the message gets a line of its own
                     eprintln!("kmsfs: file {}: {e}", c.header.file_id);
                 }
             }
-        }
-        if total > BATCH {
-            // Progress is for a person watching, not for a pipe or a log.
-            if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-                eprintln!("rewrap: {}/{total}", done + failed);
-            }
+            progress.update(|| format!("rewrap: {}/{total} files", outcome.rewrapped + outcome.failed));
         }
     }
-    let name_key = rewrap_name_key(&volume, &rt, latest)?;
-    println!(
-        "re-wrapped {done} of {total} files to version {latest}{}{}{}",
-        if failed > 0 {
-            format!("; {failed} failed")
-        } else {
-            String::new()
-        },
-        if unreadable > 0 {
-            format!("; {unreadable} unreadable headers skipped")
-        } else {
-            String::new()
-        },
-        if name_key { "; name key re-wrapped" } else { "" },
-    );
-    if (done > 0 || name_key) && volume.kms.describe().backend == "local" {
-        println!(
-            "{}",
-            crate::key_backup::new_backup_needed(latest, &format!("--volume {}", backing.display()))
-        );
+    progress.clear();
+    outcome.name_key_rewrapped = rewrap_name_key(&volume, &rt, latest)?;
+    if (outcome.rewrapped > 0 || outcome.name_key_rewrapped) && volume.kms.describe().backend == "local" {
+        outcome.backup_needed = Some(crate::key_backup::new_backup_needed(
+            latest,
+            &format!("--volume {}", backing.display()),
+        ));
     }
-    if failed > 0 {
+    if json {
+        println!("{}", outcome.to_json());
+    } else {
+        outcome.tail_lines().iter().for_each(|l| println!("{l}"));
+    }
+    if outcome.failed > 0 {
         return Err(fatal!(
-            "{failed} files could not be re-wrapped; run `kmsfs rewrap` again"
+            "{} files could not be re-wrapped; run `kmsfs rewrap` again",
+            outcome.failed
         ));
     }
     Ok(())

@@ -148,6 +148,115 @@ fn key_commands_manage_the_keystore() {
     assert_eq!(mode & 0o777, 0o600);
 }
 
+/// Parses a command's stdout as exactly one JSON document.
+fn json_of(out: &std::process::Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "not one JSON document ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+#[test]
+fn key_list_and_rewrap_print_one_json_document_with_json() {
+    let mut v = Volume::mounted();
+    std::fs::write(v.m("a"), b"one").unwrap();
+    std::fs::write(v.m("b"), b"two").unwrap();
+    v.unmount();
+    v.key("rotate");
+    let b = v.backing.to_str().unwrap().to_owned();
+
+    let list = json_of(&run_ok(&["key", "list", "--json", "--volume", &b]));
+    assert_eq!(list["keystore"], v.keystore.to_str().unwrap(), "{list}");
+    let key = &list["keys"][0];
+    assert_eq!(key["name"], "default", "{list}");
+    assert_eq!(key["enabled"], true, "{list}");
+    assert_eq!(key["current_version"], 2, "{list}");
+    let versions: Vec<_> = key["versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["version"].as_u64().unwrap())
+        .collect();
+    assert_eq!(versions, [1, 2], "{list}");
+    assert!(key["versions"][0]["created_unix"].as_u64().unwrap() > 0, "{list}");
+
+    let dry = json_of(&run_ok(&["rewrap", "--json", "--dry-run", &b]));
+    assert_eq!(dry["latest_version"], 2, "{dry}");
+    assert_eq!(dry["files_by_version"], serde_json::json!({"1": 2}), "{dry}");
+    assert_eq!(dry["dry_run"], true, "{dry}");
+    assert_eq!(dry["to_rewrap"], 2, "{dry}");
+    assert_eq!(dry["rewrapped"], 0, "{dry}");
+
+    let run = json_of(&run_ok(&["rewrap", "--json", &b]));
+    assert_eq!(run["rewrapped"], 2, "{run}");
+    assert_eq!(run["failed"], 0, "{run}");
+    assert_eq!(run["name_key_rewrapped"], true, "{run}");
+    assert!(
+        run["backup_needed"]
+            .as_str()
+            .unwrap()
+            .contains("kmsfs key backup"),
+        "{run}"
+    );
+
+    let again = json_of(&run_ok(&["rewrap", "--json", &b]));
+    assert_eq!(again["files_by_version"], serde_json::json!({"2": 2}), "{again}");
+    assert_eq!(again["rewrapped"], 0, "{again}");
+    assert_eq!(again["backup_needed"], serde_json::Value::Null, "{again}");
+
+    let err = run_err(&["key", "rotate", "default", "--json", "--volume", &b]);
+    assert!(
+        one_line(&err).contains("--json goes with `kmsfs key list` only"),
+        "{err}"
+    );
+}
+
+/// Runs kmsfs with stdout and stderr on a terminal (util-linux script(1) gives it a pty);
+/// returns what the terminal showed.
+fn on_a_terminal(args: &[&str]) -> String {
+    let cmd = std::iter::once(env!("CARGO_BIN_EXE_kmsfs"))
+        .chain(args.iter().copied())
+        .map(|a| format!("'{a}'"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let out = std::process::Command::new("script")
+        .args(["-q", "-e", "-c", &cmd, "/dev/null"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run script(1) (util-linux)");
+    let shown = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{cmd} failed on a terminal: {shown}");
+    shown
+}
+
+#[test]
+fn rewrap_and_fsck_show_progress_on_a_terminal_only() {
+    let mut v = Volume::mounted();
+    for i in 0..3 {
+        std::fs::write(v.m(&format!("f{i}")), b"x").unwrap();
+    }
+    v.unmount();
+    let b = v.backing.to_str().unwrap().to_owned();
+    // Into a pipe: no progress, on stderr or stdout, while 3 files are re-wrapped.
+    v.key("rotate");
+    let out = run_ok(&["rewrap", &b]);
+    let piped = String::from_utf8_lossy(&out.stderr) + String::from_utf8_lossy(&out.stdout);
+    assert!(piped.contains("re-wrapped 3 of 3 files"), "{piped}");
+    assert!(!piped.contains("rewrap: ") && !piped.contains('\r'), "{piped}");
+    // On a terminal: a line rewritten in place, erased before the summary.
+    v.key("rotate");
+    let shown = on_a_terminal(&["rewrap", &b]);
+    assert!(shown.contains("\rrewrap: 1/3 files"), "{shown:?}");
+    assert!(shown.contains("re-wrapped 3 of 3 files"), "{shown:?}");
+
+    let shown = on_a_terminal(&["fsck", &b]);
+    assert!(shown.contains("\rfsck: "), "{shown:?}");
+    let out = run_ok(&["fsck", &b]);
+    assert!(!String::from_utf8_lossy(&out.stderr).contains('\r'));
+}
+
 #[test]
 fn a_read_only_mount_refuses_writes() {
     let mut v = Volume::mounted();

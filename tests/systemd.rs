@@ -109,16 +109,19 @@ fn notify_ready_only_once_the_mount_serves_and_stopping_on_unmount() {
     eprintln!("notify sequence: {seen:?}");
 }
 
-/// Installs the mount(8) helper for fuse.kmsfs, pointing at this build.
-fn install_helper() {
+/// Installs the mount(8) helper for fuse.kmsfs, pointing at this build, until the returned
+/// lock is dropped (tests/package.rs installs and removes the packaged one).
+fn install_helper() -> std::fs::File {
+    let lock = sbin_helpers_lock();
     let link = Path::new("/sbin/mount.fuse.kmsfs");
     let _ = std::fs::remove_file(link);
     std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_kmsfs"), link).unwrap();
+    lock
 }
 
 #[test]
 fn mount_t_fuse_kmsfs_and_mount_a_with_an_fstab() {
-    install_helper();
+    let _helper = install_helper();
     let v = Volume::new();
     let log = v.dir.path().join("helper.log");
     let opts = format!("_netdev,nofail,x-systemd.automount,log={}", log.display());

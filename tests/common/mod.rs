@@ -31,6 +31,17 @@ pub fn test_venv(env_var: &str, name: &str) -> (PathBuf, std::fs::File) {
     (venv, lock)
 }
 
+/// Held while a test installs /sbin/mount.fuse.kmsfs (a link to this build) or the kmsfs
+/// package (which owns that path, and removes it with the package): one at a time on the
+/// machine, whichever checkout or test binary they run from.
+pub fn sbin_helpers_lock() -> std::fs::File {
+    let lock = std::fs::File::create("/run/lock/kmsfs-tests-sbin-helpers.lock")
+        .or_else(|_| std::fs::File::create(std::env::temp_dir().join("kmsfs-tests-sbin-helpers.lock")))
+        .expect("create the /sbin helpers' lock file");
+    lock.lock().expect("lock the /sbin helpers");
+    lock
+}
+
 /// Installs `requirements` from PyPI into `venv`, made first if missing.
 pub fn pip_install(venv: &Path, requirements: &[&str]) {
     if !venv.join("bin/python").exists() {
