@@ -235,7 +235,11 @@ impl Fs {
     /// The file id of a regular file, from its header (for the audit log).
     fn file_id_of(&self, ino: u64) -> Option<String> {
         let inode = self.inodes.get(ino).ok()?;
-        let file = File::from(sys::reopen(inode.fd(), libc::O_RDONLY).ok()?);
+        if inode.kind != Kind::File {
+            return None;
+        }
+        // Non-blocking: whatever the storage put there, a read of a header never waits.
+        let file = File::from(sys::reopen(inode.fd(), libc::O_RDONLY | libc::O_NONBLOCK).ok()?);
         let mut hdr = vec![0u8; HEADER_LEN as usize];
         let n = crate::durable::read_up_to(&file, &mut hdr).ok()?;
         header::decode(&hdr[..n]).ok().map(|h| h.file_id.to_string())
