@@ -386,7 +386,7 @@ fn guard_throttle_parks_replies_and_serves_everyone_else() {
     for _ in 0..20 {
         let one = Instant::now();
         assert_eq!(std::fs::read(s.v.m("b")).unwrap(), CONTENT);
-        assert!(one.elapsed() < Duration::from_millis(300), "{:?}", one.elapsed());
+        assert!(one.elapsed() < Duration::from_millis(500), "{:?}", one.elapsed());
     }
     for r in readers {
         assert_eq!(r.join().unwrap().unwrap(), CONTENT);
