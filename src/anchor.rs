@@ -160,6 +160,7 @@ pub fn load(path: &Path) -> Result<Option<Anchor>, Fatal> {
             path.display()
         ));
     }
+    check_dir(path)?;
     let mut bytes = Vec::new();
     f.take(MAX_ANCHOR_LEN + 1)
         .read_to_end(&mut bytes)
@@ -177,6 +178,29 @@ pub fn load(path: &Path) -> Result<Option<Anchor>, Fatal> {
         ));
     }
     Ok(Some(anchor))
+}
+
+/// The anchor's directory must be as trusted as the anchor: whoever may write it can put
+/// another volume's anchor (a root-owned file) in its place. A sticky directory (/tmp) is
+/// fine: there only a file's owner may replace it.
+fn check_dir(path: &Path) -> Result<(), Fatal> {
+    let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) else {
+        return Ok(());
+    };
+    let meta =
+        std::fs::metadata(dir).map_err(|e| fatal!("volume settings directory {}: {e}", dir.display()))?;
+    let owner_ok = meta.uid() == 0 || meta.uid() == crate::sys::geteuid();
+    let writable_by_others = meta.mode() & 0o022 != 0 && meta.mode() & 0o1000 == 0;
+    if !owner_ok || writable_by_others {
+        return Err(fatal!(
+            "volume settings directory {} must belong to root (or the user running kmsfs) and be \
+             writable by no one else: chown root {} && chmod go-w {}",
+            dir.display(),
+            dir.display(),
+            dir.display()
+        ));
+    }
+    Ok(())
 }
 
 /// Writes the anchor (atomically, mode 0644 in a directory only its owner can change).

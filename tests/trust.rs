@@ -154,6 +154,25 @@ fn a_writable_anchor_is_refused() {
 }
 
 #[test]
+fn an_anchor_in_a_directory_others_may_write_is_refused() {
+    let mut v = Volume::new();
+    let dir = v.dir.path().join("anchors");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o775)).unwrap();
+    let elsewhere = dir.join("media.anchor");
+    std::fs::rename(anchor_of(&v), &elsewhere).unwrap();
+    let args = ["--anchor", elsewhere.to_str().unwrap()];
+    let mut mount = v.mount_args(&[]);
+    mount.extend(args.iter().map(|s| s.to_string()));
+    let mount: Vec<&str> = mount.iter().map(String::as_str).collect();
+    let err = run_err(&mount);
+    assert!(one_line(&err).contains("chmod go-w"), "{err}");
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    v.mount_full(&[], &args, &[]);
+    v.unmount();
+}
+
+#[test]
 fn rewrap_keeps_the_config_authenticated() {
     let mut v = Volume::mounted();
     std::fs::write(v.m("f"), b"data").unwrap();
