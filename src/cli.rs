@@ -123,6 +123,10 @@ enum Cmd {
         /// Record the config's settings again although this machine has some.
         #[arg(long)]
         replace: bool,
+        /// Record without asking (after checking what it shows); needed when stdin is not a
+        /// terminal.
+        #[arg(long)]
+        yes: bool,
     },
     /// Lock a mount now: drop every key, fail all I/O with ENOKEY, unmount.
     Lock { mountpoint: PathBuf },
@@ -235,7 +239,11 @@ pub fn run(cli: Cli) -> Result<(), Fatal> {
             crate::install::install_units(&bin_dir, &root, layout, Cli::command())
         }
         Cmd::Key(args) => key(args),
-        Cmd::Anchor { backing, replace } => crate::init::anchor(&backing, replace),
+        Cmd::Anchor {
+            backing,
+            replace,
+            yes,
+        } => crate::init::anchor(&backing, replace, yes),
         Cmd::Man { dir } => crate::docs::man_pages(Cli::command(), &dir),
         Cmd::Completions { shell } => {
             use std::io::Write;

@@ -172,10 +172,32 @@ pub fn init(backing: &Path, kms: InitKms, plaintext_names: bool) -> Result<(), F
     Ok(())
 }
 
+/// Asks on the terminal whether to record what `anchor` showed; without a terminal, only
+/// `--yes` records.
+fn confirm(yes: bool) -> Result<(), Fatal> {
+    use std::io::{BufRead, IsTerminal, Write};
+    if yes {
+        return Ok(());
+    }
+    if !std::io::stdin().is_terminal() {
+        return Err(Fatal::new(
+            "not recorded: check that the settings above are the volume's KMS and key, then run again with --yes",
+        ));
+    }
+    print!("record these as this machine's settings for the volume? [y/N] ");
+    let _ = std::io::stdout().flush();
+    let mut answer = String::new();
+    let _ = std::io::stdin().lock().read_line(&mut answer);
+    match answer.trim() {
+        "y" | "Y" | "yes" | "YES" | "Yes" => Ok(()),
+        _ => Err(Fatal::new("not recorded")),
+    }
+}
+
 /// `kmsfs anchor BACKING`: records on this machine which KMS and key a volume made elsewhere
 /// (or before anchors existed) uses, after the admin has seen them; authenticates its config
 /// if it is not yet (adds a volume key and a MAC).
-pub fn anchor(backing: &Path, replace: bool) -> Result<(), Fatal> {
+pub fn anchor(backing: &Path, replace: bool, yes: bool) -> Result<(), Fatal> {
     let (backing, mut config) = crate::volume::read(backing)?;
     let anchor_path = crate::anchor::path_for(&backing);
     if !replace && crate::anchor::load(&anchor_path)?.is_some() {
@@ -213,6 +235,9 @@ pub fn anchor(backing: &Path, replace: bool) -> Result<(), Fatal> {
         ),
     }
     crate::volume::check_kms_location(&config.kms, &backing)?;
+    // Trust on first use: what was shown comes from the backing directory, which may be
+    // hostile. The admin says it is the volume's KMS and key before it becomes the anchor.
+    confirm(yes)?;
     let rt = crate::volume::cli_runtime()?;
     let kms = crate::volume::key_provider(&config.kms, false, rt.handle()).map_err(explain_kms)?;
     rt.block_on(kms.check_access()).map_err(explain_kms)?;

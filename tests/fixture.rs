@@ -90,7 +90,7 @@ fn the_frozen_v1_volume_reads_byte_for_byte() {
     // has recorded its KMS (`kmsfs anchor`, which also authenticates its config).
     let err = run_err(&["mount", backing.to_str().unwrap(), mnt.to_str().unwrap()]);
     assert!(err.contains("kmsfs anchor"), "{err}");
-    let out = run_ok(&["anchor", backing.to_str().unwrap()]);
+    let out = run_ok(&["anchor", backing.to_str().unwrap(), "--yes"]);
     let shown = String::from_utf8_lossy(&out.stdout);
     assert!(
         shown.contains("local keystore") && shown.contains("names encrypted"),

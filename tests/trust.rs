@@ -134,13 +134,17 @@ fn a_volume_this_machine_has_no_record_of_does_not_mount_until_anchored() {
     std::fs::remove_file(anchor_of(&v)).unwrap();
     let err = v.mount_err(&[]);
     assert!(one_line(&err).contains("kmsfs anchor"), "{err}");
-    let out = run_ok(&["anchor", v.backing.to_str().unwrap()]);
+    // Nothing is recorded without the admin's word: no terminal here, so `--yes`.
+    let err = run_err(&["anchor", v.backing.to_str().unwrap()]);
+    assert!(one_line(&err).contains("run again with --yes"), "{err}");
+    assert!(v.mount_err(&[]).contains("kmsfs anchor"));
+    let out = run_ok(&["anchor", v.backing.to_str().unwrap(), "--yes"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("local keystore"));
     v.mount(&[]);
     std::fs::write(v.m("f"), b"ok").unwrap();
     v.unmount();
     // Recording again is an explicit act.
-    let err = run_err(&["anchor", v.backing.to_str().unwrap()]);
+    let err = run_err(&["anchor", v.backing.to_str().unwrap(), "--yes"]);
     assert!(one_line(&err).contains("--replace"), "{err}");
 }
 
