@@ -370,22 +370,7 @@ impl Fs {
             self.kms.unwrap(&wrapped, &binding),
         )?;
         self.stats.kms_call_ended(started.elapsed(), &result);
-        let ms = started.elapsed().as_secs_f64() * 1000.0;
-        let outcome = match &result {
-            Ok(_) => "ok",
-            Err(KmsError::Denied(_)) => "denied",
-            Err(KmsError::Unreachable(_)) => "unreachable",
-            Err(_) => "failed",
-        };
-        let mut fields = asker.fields();
-        fields.extend(
-            serde_json::json!({"file_id": h.file_id.to_string(), "key": wrapped.key_ref, "version": version,
-                               "outcome": outcome, "latency_ms": (ms * 1000.0).round() / 1000.0})
-            .as_object()
-            .cloned()
-            .unwrap_or_default(),
-        );
-        crate::audit::event("unwrap", serde_json::Value::Object(fields));
+        prefetch::audit_unwrap(asker, h, &wrapped, version, &result, started, false);
         let dek = result.inspect_err(|e| {
             log::error!("file {}: cannot unwrap its key: {e}", h.file_id);
             match e {
@@ -856,19 +841,6 @@ impl Fs {
         })
     }
 
-    /// Counts bytes read for the usage guard of who opened `fh`.
-    fn count_read(&self, fh: u64, n: usize) {
-        if !self.access.enabled() {
-            return;
-        }
-        if let Ok(h) = self.handle(fh)
-            && let Handle::File { asker, .. } = &*h
-            && let Some(why) = self.access.read(asker, n as u64)
-        {
-            self.events.lock(&why);
-        }
-    }
-
     fn file_handle(&self, fh: u64) -> FsResult<(Arc<ContentFile>, bool)> {
         match &*self.handle(fh)? {
             Handle::File { content, write, .. } => Ok((content.clone(), *write)),
@@ -878,10 +850,19 @@ impl Fs {
 
     /// Reads into `buf[..n]` (a scratch buffer the caller reuses) and returns `n`.
     pub fn read(&self, fh: u64, offset: u64, size: u32, buf: &mut Vec<u8>) -> FsResult<usize> {
-        let r = self.file_handle(fh)?.0.read_into(offset, size, buf);
+        let handle = self.handle(fh)?;
+        let Handle::File { content, asker, .. } = &*handle else {
+            return Err(FsError::BadHandle);
+        };
+        let r = content.read_into(offset, size, buf);
         match &r {
             Ok(n) => {
-                self.count_read(fh, *n);
+                // Bytes decrypted count for the usage guard of who opened the file.
+                if self.access.enabled()
+                    && let Some(why) = self.access.read(asker, *n as u64)
+                {
+                    self.events.lock(&why);
+                }
                 self.stats.bytes_read.fetch_add(*n as u64, Ordering::Relaxed)
             }
             Err(FsError::Corrupt) => self.stats.auth_failures.fetch_add(1, Ordering::Relaxed),

@@ -345,6 +345,7 @@ impl Pass {
             self.kms.version_of(&wrapped),
             &result,
             started,
+            true,
         );
         let dek = result?;
         if let Some(why) = self.access.unwrapped(&self.asker) {
@@ -373,15 +374,16 @@ impl Pass {
     }
 }
 
-/// The `unwrap` audit event of a prefetched key: as an open's, in the name of the caller that
-/// set the prefetch off, marked `"prefetch": true`.
-fn audit_unwrap(
+/// The `unwrap` audit event, in the name of the caller whose open needed the key or whose
+/// listing or opens set a prefetch off (then marked `"prefetch": true`).
+pub(super) fn audit_unwrap(
     asker: &Asker,
     h: &Header,
     wrapped: &WrappedDek,
     version: Option<u32>,
     result: &Result<crate::crypto::SecretKey, KmsError>,
     started: Instant,
+    prefetch: bool,
 ) {
     let ms = started.elapsed().as_secs_f64() * 1000.0;
     let outcome = match result {
@@ -393,12 +395,14 @@ fn audit_unwrap(
     let mut fields = asker.fields();
     fields.extend(
         serde_json::json!({"file_id": h.file_id.to_string(), "key": wrapped.key_ref, "version": version,
-                           "outcome": outcome, "latency_ms": (ms * 1000.0).round() / 1000.0,
-                           "prefetch": true})
+                           "outcome": outcome, "latency_ms": (ms * 1000.0).round() / 1000.0})
         .as_object()
         .cloned()
         .unwrap_or_default(),
     );
+    if prefetch {
+        fields.insert("prefetch".into(), serde_json::json!(true));
+    }
     crate::audit::event("unwrap", serde_json::Value::Object(fields));
 }
 
