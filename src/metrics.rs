@@ -39,7 +39,8 @@ fn answer(stream: TcpStream, state: &MountState) -> std::io::Result<()> {
     // A client that sends nothing must not hold the one serving thread.
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
     stream.set_write_timeout(Some(Duration::from_secs(2)))?;
-    let mut reader = BufReader::new(&stream);
+    // And one that sends without end must not grow our memory: a request is a few lines.
+    let mut reader = BufReader::new(std::io::Read::take(&stream, 16 * 1024));
     let mut request = String::new();
     reader.read_line(&mut request)?;
     // The headers are read and ignored, up to the blank line.
