@@ -267,6 +267,7 @@ fn fsck(backing: &Path, opts: crate::fsck::Options) -> Result<(), Fatal> {
 }
 
 fn status(mountpoint: Option<PathBuf>, as_json: bool) -> Result<(), Fatal> {
+    let listing = mountpoint.is_none();
     let mounts: Vec<PathBuf> = match mountpoint {
         // Never a call on the mountpoint itself: it would wait for a busy daemon.
         Some(m) => vec![
@@ -279,20 +280,40 @@ fn status(mountpoint: Option<PathBuf>, as_json: bool) -> Result<(), Fatal> {
         return Err(Fatal::new("no kmsfs mounts"));
     }
     let mut all = Vec::new();
+    let mut silent = Vec::new();
     for m in &mounts {
-        let v = crate::control::request(m, "status").map_err(|e| {
-            Fatal::new(format!(
-                "{}: no answer from the daemon's control socket ({e})",
-                m.display()
-            ))
-        })?;
-        all.push(v);
+        match ask_status(m, listing) {
+            Asked::Answer(v) => all.push(v),
+            Asked::Gone => {}
+            Asked::Silent(e) => {
+                let why = silence(&e);
+                if !listing {
+                    return Err(Fatal::new(format!("{}: {why}", m.display())));
+                }
+                all.push(serde_json::json!({ "mountpoint": m, "error": why }));
+                silent.push(m.display().to_string());
+            }
+        }
     }
+    // Every answer is printed before a silent daemon fails the command: one hung mount must
+    // not hide the state of the others.
+    let done = || match silent.len() {
+        0 => Ok(()),
+        _ => Err(Fatal::new(format!(
+            "{} did not answer: its entry says why",
+            silent.join(", ")
+        ))),
+    };
     if as_json {
         println!("{}", serde_json::Value::Array(all));
-        return Ok(());
+        return done();
     }
-    for v in all {
+    for v in &all {
+        if let Some(e) = v["error"].as_str() {
+            println!("{}", v["mountpoint"].as_str().unwrap_or("?"));
+            println!("  state       {e}");
+            continue;
+        }
         let c = &v["counters"];
         // Strings as text, numbers as numbers: no JSON quotes in the human form.
         let t = |x: &serde_json::Value| match x {
@@ -348,7 +369,44 @@ fn status(mountpoint: Option<PathBuf>, as_json: bool) -> Result<(), Fatal> {
             );
         }
     }
-    Ok(())
+    done()
+}
+
+/// What a control socket's silence means, in words an admin can act on.
+fn silence(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound => {
+            "the daemon is gone (nothing listens on its control socket): `umount` the dead mount".into()
+        }
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+            "the daemon did not answer in 5 s (stopped or wedged): see its log".into()
+        }
+        _ => format!("no answer from the daemon's control socket ({e})"),
+    }
+}
+
+enum Asked {
+    Answer(serde_json::Value),
+    /// The mount left the table while we asked: a daemon that was stopping, not a problem.
+    Gone,
+    Silent(std::io::Error),
+}
+
+/// Asks one daemon for its status. When listing every mount, a daemon that does not answer
+/// is asked again for up to a second, for it may be stopping: a mount that has left the
+/// table by then is skipped rather than failing the whole listing.
+fn ask_status(m: &Path, listing: bool) -> Asked {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    loop {
+        match crate::control::request(m, "status") {
+            Ok(v) => return Asked::Answer(v),
+            Err(_) if listing && !crate::mountinfo::fuse_mountpoints().iter().any(|x| x == m) => {
+                return Asked::Gone;
+            }
+            Err(e) if !listing || std::time::Instant::now() >= deadline => return Asked::Silent(e),
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(50)),
+        }
+    }
 }
 
 fn reload(mountpoint: &Path) -> Result<(), Fatal> {

@@ -106,10 +106,17 @@ fn answer(mut conn: UnixStream, control: &dyn Control, me: u32) -> std::io::Resu
 
 use std::io::Read;
 
+/// How long a client waits for the daemon's answer.
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Sends one request to the mount at `mountpoint`.
 pub fn request(mountpoint: &Path, cmd: &str) -> std::io::Result<Value> {
     let path = socket_path(mountpoint);
     let mut s = UnixStream::connect(&path)?;
+    // The server answers from its own thread and waits for nothing; a daemon that says
+    // nothing for this long is stopped or wedged, and the caller must not hang with it.
+    s.set_read_timeout(Some(REQUEST_TIMEOUT))?;
+    s.set_write_timeout(Some(REQUEST_TIMEOUT))?;
     writeln!(s, "{}", json!({ "cmd": cmd }))?;
     let mut line = String::new();
     BufReader::new(s).read_line(&mut line)?;
