@@ -1,4 +1,4 @@
-//! On-disk format v1: byte layouts and offset arithmetic. Pure: no files, no clocks, no KMS.
+//! The on-disk format: byte layouts and offset arithmetic. Pure: no files, no clocks, no KMS.
 //!
 //! `docs/format.md` is the specification; every constant it names is defined here or in a
 //! submodule, and the unit tests pin the layouts.
@@ -8,8 +8,19 @@ pub mod config;
 pub mod header;
 pub mod name;
 
-/// The on-disk format version this build writes and reads.
-pub const FORMAT_VERSION: u16 = 1;
+/// The version in every record's bytes and associated data (headers, blocks, names). It is 1
+/// in every volume format: format 2 changes what names are bound to and how big blocks may be,
+/// not the record layouts, so a v1 volume's bytes stay valid as they are.
+pub const RECORD_VERSION: u16 = 1;
+
+/// The first volume format: 64 KiB blocks; symlink targets and xattr values bound to the
+/// volume only.
+pub const VOLUME_FORMAT_V1: u16 = 1;
+/// The volume format `kmsfs init` writes: a block size chosen per volume, symlink targets bound
+/// to their directory and xattr values to their file or directory, an authenticated config.
+pub const VOLUME_FORMAT_V2: u16 = 2;
+/// The newest volume format, the one new volumes get.
+pub const VOLUME_FORMAT: u16 = VOLUME_FORMAT_V2;
 
 /// Length of a file id: random, unique per file, the binding for everything sealed in it.
 pub const FILE_ID_LEN: usize = 16;

@@ -427,11 +427,12 @@ pub fn seeds(target: &str) -> Vec<(&'static str, Vec<u8>)> {
                 addrs: vec!["kms1.example:5696".into(), "[::1]:5696".into()],
                 key: "kmsfs-kek".into(),
             });
-            vec![
-                ("local", local.encode()),
-                ("openbao", bao.encode()),
-                ("kmip", kmip.encode()),
-            ]
+            // Seeds the decoder accepts without a MAC: format 1 (format 2 requires one).
+            let v1 = |mut c: VolumeConfig| {
+                c.format_version = crate::format::VOLUME_FORMAT_V1;
+                c.encode()
+            };
+            vec![("local", v1(local)), ("openbao", v1(bao)), ("kmip", v1(kmip))]
         }
         "name" => {
             let c = name_cipher();

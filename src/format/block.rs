@@ -9,7 +9,7 @@
 //! `BLOCK_SIZE`. A record of all zero bytes that is not the last one is a hole (reads as zeros).
 
 use super::header::HEADER_LEN;
-use super::{FILE_ID_LEN, FORMAT_VERSION, FileId};
+use super::{FILE_ID_LEN, FileId, RECORD_VERSION};
 use crate::crypto::{Aead, AuthError, NONCE_LEN, SecretKey, TAG_LEN};
 
 /// Plaintext bytes per block.
@@ -125,7 +125,7 @@ pub const fn plaintext_size(len: u64) -> Result<u64, SizeError> {
 /// record was sealed as "not final").
 pub fn block_aad(file_id: &FileId, block: u64, is_final: bool) -> [u8; BLOCK_AAD_LEN] {
     let mut aad = [0u8; BLOCK_AAD_LEN];
-    aad[..2].copy_from_slice(&FORMAT_VERSION.to_be_bytes());
+    aad[..2].copy_from_slice(&RECORD_VERSION.to_be_bytes());
     aad[2..2 + FILE_ID_LEN].copy_from_slice(&file_id.0);
     aad[2 + FILE_ID_LEN..2 + FILE_ID_LEN + 8].copy_from_slice(&block.to_be_bytes());
     aad[BLOCK_AAD_LEN - 1] = is_final as u8;

@@ -2,7 +2,7 @@
 //! it never holds a secret.
 
 use super::block::BLOCK_SIZE;
-use super::{DIR_ID_LEN, FORMAT_VERSION, VOLUME_ID_LEN, VolumeId};
+use super::{DIR_ID_LEN, VOLUME_FORMAT, VOLUME_FORMAT_V1, VOLUME_FORMAT_V2, VOLUME_ID_LEN, VolumeId};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
@@ -150,7 +150,7 @@ impl VolumeConfig {
         let mut id = [0u8; VOLUME_ID_LEN];
         crate::crypto::fill_random(&mut id);
         VolumeConfig {
-            format_version: FORMAT_VERSION,
+            format_version: VOLUME_FORMAT,
             volume_id: crate::hex::encode(&id),
             block_size: BLOCK_SIZE,
             kms,
@@ -213,11 +213,18 @@ impl VolumeConfig {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        if self.format_version != FORMAT_VERSION {
+        if self.format_version != VOLUME_FORMAT_V1 && self.format_version != VOLUME_FORMAT_V2 {
             return Err(ConfigError::UnsupportedVersion(self.format_version));
         }
         if self.block_size != BLOCK_SIZE {
             return Err(ConfigError::Invalid("block_size must be 65536 in format v1"));
+        }
+        // Format 2 came with the authenticated config: a v2 config without its MAC is a
+        // downgrade, not an old volume.
+        if self.format_version >= VOLUME_FORMAT_V2 && self.mac.is_none() {
+            return Err(ConfigError::Invalid(
+                "a format 2 config must carry volume_key and mac",
+            ));
         }
         match crate::hex::decode(&self.volume_id) {
             Some(id) if id.len() == VOLUME_ID_LEN => {}
@@ -346,7 +353,31 @@ mod tests {
             key_ref: "default".into(),
             wrapped_key: "abcd".into(),
         };
+        // Unauthenticated, as format 1 allows: these tests are about the fields.
+        c.format_version = VOLUME_FORMAT_V1;
         c
+    }
+
+    #[test]
+    fn format_2_needs_its_mac_and_format_3_is_not_known() {
+        let key = crate::crypto::SecretKey::generate();
+        let mut c = sample();
+        c.format_version = VOLUME_FORMAT_V2;
+        assert!(
+            VolumeConfig::decode(&c.encode()).is_err(),
+            "format 2 without a mac"
+        );
+        c.volume_key = Some(WrappedKeyConfig {
+            key_ref: "default".into(),
+            wrapped: "beef".into(),
+        });
+        c.seal(&key);
+        assert_eq!(VolumeConfig::decode(&c.encode()).unwrap(), c);
+        c.format_version = 3;
+        assert!(matches!(
+            VolumeConfig::decode(&c.encode()),
+            Err(ConfigError::UnsupportedVersion(3))
+        ));
     }
 
     #[test]
@@ -414,6 +445,7 @@ mod tests {
             key: "kmsfs-kek".into(),
         });
         k.names = NamesConfig::Plaintext;
+        k.format_version = VOLUME_FORMAT_V1;
         assert_eq!(VolumeConfig::decode(&k.encode()).unwrap(), k);
     }
 

@@ -15,7 +15,7 @@
 //! A re-wrap writes the *other* slot with the next sequence number: a torn or lost write leaves
 //! that slot failing its checksum and the previous slot still valid, so the DEK is never lost.
 
-use super::{FILE_ID_LEN, FORMAT_VERSION, FileId};
+use super::{FILE_ID_LEN, FileId, RECORD_VERSION};
 use sha2::{Digest, Sha256};
 
 /// Header magic: identifies a kmsfs content file.
@@ -109,7 +109,7 @@ impl std::fmt::Display for HeaderError {
 fn fixed_part(file_id: &FileId) -> [u8; FIXED_LEN] {
     let mut b = [0u8; FIXED_LEN];
     b[..8].copy_from_slice(&MAGIC);
-    b[8..10].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    b[8..10].copy_from_slice(&RECORD_VERSION.to_le_bytes());
     b[12..12 + FILE_ID_LEN].copy_from_slice(&file_id.0);
     b
 }
@@ -210,7 +210,7 @@ fn check_fixed(bytes: &[u8]) -> Result<&[u8], HeaderError> {
         return Err(HeaderError::BadMagic);
     }
     let version = u16::from_le_bytes([fixed[8], fixed[9]]);
-    if version != FORMAT_VERSION {
+    if version != RECORD_VERSION {
         return Err(HeaderError::UnsupportedVersion(version));
     }
     if fixed[10..12] != [0, 0] || fixed[28..32] != [0; 4] {

@@ -9,7 +9,7 @@
 //! symlink       = base64url(nonce ‖ AES-256-GCM-SIV(symlink key, AAD = version ‖ "kmsfs v1 symlink", target) ‖ tag)
 //! ```
 
-use super::FORMAT_VERSION;
+use super::RECORD_VERSION;
 use crate::crypto::{Aead, NONCE_LEN, SecretKey, TAG_LEN};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
@@ -138,14 +138,14 @@ impl std::fmt::Debug for NameCipher {
 
 fn name_aad(label: &[u8], dir_id: &DirId) -> Vec<u8> {
     let mut aad = Vec::with_capacity(2 + label.len() + DIR_ID_LEN);
-    aad.extend_from_slice(&FORMAT_VERSION.to_be_bytes());
+    aad.extend_from_slice(&RECORD_VERSION.to_be_bytes());
     aad.extend_from_slice(label);
     aad.extend_from_slice(dir_id);
     aad
 }
 
 fn label_aad(label: &[u8]) -> Vec<u8> {
-    let mut aad = FORMAT_VERSION.to_be_bytes().to_vec();
+    let mut aad = RECORD_VERSION.to_be_bytes().to_vec();
     aad.extend_from_slice(label);
     aad
 }
