@@ -94,6 +94,7 @@ pub fn run(backing: &Path, opts: Options) -> Result<bool, Fatal> {
     };
     let report = Report {
         volume_id: &config.volume_id,
+        format_version: config.format_version,
         summary: &summary,
         problems: &problems,
         moved: moved.as_deref(),

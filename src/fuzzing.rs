@@ -14,7 +14,7 @@ use crate::format::config::{KmsConfig, NamesConfig, VolumeConfig};
 use crate::format::header::{
     self, HEADER_LEN, Header, HeaderError, KeySlot, MAX_KEY_REF_LEN, MAX_WRAPPED_LEN, SLOT_LEN,
 };
-use crate::format::name::{self, BackingEntry, DirId, NameCipher};
+use crate::format::name::{self, BackingEntry, DirId, NameCipher, XattrOwner};
 use crate::kmip::messages::{self, Request};
 use crate::kmip::ttlv::{self, ITEM_HEADER_LEN, Item, Tag, Value};
 use crate::kmip::wrapped::Wrapped;
@@ -40,6 +40,7 @@ const NAME_KEY: [u8; 32] = [0x4b; 32];
 const VOLUME_ID: [u8; 16] = *b"fuzz volume id!!";
 const DIR_ID: DirId = [0x5a; 16];
 const XATTR_STORED_NAME: &str = "user.fuzz";
+const XATTR_OWNER: XattrOwner = XattrOwner::File(FILE_ID);
 const DEK: [u8; 32] = [0x24; 32];
 const FILE_ID: FileId = FileId([0x11; 16]);
 
@@ -156,7 +157,13 @@ pub fn config(data: &[u8]) {
 
 fn name_cipher() -> &'static NameCipher {
     static CIPHER: OnceLock<NameCipher> = OnceLock::new();
-    CIPHER.get_or_init(|| NameCipher::new(&SecretKey::from_slice(&NAME_KEY).unwrap(), &VOLUME_ID))
+    CIPHER.get_or_init(|| {
+        NameCipher::new(
+            &SecretKey::from_slice(&NAME_KEY).unwrap(),
+            &VOLUME_ID,
+            crate::format::VOLUME_FORMAT,
+        )
+    })
 }
 
 /// `name`: every decoder of stored names, symlinks and xattrs on arbitrary bytes (never a
@@ -173,13 +180,13 @@ pub fn name(data: &[u8]) {
             "a name opened that encryption did not produce"
         );
     }
-    if let Ok(target) = c.decrypt_symlink(data) {
+    if let Ok(target) = c.decrypt_symlink(&DIR_ID, data) {
         assert_eq!(name::symlink_plain_len(data.len() as u64), target.len() as u64);
     }
     if let Ok(n) = c.decrypt_xattr_name(data) {
         assert_eq!(c.encrypt_xattr_name(&n).as_bytes(), data);
     }
-    if let Ok(v) = c.decrypt_xattr_value(XATTR_STORED_NAME, data) {
+    if let Ok(v) = c.decrypt_xattr_value(&XATTR_OWNER, XATTR_STORED_NAME, data) {
         assert_eq!(v.len() + NONCE_LEN + TAG_LEN, data.len());
     }
     let n = Input(data).u64();
@@ -202,15 +209,16 @@ pub fn name(data: &[u8]) {
         };
         assert_eq!(name::classify(backing.as_bytes()), expected);
     }
-    let s = c.encrypt_symlink(data);
-    assert_eq!(c.decrypt_symlink(s.as_bytes()).unwrap(), data);
+    let s = c.encrypt_symlink(&DIR_ID, data);
+    assert_eq!(c.decrypt_symlink(&DIR_ID, s.as_bytes()).unwrap(), data);
     assert_eq!(name::symlink_plain_len(s.len() as u64), data.len() as u64);
     let xn = c.encrypt_xattr_name(data);
     assert_eq!(c.decrypt_xattr_name(xn.as_bytes()).unwrap(), data);
-    let xv = c.encrypt_xattr_value(&xn, data);
-    assert_eq!(c.decrypt_xattr_value(&xn, &xv).unwrap(), data);
+    let xv = c.encrypt_xattr_value(&XATTR_OWNER, &xn, data);
+    assert_eq!(c.decrypt_xattr_value(&XATTR_OWNER, &xn, &xv).unwrap(), data);
     assert!(
-        c.decrypt_xattr_value(XATTR_STORED_NAME, &xv).is_err(),
+        c.decrypt_xattr_value(&XATTR_OWNER, XATTR_STORED_NAME, &xv)
+            .is_err(),
         "a value opened under another name"
     );
 }
@@ -447,12 +455,13 @@ pub fn seeds(target: &str) -> Vec<(&'static str, Vec<u8>)> {
                 ("long", c.encrypt_name(&DIR_ID, &long).unwrap().into_bytes()),
                 (
                     "symlink",
-                    c.encrypt_symlink(b"../plates/AB-123-CD.jpg").into_bytes(),
+                    c.encrypt_symlink(&DIR_ID, b"../plates/AB-123-CD.jpg")
+                        .into_bytes(),
                 ),
                 ("xattr-name", xattr.into_bytes()),
                 (
                     "xattr-value",
-                    c.encrypt_xattr_value(XATTR_STORED_NAME, b"face at 00:13"),
+                    c.encrypt_xattr_value(&XATTR_OWNER, XATTR_STORED_NAME, b"face at 00:13"),
                 ),
                 (
                     "internal",

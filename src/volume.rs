@@ -193,7 +193,7 @@ impl Volume {
             root.copy_from_slice(&id);
         }
         Ok(Names::Encrypted {
-            cipher: Box::new(NameCipher::new(&key, &self.id.0)),
+            cipher: Box::new(NameCipher::new(&key, &self.id.0, self.config.format_version)),
             root_dir_id: root,
         })
     }

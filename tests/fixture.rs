@@ -96,6 +96,17 @@ fn the_frozen_v1_volume_reads_byte_for_byte() {
         shown.contains("local keystore") && shown.contains("names encrypted"),
         "{shown}"
     );
+    // fsck says what format 1 does not bind. (It also finds the hard link, which the copy
+    // above made into two files with one file id.)
+    let out = kmsfs()
+        .args(["fsck", backing.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let fsck = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        fsck.contains("1 problem") && fsck.contains("volume format 1:"),
+        "{fsck}"
+    );
     run_ok(&["mount", backing.to_str().unwrap(), mnt.to_str().unwrap()]);
     let got = describe(&mnt);
     run_ok(&["unmount", mnt.to_str().unwrap()]);

@@ -1,8 +1,9 @@
 //! A hostile backing directory (shared or network storage someone else can write): whoever
 //! writes it may deny service, but must never make the daemon, `kmsfs fsck --repair` or
-//! `kmsfs rewrap` follow a link it planted, write through one, or hang on a FIFO. Issue 13,
-//! items 2 and 6: one test per attack, each of which failed (or hung, then failed on its
-//! deadline) before the fix.
+//! `kmsfs rewrap` follow a link it planted, write through one, or hang on a FIFO, nor pass off
+//! a symlink target or xattr value copied from elsewhere as valid. Issue 13, items 2, 5 and 6:
+//! one test per attack, each of which failed (or hung, then failed on its deadline) before the
+//! fix.
 
 mod common;
 
@@ -499,4 +500,211 @@ fn rewrap_never_writes_through_a_symlink_swapped_in_for_a_file() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     v.mount(&[]);
     assert_eq!(std::fs::read(v.m("f")).unwrap(), b"content");
+}
+
+fn c_path(p: &Path) -> std::ffi::CString {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap()
+}
+
+fn set_xattr(p: &Path, name: &str, value: &[u8]) {
+    let n = std::ffi::CString::new(name).unwrap();
+    let r = unsafe {
+        libc::setxattr(
+            c_path(p).as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    assert_eq!(
+        r,
+        0,
+        "setxattr {name} on {}: {}",
+        p.display(),
+        std::io::Error::last_os_error()
+    );
+}
+
+/// The value of xattr `name` (as stored, no decoding), or the errno.
+fn get_xattr(p: &Path, name: &str) -> Result<Vec<u8>, i32> {
+    let n = std::ffi::CString::new(name).unwrap();
+    let mut buf = vec![0u8; 70_000];
+    let r = unsafe { libc::getxattr(c_path(p).as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error().raw_os_error().unwrap());
+    }
+    buf.truncate(r as usize);
+    Ok(buf)
+}
+
+/// The user-visible entries of a backing directory (not kmsfs's own dot files).
+fn backing_entries(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| !p.file_name().unwrap().to_string_lossy().starts_with('.'))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Attack 5a: a symlink's stored target copied over another link's in a different directory.
+/// Format 2 seals a target for its directory: the copy reads as EIO, not as the other target.
+#[test]
+fn a_symlink_target_copied_into_another_directory_reads_as_eio() {
+    let mut v = Volume::mounted();
+    std::fs::create_dir(v.m("a")).unwrap();
+    std::fs::create_dir(v.m("b")).unwrap();
+    symlink("../private/plates.csv", v.m("a/l")).unwrap();
+    symlink("public.txt", v.m("b/m")).unwrap();
+    v.unmount();
+    let dirs = backing_dirs(&v);
+    assert_eq!(dirs.len(), 2);
+    let (l, m) = (backing_entries(&dirs[0]), backing_entries(&dirs[1]));
+    let (l, m) = (&l[0], &m[0]);
+    let stored = std::fs::read_link(l).unwrap();
+    std::fs::remove_file(m).unwrap();
+    symlink(&stored, m).unwrap();
+    v.mount(&[]);
+    // One of a/l, b/m now holds the other's stored target; neither may read as valid
+    // but its own.
+    let read = |p: &str| std::fs::read_link(v.m(p)).map_err(|e| e.raw_os_error());
+    let (a, b) = (read("a/l"), read("b/m"));
+    let copied = if a == Ok("../private/plates.csv".into()) {
+        b
+    } else {
+        a
+    };
+    assert_eq!(
+        copied,
+        Err(Some(libc::EIO)),
+        "a target copied from another directory was served"
+    );
+    assert!(
+        v.log_text().contains("does not decrypt in directory"),
+        "{}",
+        v.log_text()
+    );
+    v.unmount();
+}
+
+/// Attack 5b: an xattr value copied from one file onto another (same attribute name). Format 2
+/// binds a value to its file's id: the copy reads as EIO.
+#[test]
+fn an_xattr_value_copied_onto_another_file_reads_as_eio() {
+    let mut v = Volume::mounted();
+    std::fs::write(v.m("face.jpg"), b"1").unwrap();
+    std::fs::write(v.m("car.jpg"), b"2").unwrap();
+    set_xattr(&v.m("face.jpg"), "user.note", b"Jane Doe, 00:13");
+    set_xattr(&v.m("car.jpg"), "user.note", b"nobody");
+    std::fs::create_dir(v.m("d")).unwrap();
+    set_xattr(&v.m("d"), "user.note", b"dir note");
+    v.unmount();
+    let files: Vec<PathBuf> = backing_entries(&v.backing)
+        .into_iter()
+        .filter(|p| p.is_file() && !p.file_name().unwrap().to_string_lossy().starts_with("kmsfs"))
+        .collect();
+    assert_eq!(files.len(), 2);
+    let stored_name = |p: &Path| {
+        let mut buf = vec![0u8; 4096];
+        let n = unsafe { libc::listxattr(c_path(p).as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        assert!(n > 0);
+        let names: Vec<String> = buf[..n as usize]
+            .split(|&b| b == 0)
+            .filter(|s| s.starts_with(b"user."))
+            .map(|s| String::from_utf8(s.to_vec()).unwrap())
+            .collect();
+        assert_eq!(names.len(), 1, "{names:?}");
+        names[0].clone()
+    };
+    let name = stored_name(&files[0]);
+    assert_eq!(
+        name,
+        stored_name(&files[1]),
+        "one attribute name, one stored name"
+    );
+    let value = get_xattr(&files[0], &name).unwrap();
+    set_xattr(&files[1], &name, &value);
+    // And the file's value onto the directory.
+    let dir = backing_dirs(&v)[0].clone();
+    set_xattr(&dir, &name, &value);
+    v.mount(&[]);
+    let (a, b) = (
+        get_xattr(&v.m("face.jpg"), "user.note"),
+        get_xattr(&v.m("car.jpg"), "user.note"),
+    );
+    // One file holds its own value, the other the copy, which must not read as valid.
+    let (own, copied) = match &a {
+        Ok(x) if x == b"Jane Doe, 00:13" => (a.clone(), b.clone()),
+        _ => (b.clone(), a.clone()),
+    };
+    assert!(own.is_ok(), "{a:?} {b:?}");
+    assert_eq!(
+        copied,
+        Err(libc::EIO),
+        "a value copied from another file was served: {a:?} {b:?}"
+    );
+    assert_eq!(get_xattr(&v.m("d"), "user.note"), Err(libc::EIO));
+    v.unmount();
+}
+
+/// What format 2 changes for users: a symlink moved to another directory keeps its target (it
+/// is sealed again for it); a hard link of a symlink into another directory, or an exchange of
+/// a symlink across directories, is EXDEV, as across filesystems.
+#[test]
+fn symlinks_move_between_directories_and_cross_directory_links_are_exdev() {
+    let mut v = Volume::mounted();
+    std::fs::create_dir(v.m("a")).unwrap();
+    std::fs::create_dir(v.m("b")).unwrap();
+    symlink("../target/of/l", v.m("a/l")).unwrap();
+    assert_eq!(
+        std::fs::read_link(v.m("a/l")).unwrap(),
+        Path::new("../target/of/l")
+    );
+    std::fs::rename(v.m("a/l"), v.m("b/l")).unwrap();
+    assert_eq!(
+        std::fs::read_link(v.m("b/l")).unwrap(),
+        Path::new("../target/of/l")
+    );
+    assert!(std::fs::symlink_metadata(v.m("a/l")).is_err());
+    // Over an existing link, and back.
+    symlink("old", v.m("a/k")).unwrap();
+    std::fs::rename(v.m("b/l"), v.m("a/k")).unwrap();
+    assert_eq!(
+        std::fs::read_link(v.m("a/k")).unwrap(),
+        Path::new("../target/of/l")
+    );
+    // Same directory: a real hard link.
+    std::fs::hard_link(v.m("a/k"), v.m("a/k2")).unwrap();
+    assert_eq!(
+        std::fs::read_link(v.m("a/k2")).unwrap(),
+        Path::new("../target/of/l")
+    );
+    let err = std::fs::hard_link(v.m("a/k"), v.m("b/k")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EXDEV));
+    std::fs::write(v.m("b/f"), b"x").unwrap();
+    let r = rustix::fs::renameat_with(
+        rustix::fs::CWD,
+        v.m("a/k"),
+        rustix::fs::CWD,
+        v.m("b/f"),
+        rustix::fs::RenameFlags::EXCHANGE,
+    );
+    assert_eq!(r, Err(rustix::io::Errno::XDEV));
+    v.remount();
+    assert_eq!(
+        std::fs::read_link(v.m("a/k")).unwrap(),
+        Path::new("../target/of/l")
+    );
+    assert_eq!(std::fs::read(v.m("b/f")).unwrap(), b"x");
+    // No temporary link left behind in either directory.
+    for d in backing_dirs(&v) {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let n = e.unwrap().file_name();
+            assert!(!n.to_string_lossy().starts_with(".kmsfs.tmp."), "{n:?}");
+        }
+    }
+    v.unmount();
 }

@@ -6,10 +6,15 @@
 //!                 if that is at most MAX_BACKING_NAME_LEN bytes, else
 //!                 LONG_NAME_PREFIX ‖ base64url(SHA-256(full encoded name)), with the full encoded name
 //!                 in the sidecar file <that> ‖ LONG_NAME_SIDECAR_SUFFIX
-//! symlink       = base64url(nonce ‖ AES-256-GCM-SIV(symlink key, AAD = version ‖ "kmsfs v1 symlink", target) ‖ tag)
+//! symlink       = base64url(nonce ‖ AES-256-GCM-SIV(symlink key, AAD = version ‖ "kmsfs v1 symlink" [‖ dir id], target) ‖ tag)
+//! xattr value   = nonce ‖ AES-256-GCM-SIV(xattr value key, AAD = version ‖ "kmsfs v1 xattr value" [‖ owner] ‖ stored name, value) ‖ tag
 //! ```
+//!
+//! The bracketed parts are volume format 2: a symlink target is bound to the directory that
+//! holds the link and an xattr value to its file or directory, so neither reads as valid once
+//! copied elsewhere by whoever controls the storage. (Format 1 bound them to the volume only.)
 
-use super::RECORD_VERSION;
+use super::{FILE_ID_LEN, FileId, RECORD_VERSION, VOLUME_FORMAT_V2};
 use crate::crypto::{Aead, NONCE_LEN, SecretKey, TAG_LEN};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
@@ -128,7 +133,35 @@ pub struct NameCipher {
     symlinks: Aead,
     xattr_names: Aead,
     xattr_values: Aead,
+    /// Volume format 2: symlink targets and xattr values bound to where they are.
+    bound: bool,
 }
+
+/// What an xattr value is bound to in volume format 2: the file or directory that has it.
+/// (Linux allows `user.` attributes on these two kinds only.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XattrOwner {
+    File(FileId),
+    Dir(DirId),
+}
+
+impl XattrOwner {
+    /// A kind byte, so that a file id can never stand for an equal directory id.
+    fn encode(&self, aad: &mut Vec<u8>) {
+        match self {
+            XattrOwner::File(id) => {
+                aad.push(b'f');
+                aad.extend_from_slice(&id.0);
+            }
+            XattrOwner::Dir(id) => {
+                aad.push(b'd');
+                aad.extend_from_slice(id);
+            }
+        }
+    }
+}
+
+const _: () = assert!(FILE_ID_LEN == DIR_ID_LEN);
 
 impl std::fmt::Debug for NameCipher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -162,7 +195,8 @@ pub fn check_name(name: &[u8]) -> Result<(), NameError> {
 }
 
 impl NameCipher {
-    pub fn new(volume_name_key: &SecretKey, volume_id: &[u8]) -> Self {
+    /// The name ciphers of a volume of format `format`.
+    pub fn new(volume_name_key: &SecretKey, volume_id: &[u8], format: u16) -> Self {
         let sub = |info| {
             let key = volume_name_key.derive(volume_id, info);
             Aead::new(&key)
@@ -172,7 +206,30 @@ impl NameCipher {
             symlinks: sub(SYMLINK_KEY_INFO),
             xattr_names: sub(XATTR_NAME_KEY_INFO),
             xattr_values: sub(XATTR_VALUE_KEY_INFO),
+            bound: format >= VOLUME_FORMAT_V2,
         }
+    }
+
+    /// Whether symlink targets and xattr values are bound to where they are (format 2).
+    pub fn binds_placement(&self) -> bool {
+        self.bound
+    }
+
+    fn symlink_aad(&self, dir_id: &DirId) -> Vec<u8> {
+        let mut aad = label_aad(SYMLINK_AAD);
+        if self.bound {
+            aad.extend_from_slice(dir_id);
+        }
+        aad
+    }
+
+    fn xattr_value_aad(&self, owner: &XattrOwner, stored_name: &str) -> Vec<u8> {
+        let mut aad = label_aad(XATTR_VALUE_AAD);
+        if self.bound {
+            owner.encode(&mut aad);
+        }
+        aad.extend_from_slice(stored_name.as_bytes());
+        aad
     }
 
     /// The encoded encrypted form of entry `name` in the directory `dir_id`.
@@ -195,15 +252,16 @@ impl NameCipher {
         Ok(name)
     }
 
-    pub fn encrypt_symlink(&self, target: &[u8]) -> String {
-        B64.encode(self.symlinks.seal(&label_aad(SYMLINK_AAD), target))
+    /// The stored form of a symlink target, for a link in the directory `dir_id`.
+    pub fn encrypt_symlink(&self, dir_id: &DirId, target: &[u8]) -> String {
+        B64.encode(self.symlinks.seal(&self.symlink_aad(dir_id), target))
     }
 
-    pub fn decrypt_symlink(&self, stored: &[u8]) -> Result<Vec<u8>, NameError> {
+    pub fn decrypt_symlink(&self, dir_id: &DirId, stored: &[u8]) -> Result<Vec<u8>, NameError> {
         let sealed = B64.decode(stored).map_err(|_| NameError::Encoding)?;
         let target = self
             .symlinks
-            .open(&label_aad(SYMLINK_AAD), &sealed)
+            .open(&self.symlink_aad(dir_id), &sealed)
             .map_err(|_| NameError::Auth)?;
         Ok(target.to_vec())
     }
@@ -227,19 +285,22 @@ impl NameCipher {
             .map_err(|_| NameError::Auth)
     }
 
-    /// A value, bound to the (encrypted) attribute name it is stored under.
-    pub fn encrypt_xattr_value(&self, stored_name: &str, value: &[u8]) -> Vec<u8> {
-        let mut aad = label_aad(XATTR_VALUE_AAD);
-        aad.extend_from_slice(stored_name.as_bytes());
-        self.xattr_values.seal(&aad, value)
+    /// A value, bound to the (encrypted) attribute name it is stored under and, in format 2,
+    /// to its owner.
+    pub fn encrypt_xattr_value(&self, owner: &XattrOwner, stored_name: &str, value: &[u8]) -> Vec<u8> {
+        self.xattr_values
+            .seal(&self.xattr_value_aad(owner, stored_name), value)
     }
 
-    pub fn decrypt_xattr_value(&self, stored_name: &str, stored: &[u8]) -> Result<Vec<u8>, NameError> {
-        let mut aad = label_aad(XATTR_VALUE_AAD);
-        aad.extend_from_slice(stored_name.as_bytes());
+    pub fn decrypt_xattr_value(
+        &self,
+        owner: &XattrOwner,
+        stored_name: &str,
+        stored: &[u8],
+    ) -> Result<Vec<u8>, NameError> {
         let v = self
             .xattr_values
-            .open(&aad, stored)
+            .open(&self.xattr_value_aad(owner, stored_name), stored)
             .map_err(|_| NameError::Auth)?;
         Ok(v.to_vec())
     }
@@ -250,8 +311,11 @@ mod tests {
     use super::*;
 
     fn cipher() -> NameCipher {
-        NameCipher::new(&SecretKey::generate(), b"volume")
+        NameCipher::new(&SecretKey::generate(), b"volume", VOLUME_FORMAT_V2)
     }
+
+    const D1: DirId = [1; DIR_ID_LEN];
+    const D2: DirId = [2; DIR_ID_LEN];
 
     #[test]
     fn names_round_trip_at_every_length_and_switch_to_long_at_176() {
@@ -332,22 +396,61 @@ mod tests {
     #[test]
     fn symlinks_and_xattrs_round_trip() {
         let c = cipher();
-        let s = c.encrypt_symlink(b"../plates/AB-123-CD.jpg");
+        let s = c.encrypt_symlink(&D1, b"../plates/AB-123-CD.jpg");
         assert_eq!(symlink_plain_len(s.len() as u64), 23);
         assert_eq!(
-            c.decrypt_symlink(s.as_bytes()).unwrap(),
+            c.decrypt_symlink(&D1, s.as_bytes()).unwrap(),
             b"../plates/AB-123-CD.jpg"
         );
         assert_ne!(
             s,
-            c.encrypt_symlink(b"../plates/AB-123-CD.jpg"),
+            c.encrypt_symlink(&D1, b"../plates/AB-123-CD.jpg"),
             "random nonce per target"
         );
         let n = c.encrypt_xattr_name(b"comment");
         assert!(n.starts_with("user."));
         assert_eq!(c.decrypt_xattr_name(n.as_bytes()).unwrap(), b"comment");
-        let v = c.encrypt_xattr_value(&n, b"face at 00:13");
-        assert_eq!(c.decrypt_xattr_value(&n, &v).unwrap(), b"face at 00:13");
-        assert!(c.decrypt_xattr_value("user.other", &v).is_err());
+        let owner = XattrOwner::File(FileId([9; FILE_ID_LEN]));
+        let v = c.encrypt_xattr_value(&owner, &n, b"face at 00:13");
+        assert_eq!(c.decrypt_xattr_value(&owner, &n, &v).unwrap(), b"face at 00:13");
+        assert!(c.decrypt_xattr_value(&owner, "user.other", &v).is_err());
+    }
+
+    /// Format 2: what the storage copies elsewhere no longer reads as valid there.
+    #[test]
+    fn format_2_binds_a_target_to_its_directory_and_a_value_to_its_owner() {
+        let c = cipher();
+        let s = c.encrypt_symlink(&D1, b"../plates/AB-123-CD.jpg");
+        assert_eq!(c.decrypt_symlink(&D2, s.as_bytes()), Err(NameError::Auth));
+        let n = c.encrypt_xattr_name(b"comment");
+        let (f1, f2) = (
+            XattrOwner::File(FileId([1; FILE_ID_LEN])),
+            XattrOwner::File(FileId([2; FILE_ID_LEN])),
+        );
+        let v = c.encrypt_xattr_value(&f1, &n, b"face at 00:13");
+        assert!(c.decrypt_xattr_value(&f2, &n, &v).is_err(), "another file");
+        assert!(
+            c.decrypt_xattr_value(&XattrOwner::Dir(D1), &n, &v).is_err(),
+            "a directory whose id equals the file's"
+        );
+    }
+
+    /// Format 1 volumes keep reading as they were written: bound to the volume only.
+    #[test]
+    fn format_1_binds_to_the_volume_only() {
+        let key = SecretKey::generate();
+        let (v1, v2) = (
+            NameCipher::new(&key, b"volume", crate::format::VOLUME_FORMAT_V1),
+            NameCipher::new(&key, b"volume", VOLUME_FORMAT_V2),
+        );
+        let s = v1.encrypt_symlink(&D1, b"target");
+        assert_eq!(v1.decrypt_symlink(&D2, s.as_bytes()).unwrap(), b"target");
+        assert!(v2.decrypt_symlink(&D1, s.as_bytes()).is_err(), "no downgrade");
+        let n = v1.encrypt_xattr_name(b"comment");
+        let v = v1.encrypt_xattr_value(&XattrOwner::Dir(D1), &n, b"x");
+        assert_eq!(
+            v1.decrypt_xattr_value(&XattrOwner::Dir(D2), &n, &v).unwrap(),
+            b"x"
+        );
     }
 }

@@ -4,14 +4,16 @@
 //! Crash ordering, so that no entry is ever unreachable (docs/format.md, "Names"):
 //! - a directory is made under a hidden temporary name, given its id file (fsynced), then
 //!   renamed into place;
-//! - a long name's sidecar is written (and fsynced) before its entry, and removed after it.
+//! - a long name's sidecar is written (and fsynced) before its entry, and removed after it;
+//! - a symlink moved to another directory (format 2 binds its target to its directory) is
+//!   made anew there, renamed into place, and only then removed from where it was.
 
 use super::attr::Attr;
 use super::error::{FsError, FsResult};
 use super::inode::{Inode, Kind, ROOT_INO};
 use super::names::{self, BackingName, Names};
 use super::{Caller, DirEntry, Fs, Handle};
-use crate::format::name::{DIR_ID_FILE, DIR_ID_LEN, DirId, symlink_plain_len};
+use crate::format::name::{DIR_ID_FILE, DIR_ID_LEN, DirId, NameCipher, symlink_plain_len};
 use crate::sys;
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{AsFd, BorrowedFd};
@@ -157,6 +159,7 @@ impl Fs {
         self.give_to_caller(dir, fd.as_fd(), caller)?;
         let st = sys::fstatat(fd.as_fd(), OsStr::new(""))?;
         let inode = self.inodes.lookup(fd, &st);
+        inode.parent.store(dir.ino, std::sync::atomic::Ordering::Relaxed);
         Ok(self.attr_from(&inode, &st))
     }
 
@@ -229,34 +232,110 @@ impl Fs {
 
     pub fn symlink(&self, parent: u64, name: &OsStr, target: &OsStr, caller: Caller) -> FsResult<Attr> {
         let (dir, b) = self.prepare_change(parent, name)?;
-        let stored: OsString = match self.names()?.cipher() {
-            Some(c) => c.encrypt_symlink(target.as_bytes()).into(),
-            None => target.to_os_string(),
+        let stored = self.stored_target(&dir, target.as_bytes())?;
+        self.create_entry(&dir, &b, |n| Ok(sys::symlinkat(&stored, dir.fd(), n)?))?;
+        self.finish_create(&dir, &b.name, caller)
+    }
+
+    /// The stored form of a symlink target for a link in `dir`.
+    fn stored_target(&self, dir: &Inode, target: &[u8]) -> FsResult<OsString> {
+        let names = self.names()?;
+        let stored: OsString = match (names.cipher(), self.dir_id_in(&names, dir)?) {
+            (Some(c), Some(id)) => c.encrypt_symlink(&id, target).into(),
+            _ => OsStr::from_bytes(target).to_os_string(),
         };
         if stored.len() >= libc::PATH_MAX as usize {
             return Err(FsError::NameTooLong);
         }
-        self.create_entry(&dir, &b, |n| Ok(sys::symlinkat(&stored, dir.fd(), n)?))?;
-        self.finish_create(&dir, &b.name, caller)
+        Ok(stored)
+    }
+
+    /// The target of the symlink `stored` (as read from the backing link) in `dir`.
+    fn plain_target(&self, dir: &Inode, stored: Vec<u8>, ino: u64) -> FsResult<Vec<u8>> {
+        let names = self.names()?;
+        match (names.cipher(), self.dir_id_in(&names, dir)?) {
+            (Some(c), Some(id)) => c.decrypt_symlink(&id, &stored).map_err(|_| {
+                log::error!(
+                    "symlink inode {ino}: target does not decrypt in directory inode {} (altered, or moved there)",
+                    dir.ino
+                );
+                FsError::Corrupt
+            }),
+            _ => Ok(stored),
+        }
     }
 
     pub fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
         let inode = self.inodes.get(ino)?;
         let stored = sys::readlink_fd(inode.fd())?;
-        match self.names()?.cipher() {
-            None => Ok(stored),
-            Some(c) => c.decrypt_symlink(&stored).map_err(|_| {
-                log::error!("symlink inode {ino}: target does not decrypt");
-                FsError::Corrupt
-            }),
+        if !self.names_encrypted {
+            return Ok(stored);
         }
+        // A link is only ever reached through a lookup in its directory, which records it.
+        let dir = match inode.parent.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => None,
+            p => self.inodes.get(p).ok(),
+        };
+        let Some(dir) = dir else {
+            log::error!("symlink inode {ino}: its directory is not known");
+            return Err(FsError::Corrupt);
+        };
+        self.plain_target(&dir, stored, ino)
+    }
+
+    /// Whether a symlink's stored target is bound to `from` and must be sealed again to live
+    /// in `to` (volume format 2, encrypted names, two different directories).
+    fn rebinds(&self, from: u64, to: &Inode) -> FsResult<bool> {
+        Ok(from != to.ino && self.names()?.cipher().is_some_and(NameCipher::binds_placement))
     }
 
     pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> FsResult<Attr> {
         let (dir, b) = self.prepare_change(newparent, newname)?;
         let inode = self.inodes.get(ino)?;
+        // A symlink's target is sealed for its directory: one backing link cannot be valid in
+        // two. As for a link across filesystems, `ln`, `cp -l` and `mv` report it or copy.
+        if inode.kind == Kind::Symlink {
+            let home = inode.parent.load(std::sync::atomic::Ordering::Relaxed);
+            if self.rebinds(home, &dir)? {
+                return Err(std::io::Error::from_raw_os_error(libc::EXDEV).into());
+            }
+        }
         self.create_entry(&dir, &b, |n| Ok(sys::link_fd(inode.fd(), dir.fd(), n)?))?;
         self.lookup_backing(&dir, &b.name)
+    }
+
+    /// For a rename of a symlink that must be sealed again for its new directory: the resealed
+    /// link, made whole under a temporary name in `to_dir`, to be renamed into place.
+    fn resealed_link(
+        &self,
+        from_dir: &Inode,
+        from: &BackingName,
+        to_dir: &Inode,
+        to: &BackingName,
+        flags: u32,
+    ) -> FsResult<Option<(OsString, (u64, u64))>> {
+        if !self.rebinds(from_dir.ino, to_dir)? {
+            return Ok(None);
+        }
+        let is_link = |dir: &Inode, b: &BackingName| {
+            sys::fstatat(dir.fd(), &b.name).is_ok_and(|st| st.st_mode & libc::S_IFMT == libc::S_IFLNK)
+        };
+        if flags & libc::RENAME_EXCHANGE != 0 {
+            return match is_link(from_dir, from) || is_link(to_dir, to) {
+                true => Err(std::io::Error::from_raw_os_error(libc::EXDEV).into()),
+                false => Ok(None),
+            };
+        }
+        let fd = sys::openat(from_dir.fd(), &from.name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
+        let st = sys::fstatat(fd.as_fd(), OsStr::new(""))?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFLNK {
+            return Ok(None);
+        }
+        let target = self.plain_target(from_dir, sys::readlink_fd(fd.as_fd())?, st.st_ino)?;
+        let stored = self.stored_target(to_dir, &target)?;
+        let tmp = names::temp_name();
+        sys::symlinkat(&stored, to_dir.fd(), &tmp)?;
+        Ok(Some((tmp, (st.st_dev, st.st_ino))))
     }
 
     pub fn unlink(&self, parent: u64, name: &OsStr) -> FsResult<()> {
@@ -319,16 +398,40 @@ impl Fs {
             0 if !same_entry => self.take_empty_dir_id(&to_dir, &to.name)?,
             _ => None,
         };
+        // A symlink moving to another directory is sealed again for it (format 2): the new
+        // link is renamed into place, then the old one removed, so a crash between the two
+        // leaves both, never neither. An exchange would need both at once: EXDEV, as for an
+        // exchange across filesystems.
+        let resealed = match self.resealed_link(&from_dir, &from, &to_dir, &to, flags) {
+            Ok(r) => r,
+            Err(e) => {
+                self.restore_dir_id(replaced);
+                return Err(e);
+            }
+        };
         // The new name (re-encrypted under the new parent's id) gets its sidecar first; a
         // directory keeps its id, so everything below it stays readable.
-        let result = self.create_entry(&to_dir, &to, |n| {
-            Ok(sys::renameat2(from_dir.fd(), &from.name, to_dir.fd(), n, flags)?)
+        let result = self.create_entry(&to_dir, &to, |n| match &resealed {
+            Some((tmp, _)) => Ok(sys::renameat2(to_dir.fd(), tmp, to_dir.fd(), n, flags)?),
+            None => Ok(sys::renameat2(from_dir.fd(), &from.name, to_dir.fd(), n, flags)?),
         });
         if let Err(e) = result {
-            if let Some((fd, id)) = replaced {
-                let _ = names::write_dir_id(fd.as_fd(), &id);
+            if let Some((tmp, _)) = &resealed {
+                let _ = sys::unlinkat(to_dir.fd(), tmp, false);
             }
+            self.restore_dir_id(replaced);
             return Err(e);
+        }
+        if let Some((_, old)) = resealed {
+            sys::unlinkat(from_dir.fd(), &from.name, false)?;
+            // The kernel moves its inode along: point it at the new link.
+            let fd = sys::openat(to_dir.fd(), &to.name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
+            let st = sys::fstatat(fd.as_fd(), OsStr::new(""))?;
+            if let Some(inode) = self.inodes.rebind(old, fd, &st) {
+                inode
+                    .parent
+                    .store(to_dir.ino, std::sync::atomic::Ordering::Relaxed);
+            }
         }
         if flags & libc::RENAME_EXCHANGE == 0 && !same_entry {
             self.remove_sidecar(&from_dir, &from);
@@ -338,6 +441,13 @@ impl Fs {
             self.renamed_between(&to_dir, &from_dir);
         }
         Ok(())
+    }
+
+    /// Puts back the id file `take_empty_dir_id` removed, after a rename that failed.
+    fn restore_dir_id(&self, replaced: Option<(std::os::fd::OwnedFd, DirId)>) {
+        if let Some((fd, id)) = replaced {
+            let _ = names::write_dir_id(fd.as_fd(), &id);
+        }
     }
 
     /// If `backing` in `dir` is a directory holding nothing but its id file, removes the id

@@ -69,8 +69,9 @@ pub struct Inode {
     /// The same content, readable without `open`: stat must not wait behind a KMS call.
     /// Shared with `OpenState`, written only under `open`.
     current: Arc<RwLock<Option<Arc<ContentFile>>>>,
-    /// The directory it was last looked up in (0: not yet): where a reader opening files one
-    /// after another finds the next ones, for prefetch. Hard links keep the latest.
+    /// The directory it was last looked up or created in (0: not yet): where a reader opening
+    /// files one after another finds the next ones, for prefetch, and the directory a
+    /// symlink's target is sealed for (format 2). Hard links keep the latest.
     pub parent: AtomicU64,
 }
 
@@ -206,6 +207,26 @@ impl InodeTable {
         if gone && let Some(e) = t.by_ino.remove(&ino) {
             t.by_key.remove(&e.inode.key);
         }
+    }
+
+    /// Points the inode of backing object `old` (if the kernel holds one) at `fd`, a new
+    /// backing object that replaced it under the same name: a symlink sealed again for the
+    /// directory it moved to. The kernel keeps its inode number; later calls reach the new
+    /// object. Returns the new inode.
+    pub fn rebind(&self, old: (u64, u64), fd: OwnedFd, st: &libc::stat) -> Option<Arc<Inode>> {
+        let key = (st.st_dev, st.st_ino);
+        let mut t = self.lock();
+        // (The kernel holds both directories locked through a rename: nothing can have
+        // looked the new object up yet. Should something have, it keeps its own inode.)
+        if t.by_key.contains_key(&key) {
+            return None;
+        }
+        let ino = t.by_key.remove(&old)?;
+        let e = t.by_ino.get_mut(&ino)?;
+        let inode = Arc::new(Inode::new(ino, Kind::from_mode(st.st_mode), fd, key));
+        e.inode = inode.clone();
+        t.by_key.insert(key, ino);
+        Some(inode)
     }
 
     /// Every inode the kernel currently holds.

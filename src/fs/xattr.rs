@@ -1,13 +1,15 @@
 //! Extended attributes. Only the `user.` namespace is stored: with encrypted names, its
 //! attribute names are encrypted like file names and its values with a random nonce, bound to
-//! the attribute name. `security.`, `system.` (POSIX ACLs) and `trusted.` are not stored:
+//! the attribute name and (volume format 2) to the file's id or the directory's id. `security.`, `system.` (POSIX ACLs) and `trusted.` are not stored:
 //! reading one finds nothing and setting one is refused (EOPNOTSUPP), so no label or ACL can
 //! sit in the backing directory in the clear, and permissions are the mode bits alone.
 
 use super::Fs;
 use super::error::{FsError, FsResult};
+use super::inode::{Inode, Kind};
 use super::names::Names;
-use crate::format::name::XATTR_USER_PREFIX;
+use crate::format::header::{self, HEADER_LEN};
+use crate::format::name::{NameCipher, XATTR_USER_PREFIX, XattrOwner};
 use crate::sys;
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
@@ -22,6 +24,36 @@ fn user_name(name: &OsStr) -> Option<&[u8]> {
 }
 
 impl Fs {
+    /// What a value stored on `inode` is bound to: its file id (from its header) or its
+    /// directory id. Linux has `user.` attributes on these two kinds only (EPERM otherwise).
+    fn xattr_owner(&self, cipher: &NameCipher, inode: &Inode) -> FsResult<XattrOwner> {
+        if !cipher.binds_placement() {
+            // Format 1: not bound to the owner; any value will do.
+            return Ok(XattrOwner::Dir([0; crate::format::DIR_ID_LEN]));
+        }
+        match inode.kind {
+            Kind::Dir => match self.dir_id(inode)? {
+                Some(id) => Ok(XattrOwner::Dir(id)),
+                None => Err(FsError::Corrupt),
+            },
+            Kind::File => {
+                if let Some(c) = inode.content() {
+                    return Ok(XattrOwner::File(c.file_id()));
+                }
+                // Non-blocking: whatever the storage put there, a read of a header never waits.
+                let fd = sys::reopen(inode.fd(), libc::O_RDONLY | libc::O_NONBLOCK)?;
+                let mut hdr = vec![0u8; HEADER_LEN as usize];
+                let n = crate::durable::read_up_to(&std::fs::File::from(fd), &mut hdr)?;
+                let h = header::decode(&hdr[..n]).map_err(|e| {
+                    log::error!("inode {}: unreadable header: {e}", inode.ino);
+                    FsError::Corrupt
+                })?;
+                Ok(XattrOwner::File(h.file_id))
+            }
+            _ => Err(std::io::Error::from_raw_os_error(libc::EPERM).into()),
+        }
+    }
+
     /// The backing attribute name for `user.NAME`.
     fn stored_xattr_name(names: &Names, name: &[u8]) -> OsString {
         match names.cipher() {
@@ -47,9 +79,11 @@ impl Fs {
         match names.cipher() {
             None => Ok(buf),
             Some(c) => c
-                .decrypt_xattr_value(&stored_name.to_string_lossy(), &buf)
+                .decrypt_xattr_value(&self.xattr_owner(c, &inode)?, &stored_name.to_string_lossy(), &buf)
                 .map_err(|_| {
-                    log::error!("inode {ino}: an extended attribute value does not decrypt");
+                    log::error!(
+                        "inode {ino}: an extended attribute value does not decrypt for this file (altered, or copied from another)"
+                    );
                     FsError::Corrupt
                 }),
         }
@@ -92,7 +126,11 @@ impl Fs {
         }
         let stored = match names.cipher() {
             None => value.to_vec(),
-            Some(c) => c.encrypt_xattr_value(&stored_name.to_string_lossy(), value),
+            Some(c) => c.encrypt_xattr_value(
+                &self.xattr_owner(c, &inode)?,
+                &stored_name.to_string_lossy(),
+                value,
+            ),
         };
         Ok(sys::setxattr_fd(inode.fd(), &stored_name, &stored, flags)?)
     }

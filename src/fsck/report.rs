@@ -227,6 +227,7 @@ fn plural(n: u64, one: &str, many: &str) -> String {
 /// Everything fsck has to say, ready to print.
 pub struct Report<'a> {
     pub volume_id: &'a str,
+    pub format_version: u16,
     pub summary: &'a Summary,
     pub problems: &'a [Problem],
     /// `Some` when `--repair` ran.
@@ -274,6 +275,13 @@ impl Report<'_> {
             );
         }
         writeln!(out, "{line}")?;
+        if self.format_version == crate::format::VOLUME_FORMAT_V1 && self.show.names_encrypted {
+            writeln!(
+                out,
+                "volume format 1: symlink targets and xattr values are bound to the volume only, not to their \
+                 directory and file; a volume made by `kmsfs init` now binds them (docs/format.md, \"Volume formats\")"
+            )?;
+        }
         match self.moved {
             None if self.repairable() > 0 => writeln!(
                 out,
@@ -340,6 +348,7 @@ impl Report<'_> {
         });
         serde_json::json!({
             "volume_id": self.volume_id,
+            "format_version": self.format_version,
             "names": if self.show.names_encrypted { "encrypted" } else { "plaintext" },
             "summary": {
                 "dirs": s.dirs,

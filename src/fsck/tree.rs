@@ -172,8 +172,13 @@ impl Walker<'_> {
                 self.todo.push(rel_e);
             } else if ft.is_symlink() {
                 self.tree.symlinks += 1;
-                if let Some(enc) = &encrypted {
-                    self.symlink(enc.cipher, dir, name, &rel_e, *ino);
+                // (Without its directory's id, the directory is already reported.)
+                if let Some(Encrypted {
+                    cipher,
+                    dir_id: Some(id),
+                }) = &encrypted
+                {
+                    self.symlink(cipher, id, dir, name, &rel_e, *ino);
                 }
             } else if ft.is_file() {
                 self.file(dir, name, &rel_e);
@@ -326,13 +331,21 @@ impl Walker<'_> {
         }
     }
 
-    fn symlink(&mut self, cipher: &NameCipher, dir: BorrowedFd<'_>, name: &OsStr, rel_e: &Path, ino: u64) {
+    fn symlink(
+        &mut self,
+        cipher: &NameCipher,
+        dir_id: &DirId,
+        dir: BorrowedFd<'_>,
+        name: &OsStr,
+        rel_e: &Path,
+        ino: u64,
+    ) {
         let target = sys::openat(dir, name, libc::O_PATH | libc::O_NOFOLLOW, 0)
             .and_then(|fd| sys::readlink_fd(fd.as_fd()));
         match target {
             Ok(target) => {
-                if cipher.decrypt_symlink(&target).is_err() {
-                    let msg = "symlink target does not decrypt (altered)";
+                if cipher.decrypt_symlink(dir_id, &target).is_err() {
+                    let msg = "symlink target does not decrypt in its directory (altered, or moved here)";
                     self.problem(Problem::new(rel_e, ino, Kind::Symlink, msg).quarantine(&[]));
                 }
             }
@@ -408,7 +421,11 @@ mod tests {
 
     fn names() -> Names {
         Names::Encrypted {
-            cipher: Box::new(NameCipher::new(&SecretKey::generate(), b"volume")),
+            cipher: Box::new(NameCipher::new(
+                &SecretKey::generate(),
+                b"volume",
+                crate::format::VOLUME_FORMAT,
+            )),
             root_dir_id: [3; DIR_ID_LEN],
         }
     }
@@ -444,7 +461,7 @@ mod tests {
         std::fs::write(root.join(&sub).join(DIR_ID_FILE), [9u8; DIR_ID_LEN]).unwrap();
         let inner = cipher.encrypt_name(&[9; DIR_ID_LEN], b"inner").unwrap();
         std::os::unix::fs::symlink(
-            cipher.encrypt_symlink(b"../report.pdf"),
+            cipher.encrypt_symlink(&[9; DIR_ID_LEN], b"../report.pdf"),
             root.join(&sub).join(&inner),
         )
         .unwrap();
