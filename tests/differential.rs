@@ -405,7 +405,21 @@ impl Side {
                 }
             }
             Op::Rename { from, to } => outcome(std::fs::rename(p(from), p(to)), |_| Outcome::Ok),
-            Op::Link { from, to } => outcome(std::fs::hard_link(p(from), p(to)), |_| Outcome::Ok),
+            Op::Link { from, to } => {
+                let linked = outcome(std::fs::hard_link(p(from), p(to)), |_| Outcome::Ok);
+                // Format 2 seals a symlink's target for its directory, so a hard link of a
+                // symlink into another directory is EXDEV (docs/format.md): where the plain
+                // link succeeded, the reference undoes it and expects that.
+                let dir_of = |x: &Path| x.parent().and_then(|d| d.canonicalize().ok());
+                if linked == Outcome::Ok
+                    && std::fs::symlink_metadata(p(to)).is_ok_and(|m| m.file_type().is_symlink())
+                    && dir_of(&p(from)) != dir_of(&p(to))
+                {
+                    std::fs::remove_file(p(to)).unwrap();
+                    return Outcome::Err(libc::EXDEV);
+                }
+                linked
+            }
             Op::Unlink { path } => outcome(std::fs::remove_file(p(path)), |_| Outcome::Ok),
             Op::Mkdir { path } => outcome(std::fs::create_dir(p(path)), |_| Outcome::Ok),
             Op::Rmdir { path } => outcome(std::fs::remove_dir(p(path)), |_| Outcome::Ok),
