@@ -21,7 +21,7 @@ pub struct MountRequest {
     /// `-o` options: fuser ones (ro, allow_other, allow_root, …) pass through.
     pub options: Vec<String>,
     pub threads: usize,
-    /// Called once the mount serves requests.
+    /// Called once the mount serves requests and its control socket answers.
     pub on_ready: Box<dyn FnOnce() + Send>,
     /// How often to prove access to the KMS.
     pub check_interval: std::time::Duration,
@@ -259,7 +259,7 @@ pub fn run_mount(req: MountRequest) -> Result<Ended, Fatal> {
         to_invalidate: std::sync::Mutex::new(None),
         stopping: std::sync::atomic::AtomicBool::new(false),
     });
-    let adapter = FuseAdapter::new(fs, req.on_ready);
+    let adapter = FuseAdapter::new(fs);
     let mut session = fuser::Session::new(adapter, &req.mountpoint, &fuse_config).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
             fatal!("cannot mount: fusermount3 or /dev/fuse missing; install fuse3 (`apt-get install fuse3`)")
@@ -316,6 +316,10 @@ pub fn run_mount(req: MountRequest) -> Result<Ended, Fatal> {
             .map_err(|e| fatal!("cannot start the revocation watcher: {e}"))?
     };
 
+    // The handshake happened in `Session::new`; ready only now that the control socket,
+    // signals and watchers are up too: a `kmsfs lock` right after `kmsfs mount` returns
+    // must find the socket (it once raced it).
+    (req.on_ready)();
     let result = session.run();
     crate::notify::notify("STOPPING=1");
     state

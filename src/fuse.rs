@@ -11,7 +11,7 @@ use fuser::{
 };
 use std::ffi::OsStr;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// How long the kernel may cache attributes and names. Every change goes through this mount,
@@ -23,16 +23,11 @@ pub const MAX_IO: u32 = 1024 * 1024;
 
 pub struct FuseAdapter {
     fs: Arc<Fs>,
-    /// Called once, when the kernel has completed the FUSE handshake: the mount is live.
-    on_ready: Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
 impl FuseAdapter {
-    pub fn new(fs: Arc<Fs>, on_ready: Box<dyn FnOnce() + Send>) -> Self {
-        FuseAdapter {
-            fs,
-            on_ready: Mutex::new(Some(on_ready)),
-        }
+    pub fn new(fs: Arc<Fs>) -> Self {
+        FuseAdapter { fs }
     }
 }
 
@@ -128,9 +123,6 @@ impl Filesystem for FuseAdapter {
         // Large requests are the first lever on FUSE throughput (see bench/).
         let _ = config.set_max_write(MAX_IO);
         let _ = config.set_max_readahead(MAX_IO);
-        if let Some(ready) = self.on_ready.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            ready();
-        }
         Ok(())
     }
 
