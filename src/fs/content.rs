@@ -99,17 +99,17 @@ impl ContentFile {
     /// file). `buf` is a scratch buffer the caller keeps between calls: it only ever grows,
     /// so the hot path neither allocates nor clears memory.
     pub fn read_into(&self, off: u64, len: u32, buf: &mut Vec<u8>) -> FsResult<usize> {
+        let l = self.layout;
         let size = self.size.read().unwrap_or_else(|p| p.into_inner());
         let size = *size;
         if off >= size || len == 0 {
             return Ok(0);
         }
         let end = size.min(off + len as u64);
-        let (first, last) = (self.layout.block_of(off), self.layout.block_of(end - 1));
-        let final_block = self.layout.block_count(size) - 1;
-        let start = self.layout.record_offset(first);
-        let stop =
-            self.layout.record_offset(last) + self.layout.block_plain_len(size, last) + RECORD_OVERHEAD;
+        let (first, last) = (l.block_of(off), l.block_of(end - 1));
+        let final_block = l.block_count(size) - 1;
+        let start = l.record_offset(first);
+        let stop = l.record_offset(last) + l.block_plain_len(size, last) + RECORD_OVERHEAD;
         let need = (stop - start) as usize;
         if buf.len() < need {
             buf.resize(need, 0);
@@ -123,9 +123,9 @@ impl ContentFile {
         // beyond this one.
         let mut len = 0;
         for b in first..=last {
-            let plain = self.layout.block_plain_len(size, b);
-            let rec_start = (self.layout.record_offset(b) - start) as usize;
-            let bstart = self.layout.block_start(b);
+            let plain = l.block_plain_len(size, b);
+            let rec_start = (l.record_offset(b) - start) as usize;
+            let bstart = l.block_start(b);
             let from = rec_start + NONCE_LEN + (off.max(bstart) - bstart) as usize;
             let to = rec_start + NONCE_LEN + (end.min(bstart + plain) - bstart) as usize;
             buf.copy_within(from..to, len);
@@ -181,11 +181,12 @@ impl ContentFile {
 
     /// The write proper. `size` follows each step as it completes.
     fn write_locked(&self, size: &mut u64, off: u64, end: u64, data: &[u8]) -> FsResult<()> {
+        let l = self.layout;
         let old = *size;
         let new = old.max(end);
-        let (first, last) = (self.layout.block_of(off), self.layout.block_of(end - 1));
-        let new_final = self.layout.block_count(new) - 1;
-        let old_blocks = self.layout.block_count(old);
+        let (first, last) = (l.block_of(off), l.block_of(end - 1));
+        let new_final = l.block_count(new) - 1;
+        let old_blocks = l.block_count(old);
         // The old final block, if the write leaves it behind (it must stop being final) or
         // extends it into later blocks (it must first grow to a full block, still final).
         let grows_past_final = old > 0 && new_final > old_blocks - 1;
@@ -196,20 +197,17 @@ impl ContentFile {
         // append) need no reservation: they overwrite nothing, and if the disk fills while
         // they are written, `settle` cuts them off and the file is as it was. That saves a
         // fallocate(2) per request on the sequential-write path.
-        let stop = self.layout.record_offset(last) + self.layout.block_plain_len(new, last) + RECORD_OVERHEAD;
+        let stop = l.record_offset(last) + l.block_plain_len(new, last) + RECORD_OVERHEAD;
         if first < old_blocks {
-            self.reserve(
-                self.layout.record_offset(first),
-                stop - self.layout.record_offset(first),
-            )?;
+            self.reserve(l.record_offset(first), stop - l.record_offset(first))?;
         }
         if let Some(b) = old_final {
-            self.reserve(self.layout.record_offset(b), self.layout.record_len())?;
+            self.reserve(l.record_offset(b), l.record_len())?;
         }
         let detached = match old_final {
             Some(b) => {
                 let rec = self.grow_final_to_full(old)?;
-                *size = self.layout.block_start(b + 1);
+                *size = l.block_start(b + 1);
                 Some((b, rec))
             }
             None => None,
@@ -217,18 +215,18 @@ impl ContentFile {
         let cached = self.take_final_block();
 
         let grown = *size;
-        let mut buf = Vec::with_capacity(((last - first + 1) * self.layout.record_len()) as usize);
+        let mut buf = Vec::with_capacity(((last - first + 1) * l.record_len()) as usize);
         for b in first..=last {
-            let plain = self.layout.block_plain_len(new, b) as usize;
-            let bstart = self.layout.block_start(b);
+            let plain = l.block_plain_len(new, b) as usize;
+            let bstart = l.block_start(b);
             let rec_start = buf.len();
             buf.resize(rec_start + plain + RECORD_OVERHEAD as usize, 0);
             let body = &mut buf[rec_start + NONCE_LEN..rec_start + NONCE_LEN + plain];
             let (ws, we) = (off.max(bstart), end.min(bstart + plain as u64));
             let covers_all = ws == bstart && we == bstart + plain as u64;
-            let have = self.layout.block_count(grown);
+            let have = l.block_count(grown);
             if !covers_all && b < have {
-                let old_plain = self.layout.block_plain_len(grown, b) as usize;
+                let old_plain = l.block_plain_len(grown, b) as usize;
                 match &cached {
                     Some(c) if c.index == b && c.plain.len() == old_plain && b == have - 1 => {
                         body[..old_plain].copy_from_slice(&c.plain)
@@ -244,7 +242,7 @@ impl ContentFile {
         }
         // Keep the new final block's plaintext for the next append (before sealing it).
         let keep = (last == new_final).then(|| {
-            let rec_start = ((last - first) * self.layout.record_len()) as usize;
+            let rec_start = ((last - first) * l.record_len()) as usize;
             FinalBlock {
                 index: last,
                 plain: buf[rec_start + NONCE_LEN..buf.len() - crate::crypto::TAG_LEN].to_vec(),
@@ -254,7 +252,7 @@ impl ContentFile {
             self.cipher.seal(b, b == new_final, rec);
             Ok(())
         })?;
-        self.put(self.layout.record_offset(first), &buf)?;
+        self.put(l.record_offset(first), &buf)?;
         *size = new;
         if keep.is_some() {
             self.set_final_block(keep);
@@ -269,7 +267,7 @@ impl ContentFile {
             && b < first
         {
             self.cipher.seal(b, false, &mut rec);
-            self.put(self.layout.record_offset(b), &rec)?;
+            self.put(l.record_offset(b), &rec)?;
         }
         Ok(())
     }
@@ -292,27 +290,28 @@ impl ContentFile {
     }
 
     fn truncate_locked(&self, size: &mut u64, new: u64) -> FsResult<()> {
+        let l = self.layout;
         self.set_final_block(None);
         let old = *size;
-        let Some(nf) = self.layout.block_count(new).checked_sub(1) else {
+        let Some(nf) = l.block_count(new).checked_sub(1) else {
             self.file.set_len(HEADER_LEN)?;
             *size = 0;
             return Ok(());
         };
-        let new_len = self.layout.block_plain_len(new, nf) as usize;
-        let old_final = self.layout.block_count(old).checked_sub(1);
-        self.reserve(self.layout.record_offset(nf), new_len as u64 + RECORD_OVERHEAD)?;
+        let new_len = l.block_plain_len(new, nf) as usize;
+        let old_final = l.block_count(old).checked_sub(1);
+        self.reserve(l.record_offset(nf), new_len as u64 + RECORD_OVERHEAD)?;
         if new < old {
             let old_final = old_final.expect("old > new > 0");
-            let old_len = self.layout.block_plain_len(old, nf) as usize;
+            let old_len = l.block_plain_len(old, nf) as usize;
             if old_len != new_len || nf != old_final {
                 let mut rec = self.load_block(nf, old_len, nf == old_final)?;
                 rec.truncate(NONCE_LEN + new_len);
                 rec.resize(new_len + RECORD_OVERHEAD as usize, 0);
                 self.cipher.seal(nf, true, &mut rec);
-                self.put(self.layout.record_offset(nf), &rec)?;
+                self.put(l.record_offset(nf), &rec)?;
             }
-            self.file.set_len(self.layout.backing_len(new))?;
+            self.file.set_len(l.backing_len(new))?;
             *size = new;
             return Ok(());
         }
@@ -320,29 +319,29 @@ impl ContentFile {
             None => None,
             Some(of) if of == nf => {
                 // Growing inside the final block: one rewrite, still final.
-                let old_len = self.layout.block_plain_len(old, nf) as usize;
+                let old_len = l.block_plain_len(old, nf) as usize;
                 let mut rec = self.load_block(nf, old_len, true)?;
                 rec.truncate(NONCE_LEN + old_len);
                 rec.resize(new_len + RECORD_OVERHEAD as usize, 0);
                 self.cipher.seal(nf, true, &mut rec);
-                self.put(self.layout.record_offset(nf), &rec)?;
+                self.put(l.record_offset(nf), &rec)?;
                 *size = new;
                 return Ok(());
             }
             Some(of) => {
-                self.reserve(self.layout.record_offset(of), self.layout.record_len())?;
+                self.reserve(l.record_offset(of), l.record_len())?;
                 let rec = self.grow_final_to_full(old)?;
-                *size = self.layout.block_start(of + 1);
+                *size = l.block_start(of + 1);
                 Some((of, rec))
             }
         };
         let mut rec = vec![0u8; new_len + RECORD_OVERHEAD as usize];
         self.cipher.seal(nf, true, &mut rec);
-        self.put(self.layout.record_offset(nf), &rec)?;
+        self.put(l.record_offset(nf), &rec)?;
         *size = new;
         if let Some((b, mut rec)) = detached {
             self.cipher.seal(b, false, &mut rec);
-            self.put(self.layout.record_offset(b), &rec)?;
+            self.put(l.record_offset(b), &rec)?;
         }
         Ok(())
     }
@@ -350,6 +349,7 @@ impl ContentFile {
     /// fallocate(2) mode 0: grows the file to `off + len` if it is shorter, and allocates
     /// backing space for the whole range so later writes there cannot fail with ENOSPC.
     pub fn allocate(&self, off: u64, len: u64) -> FsResult<()> {
+        let l = self.layout;
         let end = off
             .checked_add(len)
             .filter(|&e| e <= MAX_FILE_SIZE)
@@ -367,13 +367,9 @@ impl ContentFile {
             result?;
         }
         // Allocated zeros in a hole still read as a hole.
-        let (first, last) = (self.layout.block_of(off), self.layout.block_of(end - 1));
-        let stop =
-            self.layout.record_offset(last) + self.layout.block_plain_len(*size, last) + RECORD_OVERHEAD;
-        self.reserve(
-            self.layout.record_offset(first),
-            stop - self.layout.record_offset(first),
-        )
+        let (first, last) = (l.block_of(off), l.block_of(end - 1));
+        let stop = l.record_offset(last) + l.block_plain_len(*size, last) + RECORD_OVERHEAD;
+        self.reserve(l.record_offset(first), stop - l.record_offset(first))
     }
 
     pub fn sync(&self, datasync: bool) -> FsResult<()> {
@@ -390,8 +386,9 @@ impl ContentFile {
     /// stop here. Returns the full record with its plaintext, which the caller reseals as
     /// non-final once the new final block is on disk.
     fn grow_final_to_full(&self, old: u64) -> FsResult<Vec<u8>> {
-        let b = self.layout.block_count(old) - 1;
-        let old_len = self.layout.block_plain_len(old, b) as usize;
+        let l = self.layout;
+        let b = l.block_count(old) - 1;
+        let old_len = l.block_plain_len(old, b) as usize;
         let mut rec = match self.take_final_block() {
             Some(c) if c.index == b && c.plain.len() == old_len => {
                 let mut rec = vec![0u8; old_len + RECORD_OVERHEAD as usize];
@@ -400,12 +397,12 @@ impl ContentFile {
             }
             _ => self.load_block(b, old_len, true)?,
         };
-        if old_len < self.layout.block_size() as usize {
+        if old_len < l.block_size() as usize {
             rec.truncate(NONCE_LEN + old_len);
-            rec.resize(self.layout.record_len() as usize, 0);
+            rec.resize(l.record_len() as usize, 0);
             let mut sealed = rec.clone();
             self.cipher.seal(b, true, &mut sealed);
-            self.put(self.layout.record_offset(b), &sealed)?;
+            self.put(l.record_offset(b), &sealed)?;
         }
         Ok(rec)
     }
