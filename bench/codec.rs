@@ -10,13 +10,13 @@ use aes_gcm_siv::{Aes256GcmSiv, Nonce};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use kmsfs::crypto::SecretKey;
 use kmsfs::format::FileId;
-use kmsfs::format::block::{BLOCK_SIZE, ContentCipher, RECORD_OVERHEAD};
+use kmsfs::format::block::{BlockLayout, ContentCipher, DEFAULT_BLOCK_SIZE, RECORD_OVERHEAD};
 use kmsfs::format::header::HEADER_LEN;
 use kmsfs::fs::content::ContentFile;
 use std::hint::black_box;
 use std::sync::Arc;
 
-const BLOCK: usize = BLOCK_SIZE as usize;
+const BLOCK: usize = DEFAULT_BLOCK_SIZE as usize;
 const MIB: usize = 1 << 20;
 
 fn block(c: &mut Criterion) {
@@ -65,7 +65,7 @@ fn content_file() -> (tempfile::NamedTempFile, ContentFile) {
     let tmp = tempfile::NamedTempFile::new_in(dir).unwrap();
     tmp.as_file().set_len(HEADER_LEN).unwrap();
     let cipher = Arc::new(ContentCipher::new(&SecretKey::generate(), FileId::generate()));
-    let f = ContentFile::new(tmp.reopen().unwrap(), cipher, true).unwrap();
+    let f = ContentFile::new(tmp.reopen().unwrap(), cipher, BlockLayout::DEFAULT, true).unwrap();
     (tmp, f)
 }
 

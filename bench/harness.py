@@ -52,8 +52,10 @@ def pid_of_mount(mnt):
 class Fs:
     """A filesystem under test: set up on a backing dir, mounted at `path`."""
 
-    def __init__(self, name, base):
+    def __init__(self, name, base, kind=None, init_args=()):
+        """`kind`: which filesystem (default: `name`); `init_args`: more `kmsfs init` arguments."""
         self.name, self.base = name, Path(base) / name
+        self.kind, self.init_args = kind or name, list(init_args)
         self.backing, self.mnt = self.base / "backing", self.base / "mnt"
         self.pid = None
 
@@ -61,7 +63,7 @@ class Fs:
         shutil.rmtree(self.base, ignore_errors=True)
         self.backing.mkdir(parents=True)
         self.mnt.mkdir()
-        n = self.name
+        n = self.kind
         if n == "raw":
             self.mnt.rmdir()
             self.mnt = self.backing
@@ -78,12 +80,12 @@ class Fs:
             sh("gocryptfs", "-quiet", "-passfile", pw, self.backing, self.mnt)
         elif n == "kmsfs":
             sh(KMSFS, "init", self.backing / "vol", "--keystore", self.base / "keystore",
-               stdout=subprocess.DEVNULL)
+               *self.init_args, stdout=subprocess.DEVNULL)
             sh(KMSFS, "mount", self.backing / "vol", self.mnt, "--log-file", self.base / "kmsfs.log")
         self.pid = None if n == "raw" else pid_of_mount(self.mnt)
 
     def down(self):
-        if self.name != "raw":
+        if self.kind != "raw":
             sh("umount", self.mnt, check=False)
             time.sleep(0.3)
         shutil.rmtree(self.base, ignore_errors=True)

@@ -235,6 +235,7 @@ pub fn run_mount(req: MountRequest) -> Result<Ended, Fatal> {
             root,
             kms.clone(),
             volume.id,
+            config.layout(),
             runtime.handle().clone(),
             names,
             options,

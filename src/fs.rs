@@ -20,7 +20,7 @@ pub use stats::{KMS_ERROR_KINDS, KmsEvents, LATENCY_BUCKETS, Stats};
 pub use waiters::Wait;
 
 use crate::format::VolumeId;
-use crate::format::block::ContentCipher;
+use crate::format::block::{BlockLayout, ContentCipher};
 use crate::format::header::{self, HEADER_LEN};
 use crate::keycache::KeyCache;
 use crate::kms::{Binding, KeyProvider, KmsError, WrappedDek};
@@ -120,6 +120,8 @@ pub struct Fs {
     kms: Arc<dyn KeyProvider>,
     /// Every file key is bound to this volume and its file.
     volume_id: VolumeId,
+    /// The volume's block size: every content file is read and written with it.
+    layout: BlockLayout,
     runtime: tokio::runtime::Handle,
     /// Root can give created files to their callers; anyone else creates them as itself.
     chown_to_caller: bool,
@@ -160,10 +162,12 @@ impl Drop for Fs {
 }
 
 impl Fs {
+    #[allow(clippy::too_many_arguments)] // each is a different part of the opened volume or the daemon
     pub fn new(
         backing_root: OwnedFd,
         kms: Arc<dyn KeyProvider>,
         volume_id: VolumeId,
+        layout: BlockLayout,
         runtime: tokio::runtime::Handle,
         names: Names,
         options: Options,
@@ -180,6 +184,7 @@ impl Fs {
             next_fh: AtomicU64::new(1),
             kms,
             volume_id,
+            layout,
             runtime,
             chown_to_caller: sys::geteuid() == 0,
             names_encrypted: names.encrypted(),
@@ -204,6 +209,11 @@ impl Fs {
 
     pub fn access(&self) -> &Access {
         &self.access
+    }
+
+    /// The volume's block layout.
+    pub fn layout(&self) -> BlockLayout {
+        self.layout
     }
 
     /// The policy's decision on an open or create by `caller`, made before anything else
@@ -602,7 +612,7 @@ impl Fs {
                     // moment, can leave a named file without its header: that would read as a
                     // file cut by the storage (EIO), which must stay the answer to tampering.
                     file.sync_data()?;
-                    ContentFile::new(file, cipher, true)
+                    ContentFile::new(file, cipher, self.layout, true)
                 })
                 .and_then(|content| {
                     sys::renameat2(dir.fd(), &tmp, dir.fd(), n, libc::RENAME_NOREPLACE)?;
@@ -667,7 +677,7 @@ impl Fs {
         let made = sys::chmod_fd(r.file.as_fd(), mode & 0o7777)
             .and_then(|()| sys::utimens_fd(r.file.as_fd(), Some(None), Some(None)))
             .map_err(FsError::from)
-            .and_then(|()| ContentFile::new(r.file, r.cipher.clone(), true));
+            .and_then(|()| ContentFile::new(r.file, r.cipher.clone(), self.layout, true));
         if made.is_err() {
             let _ = sys::unlinkat(dir.fd(), name, false);
         }
@@ -728,7 +738,7 @@ impl Fs {
             FsError::Corrupt
         })?;
         let cipher = self.cipher_for(&h, asker, wait)?;
-        let content = Arc::new(ContentFile::new(file, cipher, writable)?);
+        let content = Arc::new(ContentFile::new(file, cipher, self.layout, writable)?);
         // A lock that came while we waited on the KMS wins: drop the key, publish nothing.
         self.guard()?;
         open.set_content(Some(content.clone()));

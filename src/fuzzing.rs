@@ -7,9 +7,7 @@
 
 use crate::crypto::{Aead, NONCE_LEN, SecretKey, TAG_LEN};
 use crate::format::FileId;
-use crate::format::block::{
-    self, BLOCK_SIZE, CONTENT_KEY_INFO, ContentCipher, RECORD_LEN, RECORD_OVERHEAD, SizeError,
-};
+use crate::format::block::{self, BlockLayout, CONTENT_KEY_INFO, ContentCipher, RECORD_OVERHEAD, SizeError};
 use crate::format::config::{KmsConfig, NamesConfig, VolumeConfig};
 use crate::format::header::{
     self, HEADER_LEN, Header, HeaderError, KeySlot, MAX_KEY_REF_LEN, MAX_WRAPPED_LEN, SLOT_LEN,
@@ -242,10 +240,21 @@ fn zero_nonce_record(index: u64, is_final: bool, plain: &[u8]) -> Vec<u8> {
     record
 }
 
-/// `block`: input = flags (u8; bit 0 = final block) ‖ block index (u64 LE) ‖ a size or backing
-/// length (u64 LE) ‖ record. Checks the block and size arithmetic on the two u64s, opens the
-/// record (only seal's output may open: the seeds were sealed with an all-zero nonce, so
-/// anything that opens must be exactly that), and seals the record's bytes as plaintext.
+/// The block sizes the `block` target tries, chosen by bits 1 to 4 of its flags byte (0, as in
+/// the older seeds: 64 KiB).
+pub const FUZZ_BLOCK_SIZES: [u64; 9] = [65536, 4096, 8192, 16384, 32768, 131072, 262144, 524288, 1 << 20];
+
+/// The layout a `block` input's flags byte chooses.
+pub fn fuzz_layout(flags: u8) -> BlockLayout {
+    let bs = FUZZ_BLOCK_SIZES[((flags >> 1) & 0xF) as usize % FUZZ_BLOCK_SIZES.len()];
+    BlockLayout::new(bs).expect("a valid block size")
+}
+
+/// `block`: input = flags (u8; bit 0 = final block, bits 1-4 the block size) ‖ block index
+/// (u64 LE) ‖ a size or backing length (u64 LE) ‖ record. Checks the block and size arithmetic
+/// on the two u64s, opens the record (only seal's output may open: the seeds were sealed with
+/// an all-zero nonce, so anything that opens must be exactly that), and seals the record's
+/// bytes (up to a block) as plaintext.
 pub fn block(data: &[u8]) {
     let mut input = Input(data);
     let flags = input.u8();
@@ -253,7 +262,8 @@ pub fn block(data: &[u8]) {
     let size = input.u64();
     let record = input.0;
     let is_final = flags & 1 == 1;
-    block_math(size, index);
+    let layout = fuzz_layout(flags);
+    block_math(layout, size, index);
 
     let (cipher, _) = content();
     let mut rec = record.to_vec();
@@ -268,7 +278,7 @@ pub fn block(data: &[u8]) {
         assert!(cipher.open(index, !is_final, &mut record.to_vec()).is_err());
     }
 
-    let plain = &record[..record.len().min(BLOCK_SIZE as usize)];
+    let plain = &record[..record.len().min(layout.block_size() as usize)];
     let mut sealed = vec![0u8; plain.len() + RECORD_OVERHEAD as usize];
     let body = block::record_body(sealed.len());
     sealed[body.clone()].copy_from_slice(plain);
@@ -286,19 +296,23 @@ pub fn block(data: &[u8]) {
     );
 }
 
-/// The block and size arithmetic against a 128-bit model: exact where the result fits in a
-/// u64, saturated at `u64::MAX` (an offset no I/O accepts) where it does not, never wrapped.
-pub fn block_math(size: u64, index: u64) {
+/// The block and size arithmetic of `layout` against a 128-bit model: exact where the result
+/// fits in a u64, saturated at `u64::MAX` (an offset no I/O accepts) where it does not, never
+/// wrapped.
+pub fn block_math(layout: BlockLayout, size: u64, index: u64) {
     let fit = |x: u128| u64::try_from(x).unwrap_or(u64::MAX);
-    let (s, i, bs) = (size as u128, index as u128, BLOCK_SIZE as u128);
-    assert_eq!(block::block_of(size) as u128, s / bs);
-    assert_eq!(block::block_count(size) as u128, s.div_ceil(bs));
+    let (s, i, bs) = (size as u128, index as u128, layout.block_size() as u128);
+    let record_len = layout.record_len() as u128;
+    assert_eq!(record_len, bs + RECORD_OVERHEAD as u128);
+    assert_eq!(layout.block_of(size) as u128, s / bs);
+    assert_eq!(layout.block_count(size) as u128, s.div_ceil(bs));
+    assert_eq!(layout.block_start(index), fit(i * bs));
     assert_eq!(
-        block::record_offset(index),
-        fit(HEADER_LEN as u128 + i * RECORD_LEN as u128)
+        layout.record_offset(index),
+        fit(HEADER_LEN as u128 + i * record_len)
     );
     assert_eq!(
-        block::block_plain_len(size, index) as u128,
+        layout.block_plain_len(size, index) as u128,
         s.saturating_sub(i * bs).min(bs)
     );
     let tail = if s % bs == 0 {
@@ -306,24 +320,32 @@ pub fn block_math(size: u64, index: u64) {
     } else {
         s % bs + RECORD_OVERHEAD as u128
     };
-    let backing = HEADER_LEN as u128 + s / bs * RECORD_LEN as u128 + tail;
-    assert_eq!(block::backing_len(size), fit(backing));
+    let backing = HEADER_LEN as u128 + s / bs * record_len + tail;
+    assert_eq!(layout.backing_len(size), fit(backing));
     if backing <= u64::MAX as u128 {
-        assert_eq!(block::plaintext_size(backing as u64), Ok(size));
+        assert_eq!(layout.plaintext_size(backing as u64), Ok(size));
     }
     if size > 0 {
-        let last = block::block_count(size) - 1;
-        assert!((1..=BLOCK_SIZE).contains(&block::block_plain_len(size, last)));
-        assert_eq!(block::block_plain_len(size, last + 1), 0);
+        let last = layout.block_count(size) - 1;
+        assert!((1..=layout.block_size()).contains(&layout.block_plain_len(size, last)));
+        assert_eq!(layout.block_plain_len(size, last + 1), 0);
     }
     // `size` as a backing length: the inverse of backing_len where it is accepted.
-    match block::plaintext_size(size) {
-        Ok(p) => assert_eq!(block::backing_len(p), size),
+    match layout.plaintext_size(size) {
+        Ok(p) => assert_eq!(layout.backing_len(p), size),
         Err(SizeError::NoHeader) => assert!(size < HEADER_LEN),
         Err(SizeError::TornRecord) => {
-            let rem = (size - HEADER_LEN) % RECORD_LEN;
+            let rem = (size - HEADER_LEN) % layout.record_len();
             assert!(rem > 0 && rem <= RECORD_OVERHEAD);
         }
+    }
+    match layout.extent(size) {
+        Ok(e) => {
+            assert!(e.torn <= RECORD_OVERHEAD);
+            assert_eq!(layout.backing_len(e.size) + e.torn, size);
+        }
+        Err(SizeError::NoHeader) => assert!(size < HEADER_LEN),
+        Err(SizeError::TornRecord) => panic!("extent keeps the whole records of a torn tail"),
     }
 }
 
@@ -482,13 +504,25 @@ pub fn seeds(target: &str) -> Vec<(&'static str, Vec<u8>)> {
                 ("final", seed(1, 0, 1, zero_nonce_record(0, true, b"x"))),
                 (
                     "final-300",
-                    seed(1, 7, 7 * BLOCK_SIZE + 300, zero_nonce_record(7, true, &text)),
+                    seed(1, 7, 7 * 65536 + 300, zero_nonce_record(7, true, &text)),
                 ),
                 (
                     "middle",
-                    seed(0, 2, 3 * BLOCK_SIZE, zero_nonce_record(2, false, &text[..200])),
+                    seed(0, 2, 3 * 65536, zero_nonce_record(2, false, &text[..200])),
                 ),
-                ("hole", seed(0, 1, HEADER_LEN + 2 * RECORD_LEN, vec![0; 64])),
+                (
+                    "hole",
+                    seed(0, 1, HEADER_LEN + 2 * (65536 + RECORD_OVERHEAD), vec![0; 64]),
+                ),
+                // Flags 0b10 and 0b1_0000: 4 KiB and 1 MiB blocks.
+                (
+                    "final-4k",
+                    seed(3, 9, 9 * 4096 + 300, zero_nonce_record(9, true, &text)),
+                ),
+                (
+                    "middle-1m",
+                    seed(16, 2, 3 << 20, zero_nonce_record(2, false, &text[..200])),
+                ),
                 ("extremes", seed(0, u64::MAX, u64::MAX, Vec::new())),
             ]
         }

@@ -2,6 +2,7 @@
 
 use crate::anchor::Anchor;
 use crate::exit::Fatal;
+use crate::format::block::BlockLayout;
 use crate::format::config::{CONFIG_FILE_NAME, KmsConfig, NamesConfig, VolumeConfig, WrappedKeyConfig};
 use crate::kms::Binding;
 use crate::kms::local::Keystore;
@@ -44,7 +45,8 @@ pub enum InitKms {
     },
 }
 
-pub fn init(backing: &Path, kms: InitKms, plaintext_names: bool) -> Result<(), Fatal> {
+/// Makes a volume in `backing` whose keys `kms` holds, with blocks of `layout`.
+pub fn init(backing: &Path, kms: InitKms, plaintext_names: bool, layout: BlockLayout) -> Result<(), Fatal> {
     if backing.join(CONFIG_FILE_NAME).exists() {
         return Err(Fatal::new(format!(
             "{} is already a kmsfs volume",
@@ -123,6 +125,7 @@ pub fn init(backing: &Path, kms: InitKms, plaintext_names: bool) -> Result<(), F
         }
     };
     let mut config = VolumeConfig::new(kms_config);
+    config.block_size = layout.block_size();
     // Prove the key works before the volume exists, and have it wrap the volume name key.
     let rt = crate::volume::cli_runtime()?;
     let kms = crate::volume::key_provider(&config.kms, true, rt.handle()).map_err(explain_kms)?;
@@ -160,9 +163,10 @@ pub fn init(backing: &Path, kms: InitKms, plaintext_names: bool) -> Result<(), F
         "encrypted names"
     };
     println!(
-        "initialised volume {} in {} ({names})",
+        "initialised volume {} in {} ({names}, {} blocks)",
         config.volume_id,
-        backing.display()
+        backing.display(),
+        crate::format::block::human_block_size(layout.block_size())
     );
     println!("{about}");
     println!(

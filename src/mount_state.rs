@@ -179,6 +179,7 @@ impl crate::control::Control for MountState {
             "mountpoint": self.mountpoint,
             "backing": self.backing,
             "volume_id": self.volume_id,
+            "block_size": self.fs.layout().block_size(),
             "backend": self.kms.describe().backend,
             "key": self.key_ref,
             "key_version": *self.key_version.lock().unwrap_or_else(|p| p.into_inner()),

@@ -464,3 +464,63 @@ fn man_pages_completions_and_version_come_from_the_cli() {
     assert!(v.contains("commit ") && !v.contains("commit unknown"), "{v}");
     assert!(v.contains("local, openbao, vault, aws-kms, kmip"), "{v}");
 }
+
+/// `init --block-size`: the config, the records of its files, stat's block size and `status`
+/// follow the size chosen, and the data reads back after a remount. A size no volume may have
+/// is one line naming the range, and nothing is made.
+#[test]
+fn init_takes_a_block_size_and_the_volume_keeps_it() {
+    use std::os::unix::fs::MetadataExt;
+    for (arg, bs) in [("4K", 4096u64), ("1m", 1 << 20), ("65536", 65536)] {
+        let mut v = Volume::init_with(&["--block-size", arg], &[]);
+        let config: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(v.backing.join("kmsfs.json")).unwrap()).unwrap();
+        assert_eq!(
+            (config["block_size"].as_u64(), config["format_version"].as_u64()),
+            (Some(bs), Some(2))
+        );
+        v.mount(&[]);
+        let data: Vec<u8> = (0..3 * bs + 5).map(|i| (i % 251) as u8).collect();
+        std::fs::write(v.mnt.join("f"), &data).unwrap();
+        let m = std::fs::metadata(v.mnt.join("f")).unwrap();
+        assert_eq!((m.len(), m.blksize()), (data.len() as u64, bs));
+        // The backing file holds three full records and a 5-byte one of this block size.
+        let layout = kmsfs::format::block::BlockLayout::new(bs).unwrap();
+        let want = layout.backing_len(data.len() as u64);
+        assert_eq!(want, kmsfs::format::header::HEADER_LEN + 3 * (bs + 28) + 5 + 28);
+        let lens: Vec<u64> = std::fs::read_dir(&v.backing)
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .collect();
+        assert!(lens.contains(&want), "no backing file of {want} bytes: {lens:?}");
+        let out = run_ok(&["status", v.mnt.to_str().unwrap(), "--json"]);
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(status[0]["block_size"].as_u64(), Some(bs));
+        let out = run_ok(&["status", v.mnt.to_str().unwrap()]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        let shown = if bs == 1 << 20 {
+            "1 MiB".to_string()
+        } else {
+            format!("{} KiB", bs / 1024)
+        };
+        assert!(text.contains(&format!("  block size  {shown}\n")), "{text}");
+        v.remount();
+        assert!(
+            std::fs::read(v.mnt.join("f")).unwrap() == data,
+            "{bs}: data differs after a remount"
+        );
+    }
+    for bad in ["3000", "2K", "2M", "4G", "64 KiB", "big"] {
+        let d = tempfile::tempdir().unwrap();
+        let backing = d.path().join("vol");
+        let err = run_err(&["init", backing.to_str().unwrap(), "--block-size", bad]);
+        assert!(
+            one_line(&err).contains("give a power of two from 4 KiB to 1 MiB"),
+            "{bad}: {err}"
+        );
+        assert!(
+            !backing.exists() && !d.path().join("vol.keystore").exists(),
+            "{bad}: something was made"
+        );
+    }
+}

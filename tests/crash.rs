@@ -11,7 +11,8 @@
 //! The one documented exception (docs/format.md, "Crash behaviour"): a block being rewritten in
 //! place by the operation in flight may read EIO. The test counts those.
 //!
-//! `KMSFS_CRASH_ITERS` (default 12 per test) sets the number of kills.
+//! `KMSFS_CRASH_ITERS` (default 12 per test) sets the number of kills; the variants on volumes
+//! with 4 KiB and 1 MiB blocks make a third as many.
 
 mod common;
 
@@ -35,17 +36,19 @@ fn iterations() -> usize {
         .unwrap_or(12)
 }
 
-/// One volume, many crashes: each iteration starts a writer with a new seed on the surviving
-/// volume, kills something, checks, and goes on from what is there.
-fn crash_loop(kill_daemon: bool) {
+/// One volume of `block`-byte blocks, `iterations` crashes: each iteration starts a writer of
+/// `ops` operations with a new seed on the surviving volume, kills something, checks, and goes
+/// on from what is there.
+fn crash_loop(kill_daemon: bool, block: u64, iterations: usize, ops: usize) {
     let scratch = PathBuf::from("/dev/shm");
-    let mut vol = Volume::init_in(&scratch, &[], &[]);
+    let block_size = block.to_string();
+    let mut vol = Volume::init_in(&scratch, &["--block-size", &block_size], &[]);
     vol.mount(&[]);
     std::fs::create_dir(vol.m("sub")).unwrap();
     let journal = vol.dir.path().join("journal");
     let mut r = Rng(0x5eed ^ kill_daemon as u64);
     let (mut total_torn, mut acked_total) = (0, 0);
-    for iter in 0..iterations() {
+    for iter in 0..iterations {
         // Start each iteration from a clean slate the model knows: an empty root but `sub`.
         for e in std::fs::read_dir(&vol.mnt).unwrap() {
             let p = e.unwrap().path();
@@ -60,8 +63,8 @@ fn crash_loop(kill_daemon: bool) {
             }
         }
         let seed = r.next();
-        let ops = generate(seed, 400);
-        let mut child = spawn_writer("crash_writer_child", &vol.mnt, &journal, seed, ops.len());
+        let ops = generate(seed, ops, block);
+        let mut child = spawn_writer("crash_writer_child", &vol.mnt, &journal, seed, ops.len(), block);
         std::thread::sleep(Duration::from_millis(50 + r.below(1500)));
         if kill_daemon {
             kill(vol.daemon_pid());
@@ -79,7 +82,7 @@ fn crash_loop(kill_daemon: bool) {
             child.wait().unwrap();
         }
         let (acked, in_flight) = read_journal(&journal);
-        let found = check(&vol.mnt, &ops, acked, in_flight, false);
+        let found = check(&vol.mnt, &ops, acked, in_flight, false, block);
         assert!(
             found.failures.is_empty(),
             "iteration {iter} (seed {seed}, {acked} acknowledged, in flight {:?}):\n{}",
@@ -91,7 +94,7 @@ fn crash_loop(kill_daemon: bool) {
         if !kill_daemon {
             // The writer's death must not matter to the daemon: same answer after a remount.
             vol.remount();
-            let again = check(&vol.mnt, &ops, acked, in_flight, false);
+            let again = check(&vol.mnt, &ops, acked, in_flight, false, block);
             assert!(
                 again.failures.is_empty(),
                 "after remount: {}",
@@ -100,20 +103,42 @@ fn crash_loop(kill_daemon: bool) {
         }
     }
     eprintln!(
-        "{} kills of the {}: {acked_total} acknowledged operations checked, {total_torn} torn blocks (in-flight rewrites)",
-        iterations(),
+        "{iterations} kills of the {} on {block}-byte blocks: {acked_total} acknowledged operations checked, \
+         {total_torn} torn blocks (in-flight rewrites)",
         if kill_daemon { "daemon" } else { "writer" }
     );
 }
 
 #[test]
 fn sigkill_of_the_daemon_loses_no_acknowledged_byte() {
-    crash_loop(true);
+    crash_loop(true, BLOCK, iterations(), 400);
+}
+
+#[test]
+fn sigkill_of_the_daemon_loses_no_acknowledged_byte_4k() {
+    // Writes of 4 KiB blocks are quick: more of them, so the kill lands while they run.
+    crash_loop(true, 4096, iterations().div_ceil(3), 4000);
+}
+
+#[test]
+fn sigkill_of_the_daemon_loses_no_acknowledged_byte_1m() {
+    crash_loop(true, 1 << 20, iterations().div_ceil(3), 400);
 }
 
 #[test]
 fn sigkill_of_the_writer_loses_nothing() {
-    crash_loop(false);
+    crash_loop(false, BLOCK, iterations(), 400);
+}
+
+#[test]
+fn sigkill_of_the_writer_loses_nothing_4k() {
+    // Writes of 4 KiB blocks are quick: more of them, so the kill lands while they run.
+    crash_loop(false, 4096, iterations().div_ceil(3), 4000);
+}
+
+#[test]
+fn sigkill_of_the_writer_loses_nothing_1m() {
+    crash_loop(false, 1 << 20, iterations().div_ceil(3), 400);
 }
 
 /// `kmsfs rewrap` killed at random moments: every file still opens with its data, and the next

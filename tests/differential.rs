@@ -11,10 +11,13 @@
 //!   per second, and a mismatch there points at the core rather than at the kernel.
 //!
 //! - CI budget: `differential_short_budget` (fixed seeds, 40,000 operations, mounted) and
-//!   `differential_in_process` (fixed seeds, in process, about ten seconds in a debug build).
+//!   `differential_in_process` (fixed seeds, in process, about ten seconds in a debug build),
+//!   on 64 KiB blocks; the `_4k` and `_1m` variants run fewer operations on volumes with the
+//!   smallest and the largest block size.
 //! - Long run: `KMSFS_DIFF_OPS=1000000 cargo test --test differential differential_long -- --ignored`
-//!   (random seed, printed; `differential_long_in_process` for the core).
-//! - Replay: `KMSFS_DIFF_SEED=<seed> KMSFS_DIFF_OPS=<n> cargo test --test differential replay_seed -- --ignored`
+//!   (random seed, printed; `differential_long_in_process` for the core; `KMSFS_DIFF_BLOCK=4096`
+//!   or `1048576` for another block size).
+//! - Replay: `KMSFS_DIFF_SEED=<seed> KMSFS_DIFF_OPS=<n> [KMSFS_DIFF_BLOCK=<bytes>] cargo test --test differential replay_seed -- --ignored`
 //!   (`replay_seed_in_process` for a seed that failed in process).
 //!
 //! A failure prints the seed, the failing operation and a shrunk sequence written as Rust, ready
@@ -37,11 +40,53 @@ use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 const KIB: u64 = 1024;
+/// The default block size, which the regression tests' offsets are written in.
 const BLOCK: u64 = 64 * KIB;
 /// Open-file slots the generator juggles (several handles on one file included).
 const SLOTS: usize = 4;
-/// Files stay below this size, so a long run exercises many blocks without filling the disk.
+/// Files stay below this size (at the default block size), so a long run exercises many
+/// blocks without filling the disk.
 const MAX_OFFSET: u64 = 400 * KIB;
+
+/// The volume a run uses: its block size, and how far into a file the generator writes.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Shape {
+    block: u64,
+    max_offset: u64,
+}
+
+/// The default: 64 KiB blocks, files to 400 KiB.
+const K64: Shape = Shape {
+    block: BLOCK,
+    max_offset: MAX_OFFSET,
+};
+/// The smallest blocks: files of up to 100 of them.
+const K4: Shape = Shape {
+    block: 4 * KIB,
+    max_offset: MAX_OFFSET,
+};
+/// The largest blocks: files of up to 4 of them.
+const M1: Shape = Shape {
+    block: 1024 * KIB,
+    max_offset: 4096 * KIB,
+};
+
+impl Shape {
+    /// `kmsfs init` arguments for a volume of this shape.
+    fn init_args(self) -> Vec<String> {
+        vec!["--block-size".into(), self.block.to_string()]
+    }
+
+    /// `KMSFS_DIFF_BLOCK` (bytes) for a replay; the default otherwise.
+    fn from_env() -> Shape {
+        match env_u64("KMSFS_DIFF_BLOCK") {
+            None | Some(65536) => K64,
+            Some(4096) => K4,
+            Some(1048576) => M1,
+            Some(other) => panic!("KMSFS_DIFF_BLOCK={other}: the runs know 4096, 65536 and 1048576"),
+        }
+    }
+}
 
 /// A long name (> 175 bytes) takes the sidecar path in the backing directory.
 fn long_name() -> String {
@@ -166,38 +211,42 @@ enum Outcome {
 
 /// Offsets and lengths of the generated operations.
 trait Sizes {
-    fn offset(&mut self) -> u64;
-    fn len(&mut self) -> usize;
+    fn offset(&mut self, shape: Shape) -> u64;
+    fn len(&mut self, shape: Shape) -> usize;
 }
 
 impl Sizes for Rng {
     /// Offsets cluster around block boundaries, where the bugs are.
-    fn offset(&mut self) -> u64 {
+    fn offset(&mut self, shape: Shape) -> u64 {
+        let Shape { block, max_offset } = shape;
         match self.below(4) {
             0 => 0,
             1 => {
-                let b = self.below(MAX_OFFSET / BLOCK + 1) * BLOCK;
+                let b = self.below(max_offset / block + 1) * block;
                 if self.chance(50) {
                     b
                 } else {
                     (b + self.below(9)).saturating_sub(4)
                 }
             }
-            _ => self.below(MAX_OFFSET),
+            _ => self.below(max_offset),
         }
     }
-    fn len(&mut self) -> usize {
+    /// Lengths up to 3 blocks, and at small block sizes up to 192 KiB (many blocks at once);
+    /// the same as before block sizes varied at the default.
+    fn len(&mut self, shape: Shape) -> usize {
+        let block = shape.block;
         (match self.below(5) {
             0 => 1 + self.below(16),
             1 => 1 + self.below(4 * KIB),
-            2 => BLOCK,
-            3 => 1 + self.below(BLOCK),
-            _ => 1 + self.below(3 * BLOCK),
+            2 => block,
+            3 => 1 + self.below(block),
+            _ => 1 + self.below(3 * block.max(BLOCK)),
         }) as usize
     }
 }
 
-fn generate(seed: u64, count: usize, paths: usize) -> Vec<Op> {
+fn generate(seed: u64, count: usize, paths: usize, shape: Shape) -> Vec<Op> {
     let mut r = Rng(seed);
     let mut ops = Vec::with_capacity(count);
     for _ in 0..count {
@@ -223,24 +272,24 @@ fn generate(seed: u64, count: usize, paths: usize) -> Vec<Op> {
             12..=16 => Op::Close { slot },
             17..=38 => Op::Write {
                 slot,
-                off: r.offset(),
-                len: r.len(),
+                off: r.offset(shape),
+                len: r.len(shape),
                 seed: r.next(),
             },
             39..=52 => Op::Read {
                 slot,
-                off: r.offset(),
-                len: r.len(),
+                off: r.offset(shape),
+                len: r.len(shape),
             },
             53..=55 => Op::Fsync { slot },
             56..=59 => Op::Ftruncate {
                 slot,
-                len: r.offset(),
+                len: r.offset(shape),
             },
             60..=62 => Op::Fstat { slot },
             63..=64 => Op::Truncate {
                 path,
-                len: r.offset(),
+                len: r.offset(shape),
             },
             65..=68 => Op::Rename {
                 from: path,
@@ -594,9 +643,11 @@ struct Mounted {
 }
 
 impl Mounted {
-    fn new() -> Mounted {
+    fn new(shape: Shape) -> Mounted {
         // On tmpfs: the test is about what kmsfs computes, and it syncs a lot.
-        let mut vol = Volume::init_in(&scratch(), &[], &[]);
+        let args = shape.init_args();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut vol = Volume::init_in(&scratch(), &args, &[]);
         vol.mount(&[]);
         let side = Side::new(vol.mnt.clone());
         Mounted { vol, side }
@@ -802,9 +853,11 @@ fn core_read_file(fs: &Fs, path: &[u8]) -> Errno<Vec<u8>> {
 }
 
 impl Core {
-    fn new() -> Core {
+    fn new(shape: Shape) -> Core {
+        let args = shape.init_args();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         Core {
-            h: InProcess::create(&scratch(), &[], Options::default()),
+            h: InProcess::create(&scratch(), &args, Options::default()),
             slots: (0..SLOTS).map(|_| None).collect(),
             umask: umask(),
         }
@@ -1150,13 +1203,13 @@ impl Kmsfs for Core {
     }
 }
 
-/// Runs `ops` on a fresh kmsfs (reached `via`) and a fresh plain directory; the first
-/// difference, if any.
-fn run(ops: &[Op], via: Via) -> Option<Mismatch> {
+/// Runs `ops` on a fresh kmsfs of `shape` (reached `via`) and a fresh plain directory; the
+/// first difference, if any.
+fn run(ops: &[Op], via: Via, shape: Shape) -> Option<Mismatch> {
     let paths = path_pool();
     let mut ours: Box<dyn Kmsfs> = match via {
-        Via::Mount => Box::new(Mounted::new()),
-        Via::InProcess => Box::new(Core::new()),
+        Via::Mount => Box::new(Mounted::new(shape)),
+        Via::InProcess => Box::new(Core::new(shape)),
     };
     // Both trees on tmpfs: the test is about what kmsfs computes, and it syncs a lot.
     let reference = tempfile::tempdir_in(scratch()).unwrap();
@@ -1215,7 +1268,7 @@ fn fnv(b: &[u8]) -> u64 {
 
 /// Delta debugging over the failing prefix: drops chunks while the sequence still fails.
 /// Each attempt is a fresh mount (or core), so the budget is bounded.
-fn shrink(mut ops: Vec<Op>, mut budget: usize, via: Via) -> Vec<Op> {
+fn shrink(mut ops: Vec<Op>, mut budget: usize, via: Via, shape: Shape) -> Vec<Op> {
     let mut chunk = ops.len().div_ceil(2);
     while chunk >= 1 && budget > 0 {
         let mut start = 0;
@@ -1224,7 +1277,7 @@ fn shrink(mut ops: Vec<Op>, mut budget: usize, via: Via) -> Vec<Op> {
             let mut candidate = ops.clone();
             candidate.drain(start..(start + chunk).min(ops.len()));
             budget -= 1;
-            if let Some(m) = run(&candidate, via) {
+            if let Some(m) = run(&candidate, via, shape) {
                 candidate.truncate(m.index + 1);
                 ops = candidate;
                 removed = true;
@@ -1239,10 +1292,13 @@ fn shrink(mut ops: Vec<Op>, mut budget: usize, via: Via) -> Vec<Op> {
     ops
 }
 
-fn check(seed: u64, count: usize, via: Via) {
-    let ops = generate(seed, count, path_pool().len());
-    let Some(m) = run(&ops, via) else {
-        eprintln!("seed {seed}: {count} operations, 0 mismatches");
+fn check(seed: u64, count: usize, via: Via, shape: Shape) {
+    let ops = generate(seed, count, path_pool().len(), shape);
+    let Some(m) = run(&ops, via, shape) else {
+        eprintln!(
+            "seed {seed}: {count} operations on {} blocks, 0 mismatches",
+            shape.block
+        );
         return;
     };
     let failing = ops[..=m.index].to_vec();
@@ -1251,15 +1307,17 @@ fn check(seed: u64, count: usize, via: Via) {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(if via == Via::Mount { 150 } else { 1000 });
-    let shrunk = shrink(failing, budget, via);
+    let shrunk = shrink(failing, budget, via, shape);
     panic!(
-        "mismatch at operation {} of seed {seed} ({:?}):\n{}\n\
-         replay: KMSFS_DIFF_SEED={seed} KMSFS_DIFF_OPS={} cargo test --test differential {} -- --ignored\n\
+        "mismatch at operation {} of seed {seed} ({:?}) on {} blocks:\n{}\n\
+         replay: KMSFS_DIFF_SEED={seed} KMSFS_DIFF_OPS={} KMSFS_DIFF_BLOCK={} cargo test --test differential {} -- --ignored\n\
          shrunk to {} operations:\n{:#?}",
         m.index,
         ops[m.index],
+        shape.block,
         m.detail,
         m.index + 1,
+        shape.block,
         via.replay_test(),
         shrunk.len(),
         shrunk
@@ -1274,7 +1332,23 @@ fn env_u64(name: &str) -> Option<u64> {
 fn differential_short_budget() {
     // 8 seeds × 5,000 operations: CI's budget.
     for seed in 1..=8 {
-        check(seed, 5_000, Via::Mount);
+        check(seed, 5_000, Via::Mount, K64);
+    }
+}
+
+#[test]
+fn differential_short_budget_4k() {
+    // 4 KiB blocks: a quarter of the default's budget.
+    for seed in 11..=12 {
+        check(seed, 5_000, Via::Mount, K4);
+    }
+}
+
+#[test]
+fn differential_short_budget_1m() {
+    // 1 MiB blocks: writes of up to 3 MiB, so fewer operations.
+    for seed in 21..=22 {
+        check(seed, 2_500, Via::Mount, M1);
     }
 }
 
@@ -1283,7 +1357,21 @@ fn differential_in_process() {
     // The same 8 seeds against the core, 8,000 operations each: about ten seconds in a debug
     // build (decryption dominates: every read reaches the core, there is no page cache).
     for seed in 1..=8 {
-        check(seed, 8_000, Via::InProcess);
+        check(seed, 8_000, Via::InProcess, K64);
+    }
+}
+
+#[test]
+fn differential_in_process_4k() {
+    for seed in 11..=14 {
+        check(seed, 8_000, Via::InProcess, K4);
+    }
+}
+
+#[test]
+fn differential_in_process_1m() {
+    for seed in 21..=23 {
+        check(seed, 4_000, Via::InProcess, M1);
     }
 }
 
@@ -1313,7 +1401,7 @@ fn long_run(via: Via) {
     while done < total {
         let n = (total - done).min(50_000);
         eprintln!("seed {chunk_seed}: {n} operations");
-        check(chunk_seed, n, via);
+        check(chunk_seed, n, via, Shape::from_env());
         done += n;
         chunk_seed = chunk_seed.wrapping_add(1);
     }
@@ -1325,7 +1413,7 @@ fn long_run(via: Via) {
 fn replay_seed() {
     let seed = env_u64("KMSFS_DIFF_SEED").expect("set KMSFS_DIFF_SEED");
     let count = env_u64("KMSFS_DIFF_OPS").unwrap_or(5_000) as usize;
-    check(seed, count, Via::Mount);
+    check(seed, count, Via::Mount, Shape::from_env());
 }
 
 #[test]
@@ -1333,7 +1421,7 @@ fn replay_seed() {
 fn replay_seed_in_process() {
     let seed = env_u64("KMSFS_DIFF_SEED").expect("set KMSFS_DIFF_SEED");
     let count = env_u64("KMSFS_DIFF_OPS").unwrap_or(5_000) as usize;
-    check(seed, count, Via::InProcess);
+    check(seed, count, Via::InProcess, Shape::from_env());
 }
 
 /// Shrunk failures, kept as named tests. Some were found by breaking the code on purpose to
@@ -1341,13 +1429,16 @@ fn replay_seed_in_process() {
 mod regressions {
     use super::*;
 
-    /// Replays through the mount, as found, and in process.
+    /// Replays through the mount, as found, and in process, at every block size.
     fn replay(ops: &[Op]) {
-        for via in [Via::Mount, Via::InProcess] {
-            if let Some(m) = run(ops, via) {
+        for (via, shape) in [Via::Mount, Via::InProcess]
+            .into_iter()
+            .flat_map(|v| [K64, K4, M1].map(|s| (v, s)))
+        {
+            if let Some(m) = run(ops, via, shape) {
                 panic!(
-                    "mismatch at operation {} ({:?}) via {via:?}:\n{}",
-                    m.index, ops[m.index], m.detail
+                    "mismatch at operation {} ({:?}) via {via:?} on {} blocks:\n{}",
+                    m.index, ops[m.index], shape.block, m.detail
                 );
             }
         }

@@ -8,7 +8,7 @@ mod common;
 
 use common::inprocess::{InProcess, caller, ino, lookup_path, parent_of};
 use common::pseudo_random;
-use kmsfs::format::block::{BLOCK_SIZE, backing_len, record_offset};
+use kmsfs::format::block::{BlockLayout, DEFAULT_BLOCK_SIZE};
 use kmsfs::fs::error::{FsError, FsResult};
 use kmsfs::fs::inode::{Kind, ROOT_INO};
 use kmsfs::fs::{Fs, Options, SetAttr};
@@ -17,6 +17,9 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 
+/// The volumes here have the default block size.
+const BLOCK_SIZE: u64 = DEFAULT_BLOCK_SIZE;
+const LAYOUT: BlockLayout = BlockLayout::DEFAULT;
 const BLOCK: usize = BLOCK_SIZE as usize;
 const FILE: u32 = libc::S_IFREG | 0o644;
 
@@ -130,7 +133,7 @@ fn round_trips_at_block_edges() {
         .map(|p| std::fs::metadata(p).unwrap().len())
         .collect();
     lens.sort();
-    let mut want: Vec<u64> = sizes.iter().map(|&n| backing_len(n as u64)).collect();
+    let mut want: Vec<u64> = sizes.iter().map(|&n| LAYOUT.backing_len(n as u64)).collect();
     want.sort();
     assert_eq!(lens, want);
 
@@ -590,7 +593,7 @@ fn tampered_ciphertext_fails_only_its_block() {
         .open(&files[0])
         .unwrap();
     let flip = |block: u64, at: u64| {
-        let off = record_offset(block) + 12 + at; // past the nonce: ciphertext
+        let off = LAYOUT.record_offset(block) + 12 + at; // past the nonce: ciphertext
         let mut b = [0u8];
         backing.read_exact_at(&mut b, off).unwrap();
         backing.write_all_at(&[b[0] ^ 0x20], off).unwrap();

@@ -180,10 +180,29 @@ fn a_clean_volume_is_clean_and_no_plaintext_name_is_printed() {
 
 #[test]
 fn every_kind_of_damage_is_reported_with_path_file_id_and_block() {
-    let mut v = Volume::mounted();
-    let flip = v.backing_of_new(|| std::fs::write(v.m("flip_ada"), pseudo_random(4 * 65536, 1)).unwrap());
+    damage_is_reported(65536);
+}
+
+#[test]
+fn every_kind_of_damage_is_reported_with_path_file_id_and_block_4k() {
+    damage_is_reported(4096);
+}
+
+#[test]
+fn every_kind_of_damage_is_reported_with_path_file_id_and_block_1m() {
+    damage_is_reported(1 << 20);
+}
+
+/// Each kind of damage on a volume of `block`-byte blocks, with where it is.
+fn damage_is_reported(block: u64) {
+    let record_len = block + 28;
+    let mut v = Volume::init_with(&["--block-size", &block.to_string()], &[]);
+    v.mount(&[]);
+    let flip =
+        v.backing_of_new(|| std::fs::write(v.m("flip_ada"), pseudo_random(4 * block as usize, 1)).unwrap());
     let garble = v.backing_of_new(|| std::fs::write(v.m("garble_ben"), b"hello").unwrap());
-    let cut = v.backing_of_new(|| std::fs::write(v.m("cut_cyd"), pseudo_random(65537, 2)).unwrap());
+    let cut =
+        v.backing_of_new(|| std::fs::write(v.m("cut_cyd"), pseudo_random(block as usize + 1, 2)).unwrap());
     let renamed = v.backing_of_new(|| std::fs::write(v.m("renamed_dot"), b"x").unwrap());
     let good = v.backing_of_new(|| std::fs::write(v.m("good_eve"), b"fine").unwrap());
     let no_id = new_root_entry(&v, || std::fs::create_dir(v.m("no_id_fay")).unwrap());
@@ -192,7 +211,7 @@ fn every_kind_of_damage_is_reported_with_path_file_id_and_block() {
     let (flip_id, cut_id) = (file_id(&flip), file_id(&cut));
     v.unmount();
 
-    flip_byte(&flip, HEADER_LEN + 2 * RECORD_LEN + 100);
+    flip_byte(&flip, HEADER_LEN + 2 * record_len + 100);
     std::fs::OpenOptions::new()
         .write(true)
         .open(&garble)
@@ -201,7 +220,7 @@ fn every_kind_of_damage_is_reported_with_path_file_id_and_block() {
     std::fs::OpenOptions::new()
         .write(true)
         .open(&cut)
-        .and_then(|f| f.set_len(HEADER_LEN + RECORD_LEN + 10))
+        .and_then(|f| f.set_len(HEADER_LEN + record_len + 10))
         .unwrap();
     let renamed = corrupt_name(&renamed);
     std::fs::remove_file(no_id.join(".kmsfs.dirid")).unwrap();

@@ -69,6 +69,11 @@ const INTERESTING_U64: &[u64] = &[
     65536,
     65537,
     65564,
+    4124,
+    4125,
+    1 << 20,
+    (1 << 20) + 1,
+    1_048_604,
     1 << 48,
     1 << 60,
     i64::MAX as u64,
@@ -173,9 +178,12 @@ fn kmip() {
 
 #[test]
 fn block_math_extremes() {
-    for &a in INTERESTING_U64 {
-        for &b in INTERESTING_U64 {
-            kmsfs::fuzzing::block_math(a, b);
+    for flags in 0..16u8 {
+        let layout = kmsfs::fuzzing::fuzz_layout(flags << 1);
+        for &a in INTERESTING_U64 {
+            for &b in INTERESTING_U64 {
+                kmsfs::fuzzing::block_math(layout, a, b);
+            }
         }
     }
 }

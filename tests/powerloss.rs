@@ -128,8 +128,15 @@ fn what_a_program_made_durable_survives_a_power_cut() {
         }
         sync_file(&rig.vol.mnt);
         let seed = r.next();
-        let ops = generate(seed, 300);
-        let mut child = spawn_writer("powerloss_writer_child", &rig.vol.mnt, &journal, seed, ops.len());
+        let ops = generate(seed, 300, BLOCK);
+        let mut child = spawn_writer(
+            "powerloss_writer_child",
+            &rig.vol.mnt,
+            &journal,
+            seed,
+            ops.len(),
+            BLOCK,
+        );
         std::thread::sleep(Duration::from_millis(30 + r.below(700)));
         let mode = if iter % 2 == 0 {
             Cut::DropAll
@@ -146,7 +153,7 @@ fn what_a_program_made_durable_survives_a_power_cut() {
         rig.restart(mode);
 
         let (acked, in_flight) = read_journal(&journal);
-        let found = check(&rig.vol.mnt, &ops, acked, in_flight, true);
+        let found = check(&rig.vol.mnt, &ops, acked, in_flight, true, BLOCK);
         let mut failures = found.failures;
         // Every other file reads to its end (the one written in flight may not: see `check`).
         let flight_file = in_flight.and_then(|i| match ops[i] {

@@ -13,10 +13,10 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const BLOCK: u64 = 64 * 1024;
 const HEADER: u64 = 4096;
-const RECORD: u64 = BLOCK + 28;
 const SLOT: u64 = 2032;
+/// Bytes a record adds to its block: nonce and tag.
+const OVERHEAD: u64 = 28;
 
 /// What one plaintext path reads as after a tamper.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -41,8 +41,11 @@ struct Expect {
     links: BTreeMap<String, String>,
 }
 
-fn setup() -> (Volume, Expect) {
-    let mut v = Volume::init_in(Path::new("/dev/shm"), &[], &[]);
+/// A volume of `BLOCK`-byte blocks with a few files (a small one, one of three blocks, one
+/// just over a block), a long name and a symlink.
+fn setup<const BLOCK: u64>() -> (Volume, Expect) {
+    let block_size = BLOCK.to_string();
+    let mut v = Volume::init_in(Path::new("/dev/shm"), &["--block-size", &block_size], &[]);
     v.mount(&[]);
     let mut files = BTreeMap::new();
     files.insert("small.txt".to_string(), b"licence plate XY-99-ZZ".to_vec());
@@ -70,7 +73,7 @@ fn setup() -> (Volume, Expect) {
 }
 
 /// Reads every expected path through the mount, block by block.
-fn observe(v: &Volume, e: &Expect) -> BTreeMap<String, Seen> {
+fn observe<const BLOCK: u64>(v: &Volume, e: &Expect) -> BTreeMap<String, Seen> {
     let mut out = BTreeMap::new();
     for (p, want) in &e.files {
         let seen = match File::open(v.m(p)) {
@@ -157,11 +160,11 @@ fn restore(pristine: &Path, backing: &Path) {
 }
 
 /// The backing content file whose plaintext is `len` bytes long.
-fn content_file(v: &Volume, len: u64) -> PathBuf {
+fn content_file<const BLOCK: u64>(v: &Volume, len: u64) -> PathBuf {
     let want = HEADER
-        + len / BLOCK * RECORD
+        + len / BLOCK * (BLOCK + OVERHEAD)
         + if !len.is_multiple_of(BLOCK) {
-            len % BLOCK + 28
+            len % BLOCK + OVERHEAD
         } else {
             0
         };
@@ -197,7 +200,23 @@ type Tamper = Box<dyn Fn(&Path)>;
 
 #[test]
 fn every_tampered_byte_class_fails_cleanly() {
-    let (mut v, expect) = setup();
+    tamper_matrix::<{ 64 * 1024 }>();
+}
+
+#[test]
+fn every_tampered_byte_class_fails_cleanly_4k() {
+    tamper_matrix::<4096>();
+}
+
+#[test]
+fn every_tampered_byte_class_fails_cleanly_1m() {
+    tamper_matrix::<{ 1024 * 1024 }>();
+}
+
+/// Every case on a volume of `BLOCK`-byte blocks.
+fn tamper_matrix<const BLOCK: u64>() {
+    let record = BLOCK + OVERHEAD;
+    let (mut v, expect) = setup::<BLOCK>();
     let pristine = v.dir.path().join("pristine");
     let ok = Command::new("cp")
         .arg("-a")
@@ -206,8 +225,8 @@ fn every_tampered_byte_class_fails_cleanly() {
         .status()
         .unwrap();
     assert!(ok.success());
-    let small = content_file(&v, 22);
-    let three = content_file(&v, 3 * BLOCK - 1000);
+    let small = content_file::<BLOCK>(&v, 22);
+    let three = content_file::<BLOCK>(&v, 3 * BLOCK - 1000);
     let rel = |p: &Path| p.strip_prefix(&v.backing).unwrap().to_path_buf();
     let (small, three) = (rel(&small), rel(&three));
     let (dirs, links, sidecars) = backing_entries(&v.backing);
@@ -250,20 +269,20 @@ fn every_tampered_byte_class_fails_cleanly() {
                 ("tag", 12 + plain + 3),
             ] {
                 let f = file.clone();
-                let pos = HEADER + blk * RECORD + at;
+                let pos = HEADER + blk * record + at;
                 add(
                     &format!("{label}: block {blk} {part}"),
                     Box::new(move |b: &Path| flip(&b.join(&f), pos)),
                 );
             }
         }
-        let full = HEADER + (blocks - 1) * RECORD + (len - (blocks - 1) * BLOCK) + 28;
+        let full = HEADER + (blocks - 1) * record + (len - (blocks - 1) * BLOCK) + 28;
         for (what, new_len) in [
             ("cut by 1 byte", full - 1),
             ("cut by 28 bytes", full - 28),
             ("cut into the header", 100),
             ("grown by 1 byte", full + 1),
-            ("grown by a zero record", full + RECORD),
+            ("grown by a zero record", full + record),
         ] {
             let f = file.clone();
             add(
@@ -275,7 +294,7 @@ fn every_tampered_byte_class_fails_cleanly() {
             let f = file.clone();
             add(
                 &format!("{label}: cut at a block boundary"),
-                Box::new(move |b: &Path| set_len(&b.join(&f), HEADER + RECORD)),
+                Box::new(move |b: &Path| set_len(&b.join(&f), HEADER + record)),
             );
             let f = file.clone();
             add(
@@ -286,11 +305,11 @@ fn every_tampered_byte_class_fails_cleanly() {
                         .write(true)
                         .open(b.join(&f))
                         .unwrap();
-                    let (mut x, mut y) = (vec![0u8; RECORD as usize], vec![0u8; RECORD as usize]);
+                    let (mut x, mut y) = (vec![0u8; record as usize], vec![0u8; record as usize]);
                     file.read_exact_at(&mut x, HEADER).unwrap();
-                    file.read_exact_at(&mut y, HEADER + RECORD).unwrap();
+                    file.read_exact_at(&mut y, HEADER + record).unwrap();
                     file.write_all_at(&y, HEADER).unwrap();
-                    file.write_all_at(&x, HEADER + RECORD).unwrap();
+                    file.write_all_at(&x, HEADER + record).unwrap();
                 }),
             );
         }
@@ -388,6 +407,15 @@ fn every_tampered_byte_class_fails_cleanly() {
         );
     }
     add(
+        "config: block_size changed",
+        Box::new(move |b: &Path| {
+            let p = b.join("kmsfs.json");
+            let mut c: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+            c["block_size"] = if BLOCK == 4096 { 8192 } else { 4096 }.into();
+            std::fs::write(&p, serde_json::to_vec(&c).unwrap()).unwrap();
+        }),
+    );
+    add(
         "config: garbled",
         Box::new(|b: &Path| flip(&b.join("kmsfs.json"), 0)),
     );
@@ -418,7 +446,7 @@ fn every_tampered_byte_class_fails_cleanly() {
             table.push(format!("{name:45} mount refused: {}", err.trim()));
             continue;
         }
-        let seen = observe(&v, &expect);
+        let seen = observe::<BLOCK>(&v, &expect);
         let pid = v.daemon_pid();
         // SAFETY: signal 0 only checks that the process exists.
         assert_eq!(unsafe { libc::kill(pid as i32, 0) }, 0, "{name}: the daemon died");

@@ -1,71 +1,202 @@
-//! Content layout: where each sealed 64 KiB block lives, what it is bound to, and how the
-//! plaintext size follows from the backing file's size.
+//! Content layout: where each sealed block lives, what it is bound to, and how the plaintext
+//! size follows from the backing file's size.
 //!
 //! ```text
 //! backing file = header (HEADER_LEN) ‖ record 0 ‖ record 1 ‖ … ‖ record n-1
 //! record i     = nonce (12) ‖ AES-256-GCM-SIV(content key, plaintext block i) ‖ tag (16)
 //! ```
-//! Every record but the last holds exactly [`BLOCK_SIZE`] plaintext bytes; the last holds 1 to
-//! `BLOCK_SIZE`. A record of all zero bytes that is not the last one is a hole (reads as zeros).
+//! Every record but the last holds exactly one block of plaintext (the volume's block size,
+//! [`BlockLayout`]); the last holds 1 byte to a block. A record of all zero bytes that is not
+//! the last one is a hole (reads as zeros).
 
 use super::header::HEADER_LEN;
 use super::{FILE_ID_LEN, FileId, RECORD_VERSION};
 use crate::crypto::{Aead, AuthError, NONCE_LEN, SecretKey, TAG_LEN};
 
-/// Plaintext bytes per block.
-pub const BLOCK_SIZE: u64 = 64 * 1024;
+/// Plaintext bytes per block of a volume made without `--block-size`, and of every format 1
+/// volume. Best for large sequential reads (video): few records per request, little overhead.
+pub const DEFAULT_BLOCK_SIZE: u64 = 64 * 1024;
+/// The smallest block size a format 2 volume may have (small random I/O, such as SQLite's).
+pub const MIN_BLOCK_SIZE: u64 = 4 * 1024;
+/// The largest block size a format 2 volume may have.
+pub const MAX_BLOCK_SIZE: u64 = 1024 * 1024;
 /// Bytes a record adds to its plaintext: nonce and tag.
 pub const RECORD_OVERHEAD: u64 = (NONCE_LEN + TAG_LEN) as u64;
-/// Length of a full record on disk.
-pub const RECORD_LEN: u64 = BLOCK_SIZE + RECORD_OVERHEAD;
 /// HKDF info for the per-file content key; salt is the file id.
 pub const CONTENT_KEY_INFO: &[u8] = b"kmsfs v1 content key";
 /// Length of a block's associated data.
 pub const BLOCK_AAD_LEN: usize = 2 + FILE_ID_LEN + 8 + 1;
 
-/// Byte offset of record `block` in the backing file.
-///
-/// Saturates at `u64::MAX`, an offset no read or write accepts, for a block no file can reach
-/// (the fs caps files far below): never a wrapped offset back inside the file.
-pub const fn record_offset(block: u64) -> u64 {
-    HEADER_LEN.saturating_add(block.saturating_mul(RECORD_LEN))
+/// A volume's block size and the arithmetic that follows from it: where records live, how
+/// many a file has, and what size a backing length means. Only valid sizes can be held (a
+/// power of two from [`MIN_BLOCK_SIZE`] to [`MAX_BLOCK_SIZE`]), so none of the arithmetic
+/// divides by zero or by a size no volume may have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BlockLayout {
+    block_size: u64,
 }
 
-/// The block holding plaintext offset `off`.
-pub const fn block_of(off: u64) -> u64 {
-    off / BLOCK_SIZE
-}
-
-/// Number of blocks a file of `size` plaintext bytes has.
-pub const fn block_count(size: u64) -> u64 {
-    size.div_ceil(BLOCK_SIZE)
-}
-
-/// Plaintext length of block `block` in a file of `size` bytes (0 if past the end).
-pub const fn block_plain_len(size: u64, block: u64) -> u64 {
-    // Saturated, a start past u64::MAX is past any size.
-    let start = block.saturating_mul(BLOCK_SIZE);
-    if size <= start {
-        0
-    } else if size - start > BLOCK_SIZE {
-        BLOCK_SIZE
-    } else {
-        size - start
+impl Default for BlockLayout {
+    fn default() -> Self {
+        BlockLayout::DEFAULT
     }
 }
 
-/// Backing file length for a file of `size` plaintext bytes; saturates at `u64::MAX` like
-/// [`record_offset`] for sizes whose backing file would be longer.
-pub const fn backing_len(size: u64) -> u64 {
-    let full = size / BLOCK_SIZE;
-    let rem = size % BLOCK_SIZE;
-    let tail = if rem == 0 { 0 } else { rem + RECORD_OVERHEAD };
-    HEADER_LEN
-        .saturating_add(full.saturating_mul(RECORD_LEN))
-        .saturating_add(tail)
+impl BlockLayout {
+    /// The layout of every format 1 volume, and of a format 2 volume made without
+    /// `--block-size`.
+    pub const DEFAULT: BlockLayout = BlockLayout {
+        block_size: DEFAULT_BLOCK_SIZE,
+    };
+
+    /// The layout for `block_size` plaintext bytes per block, if that is a valid size.
+    pub const fn new(block_size: u64) -> Option<BlockLayout> {
+        if block_size.is_power_of_two() && block_size >= MIN_BLOCK_SIZE && block_size <= MAX_BLOCK_SIZE {
+            Some(BlockLayout { block_size })
+        } else {
+            None
+        }
+    }
+
+    /// Plaintext bytes per block.
+    pub const fn block_size(self) -> u64 {
+        self.block_size
+    }
+
+    /// Length of a full record on disk.
+    pub const fn record_len(self) -> u64 {
+        self.block_size + RECORD_OVERHEAD
+    }
+
+    /// Byte offset of record `block` in the backing file.
+    ///
+    /// Saturates at `u64::MAX`, an offset no read or write accepts, for a block no file can
+    /// reach (the fs caps files far below): never a wrapped offset back inside the file.
+    pub const fn record_offset(self, block: u64) -> u64 {
+        HEADER_LEN.saturating_add(block.saturating_mul(self.record_len()))
+    }
+
+    /// The block holding plaintext offset `off`.
+    pub const fn block_of(self, off: u64) -> u64 {
+        off / self.block_size
+    }
+
+    /// Plaintext offset where block `block` starts (saturated, like [`Self::record_offset`]).
+    pub const fn block_start(self, block: u64) -> u64 {
+        block.saturating_mul(self.block_size)
+    }
+
+    /// Number of blocks a file of `size` plaintext bytes has.
+    pub const fn block_count(self, size: u64) -> u64 {
+        size.div_ceil(self.block_size)
+    }
+
+    /// Plaintext length of block `block` in a file of `size` bytes (0 if past the end).
+    pub const fn block_plain_len(self, size: u64, block: u64) -> u64 {
+        // Saturated, a start past u64::MAX is past any size.
+        let start = self.block_start(block);
+        if size <= start {
+            0
+        } else if size - start > self.block_size {
+            self.block_size
+        } else {
+            size - start
+        }
+    }
+
+    /// Backing file length for a file of `size` plaintext bytes; saturates at `u64::MAX` like
+    /// [`Self::record_offset`] for sizes whose backing file would be longer.
+    pub const fn backing_len(self, size: u64) -> u64 {
+        let full = size / self.block_size;
+        let rem = size % self.block_size;
+        let tail = if rem == 0 { 0 } else { rem + RECORD_OVERHEAD };
+        HEADER_LEN
+            .saturating_add(full.saturating_mul(self.record_len()))
+            .saturating_add(tail)
+    }
+
+    /// The file a backing file of `len` bytes holds: its intact size, and any torn tail. The
+    /// one rule for mount, stat and fsck alike; only a length shorter than a header is an
+    /// error.
+    pub const fn extent(self, len: u64) -> Result<Extent, SizeError> {
+        match self.plaintext_size(len) {
+            Ok(size) => Ok(Extent { size, torn: 0 }),
+            Err(SizeError::NoHeader) => Err(SizeError::NoHeader),
+            Err(SizeError::TornRecord) => {
+                let size = (len - HEADER_LEN) / self.record_len() * self.block_size;
+                Ok(Extent {
+                    size,
+                    torn: len - self.backing_len(size),
+                })
+            }
+        }
+    }
+
+    /// Plaintext size of a file whose backing file is `len` bytes long, if that length is
+    /// exactly that of a valid file.
+    pub const fn plaintext_size(self, len: u64) -> Result<u64, SizeError> {
+        if len < HEADER_LEN {
+            return Err(SizeError::NoHeader);
+        }
+        let body = len - HEADER_LEN;
+        let full = body / self.record_len();
+        let rem = body % self.record_len();
+        if rem == 0 {
+            Ok(full * self.block_size)
+        } else if rem <= RECORD_OVERHEAD {
+            Err(SizeError::TornRecord)
+        } else {
+            Ok(full * self.block_size + rem - RECORD_OVERHEAD)
+        }
+    }
+
+    /// Whole blocks in `bytes` of plaintext, at least one: how many records to read at once
+    /// to read about `bytes`.
+    pub const fn blocks_in(self, bytes: u64) -> u64 {
+        let n = bytes / self.block_size;
+        if n == 0 { 1 } else { n }
+    }
 }
 
-/// Why a backing length cannot be the length of a v1 file.
+/// A block size as people write it: "4 KiB", "64 KiB", "1 MiB" (bytes if not whole KiB).
+pub fn human_block_size(bytes: u64) -> String {
+    if bytes >= 1 << 20 && bytes.is_multiple_of(1 << 20) {
+        format!("{} MiB", bytes >> 20)
+    } else if bytes >= 1 << 10 && bytes.is_multiple_of(1 << 10) {
+        format!("{} KiB", bytes >> 10)
+    } else {
+        format!("{bytes} B")
+    }
+}
+
+/// Parses a block size as `kmsfs init --block-size` takes it: bytes (`4096`), or a number with
+/// a K or M suffix, any case, optionally followed by `iB` or `B` (`4K`, `64k`, `1M`, `1MiB`),
+/// and checks that it is a size a volume may have. The error is one line naming the range.
+pub fn parse_block_size(s: &str) -> Result<BlockLayout, String> {
+    let t = s.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(digits);
+    let shift = match unit.to_ascii_lowercase().as_str() {
+        "" | "b" => Some(0),
+        "k" | "kb" | "kib" => Some(10),
+        "m" | "mb" | "mib" => Some(20),
+        _ => None,
+    };
+    n.parse::<u64>()
+        .ok()
+        .zip(shift)
+        .and_then(|(n, shift)| n.checked_mul(1 << shift))
+        .and_then(BlockLayout::new)
+        .ok_or_else(|| {
+            format!(
+                "block size {s:?} is not one kmsfs supports: give a power of two from {} to {}                  (4K, 8K, 16K, 32K, 64K, 128K, 256K, 512K or 1M)",
+                human_block_size(MIN_BLOCK_SIZE),
+                human_block_size(MAX_BLOCK_SIZE)
+            )
+        })
+}
+
+/// Why a backing length cannot be the length of a file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SizeError {
     /// Shorter than a header.
@@ -82,40 +213,6 @@ pub struct Extent {
     /// Bytes after the last whole record too few to be a record (an append torn by a crash):
     /// not part of the file; a writer cuts them off.
     pub torn: u64,
-}
-
-/// The file a backing file of `len` bytes holds: its intact size, and any torn tail. The one
-/// rule for mount, stat and fsck alike; only a length shorter than a header is an error.
-pub const fn extent(len: u64) -> Result<Extent, SizeError> {
-    match plaintext_size(len) {
-        Ok(size) => Ok(Extent { size, torn: 0 }),
-        Err(SizeError::NoHeader) => Err(SizeError::NoHeader),
-        Err(SizeError::TornRecord) => {
-            let size = (len - HEADER_LEN) / RECORD_LEN * BLOCK_SIZE;
-            Ok(Extent {
-                size,
-                torn: len - backing_len(size),
-            })
-        }
-    }
-}
-
-/// Plaintext size of a file whose backing file is `len` bytes long, if that length is exactly
-/// that of a valid file.
-pub const fn plaintext_size(len: u64) -> Result<u64, SizeError> {
-    if len < HEADER_LEN {
-        return Err(SizeError::NoHeader);
-    }
-    let body = len - HEADER_LEN;
-    let full = body / RECORD_LEN;
-    let rem = body % RECORD_LEN;
-    if rem == 0 {
-        Ok(full * BLOCK_SIZE)
-    } else if rem <= RECORD_OVERHEAD {
-        Err(SizeError::TornRecord)
-    } else {
-        Ok(full * BLOCK_SIZE + rem - RECORD_OVERHEAD)
-    }
 }
 
 /// Associated data of a block: format version ‖ file id ‖ block index ‖ final-block flag.
@@ -261,45 +358,172 @@ pub const fn record_body(record_len: usize) -> std::ops::Range<usize> {
 mod tests {
     use super::*;
 
+    const K4: BlockLayout = BlockLayout { block_size: 4096 };
+    const K64: BlockLayout = BlockLayout::DEFAULT;
+    const M1: BlockLayout = BlockLayout { block_size: 1 << 20 };
+    /// The smallest, the default and the largest block size: every test runs on each.
+    const LAYOUTS: [BlockLayout; 3] = [K4, K64, M1];
+
     #[test]
-    fn size_math_round_trips() {
-        for size in [
+    fn only_powers_of_two_from_4_kib_to_1_mib_are_layouts() {
+        for bs in [4096, 8192, 16384, 32768, 65536, 131072, 262144, 524288, 1 << 20] {
+            assert_eq!(BlockLayout::new(bs).map(BlockLayout::block_size), Some(bs));
+        }
+        for bs in [
             0,
             1,
+            2048,
+            3000,
+            4095,
+            4097,
             65535,
-            65536,
             65537,
-            2 * 65536,
-            10 * 1024 * 1024 + 3,
-            u32::MAX as u64,
+            100_000,
+            2 << 20,
+            1 << 40,
+            u64::MAX,
         ] {
-            assert_eq!(plaintext_size(backing_len(size)), Ok(size), "size {size}");
-            assert_eq!(block_count(size), size.div_ceil(BLOCK_SIZE));
+            assert_eq!(BlockLayout::new(bs), None, "{bs}");
         }
-        assert_eq!(backing_len(0), HEADER_LEN);
-        assert_eq!(backing_len(65536), HEADER_LEN + RECORD_LEN);
-        assert_eq!(backing_len(1), HEADER_LEN + 1 + RECORD_OVERHEAD);
+        assert_eq!(BlockLayout::new(DEFAULT_BLOCK_SIZE), Some(BlockLayout::default()));
+    }
+
+    #[test]
+    fn block_sizes_parse_as_people_write_them() {
+        for (text, bs) in [
+            ("4K", 4096),
+            ("4k", 4096),
+            ("4096", 4096),
+            ("8KiB", 8192),
+            ("64K", 65536),
+            ("64kb", 65536),
+            (" 256K ", 262144),
+            ("1M", 1 << 20),
+            ("1m", 1 << 20),
+            ("1MiB", 1 << 20),
+            ("1024K", 1 << 20),
+        ] {
+            assert_eq!(
+                parse_block_size(text).map(BlockLayout::block_size),
+                Ok(bs),
+                "{text}"
+            );
+        }
+        for bad in [
+            "",
+            "K",
+            "3000",
+            "2K",
+            "2M",
+            "4G",
+            "4 K",
+            "-4K",
+            "4.5K",
+            "64KB2",
+            "99999999999999999999K",
+        ] {
+            let e = parse_block_size(bad).unwrap_err();
+            assert!(
+                e.contains("from 4 KiB to 1 MiB") && !e.contains('\n'),
+                "{bad}: {e}"
+            );
+        }
+        assert_eq!(human_block_size(4096), "4 KiB");
+        assert_eq!(human_block_size(1 << 20), "1 MiB");
+        assert_eq!(human_block_size(3000), "3000 B");
+    }
+
+    #[test]
+    fn size_math_round_trips() {
+        for l in LAYOUTS {
+            let bs = l.block_size();
+            for size in [
+                0,
+                1,
+                bs - 1,
+                bs,
+                bs + 1,
+                2 * bs - 1,
+                2 * bs,
+                2 * bs + 1,
+                65535,
+                65536,
+                65537,
+                10 * 1024 * 1024 + 3,
+                u32::MAX as u64,
+            ] {
+                assert_eq!(
+                    l.plaintext_size(l.backing_len(size)),
+                    Ok(size),
+                    "{bs}: size {size}"
+                );
+                assert_eq!(l.block_count(size), size.div_ceil(bs));
+                assert_eq!(l.extent(l.backing_len(size)), Ok(Extent { size, torn: 0 }));
+            }
+            assert_eq!(l.record_len(), bs + 28);
+            assert_eq!(l.backing_len(0), HEADER_LEN);
+            assert_eq!(l.backing_len(bs), HEADER_LEN + l.record_len());
+            assert_eq!(
+                l.backing_len(bs + 1),
+                HEADER_LEN + l.record_len() + 1 + RECORD_OVERHEAD
+            );
+            assert_eq!(l.backing_len(1), HEADER_LEN + 1 + RECORD_OVERHEAD);
+        }
+        assert_eq!(K4.backing_len(3 * 4096 + 5), HEADER_LEN + 3 * 4124 + 33);
+        assert_eq!(M1.backing_len(3 << 20), HEADER_LEN + 3 * 1_048_604);
     }
 
     #[test]
     fn impossible_lengths_are_errors() {
-        assert_eq!(plaintext_size(0), Err(SizeError::NoHeader));
-        assert_eq!(plaintext_size(HEADER_LEN - 1), Err(SizeError::NoHeader));
-        for tail in 1..=RECORD_OVERHEAD {
-            assert_eq!(
-                plaintext_size(HEADER_LEN + RECORD_LEN + tail),
-                Err(SizeError::TornRecord)
-            );
+        for l in LAYOUTS {
+            assert_eq!(l.plaintext_size(0), Err(SizeError::NoHeader));
+            assert_eq!(l.plaintext_size(HEADER_LEN - 1), Err(SizeError::NoHeader));
+            assert_eq!(l.extent(HEADER_LEN - 1), Err(SizeError::NoHeader));
+            for whole in [0, 1, 7] {
+                let base = HEADER_LEN + whole * l.record_len();
+                for tail in 1..=RECORD_OVERHEAD {
+                    assert_eq!(l.plaintext_size(base + tail), Err(SizeError::TornRecord));
+                }
+                // One byte more is a one-byte last block; none less is whole records.
+                assert_eq!(
+                    l.plaintext_size(base + RECORD_OVERHEAD + 1),
+                    Ok(whole * l.block_size() + 1)
+                );
+                assert_eq!(l.plaintext_size(base), Ok(whole * l.block_size()));
+            }
         }
+        // A length valid in one layout is not one in another: what a wrong block size reads.
+        let len = K64.backing_len(65536);
+        assert_eq!(K4.plaintext_size(len), Ok(15 * 4096 + (65564 - 15 * 4124) - 28));
+        assert_eq!(M1.plaintext_size(len), Ok(65536));
+        assert_eq!(
+            K4.plaintext_size(HEADER_LEN + 16 * 4124 + 28),
+            Err(SizeError::TornRecord)
+        );
     }
 
     #[test]
     fn block_lengths() {
-        assert_eq!(block_plain_len(65537, 0), 65536);
-        assert_eq!(block_plain_len(65537, 1), 1);
-        assert_eq!(block_plain_len(65537, 2), 0);
-        assert_eq!(block_plain_len(65536, 0), 65536);
-        assert_eq!(record_offset(2), HEADER_LEN + 2 * RECORD_LEN);
+        for l in LAYOUTS {
+            let bs = l.block_size();
+            assert_eq!(l.block_plain_len(bs + 1, 0), bs);
+            assert_eq!(l.block_plain_len(bs + 1, 1), 1);
+            assert_eq!(l.block_plain_len(bs + 1, 2), 0);
+            assert_eq!(l.block_plain_len(bs, 0), bs);
+            assert_eq!(l.block_plain_len(bs, 1), 0);
+            assert_eq!(l.block_plain_len(0, 0), 0);
+            assert_eq!(l.record_offset(2), HEADER_LEN + 2 * l.record_len());
+            assert_eq!(
+                (l.block_of(bs - 1), l.block_of(bs), l.block_of(bs + 1)),
+                (0, 1, 1)
+            );
+            assert_eq!(l.block_start(3), 3 * bs);
+            assert_eq!(l.blocks_in(1 << 20), (1 << 20) / bs);
+            assert_eq!(l.blocks_in(1), 1);
+        }
+        assert_eq!(K4.block_of(65536), 16);
+        assert_eq!(M1.block_of(65536), 0);
+        assert_eq!(K4.blocks_in(1 << 20), 256);
     }
 
     #[test]
@@ -324,31 +548,40 @@ mod tests {
     /// offset inside the file in release builds) for block indexes and sizes near `u64::MAX`.
     #[test]
     fn arithmetic_saturates_instead_of_wrapping() {
-        assert_eq!(record_offset(u64::MAX), u64::MAX);
-        assert_eq!(record_offset(u64::MAX / RECORD_LEN + 1), u64::MAX);
-        assert_eq!(block_plain_len(u64::MAX, u64::MAX), 0);
-        assert_eq!(
-            block_plain_len(u64::MAX, u64::MAX / BLOCK_SIZE),
-            u64::MAX % BLOCK_SIZE
-        );
-        assert_eq!(backing_len(u64::MAX), u64::MAX);
-        let largest = plaintext_size(u64::MAX).unwrap();
-        assert_eq!(backing_len(largest), u64::MAX);
-        assert_eq!(backing_len(largest - 1), u64::MAX - 1);
+        for l in LAYOUTS {
+            let bs = l.block_size();
+            assert_eq!(l.record_offset(u64::MAX), u64::MAX);
+            assert_eq!(l.record_offset(u64::MAX / l.record_len() + 1), u64::MAX);
+            assert_eq!(l.block_start(u64::MAX), u64::MAX);
+            assert_eq!(l.block_plain_len(u64::MAX, u64::MAX), 0);
+            assert_eq!(l.block_plain_len(u64::MAX, u64::MAX / bs), u64::MAX % bs);
+            assert_eq!(l.backing_len(u64::MAX), u64::MAX);
+            // The longest backing length that is a valid file, and the size it holds.
+            let longest = (u64::MAX - RECORD_OVERHEAD - 1..=u64::MAX)
+                .rev()
+                .find(|&len| l.plaintext_size(len).is_ok())
+                .unwrap();
+            let largest = l.plaintext_size(longest).unwrap();
+            assert_eq!(l.backing_len(largest), longest);
+            // One byte more needs a backing file longer than any: saturated.
+            assert_eq!(l.backing_len(largest + 1), u64::MAX);
+        }
     }
 
     #[test]
     fn extent_keeps_the_intact_records_of_a_torn_tail() {
-        assert_eq!(extent(backing_len(5)), Ok(Extent { size: 5, torn: 0 }));
-        assert_eq!(extent(HEADER_LEN - 1), Err(SizeError::NoHeader));
-        let torn = HEADER_LEN + RECORD_LEN + RECORD_OVERHEAD;
-        assert_eq!(
-            extent(torn),
-            Ok(Extent {
-                size: BLOCK_SIZE,
-                torn: RECORD_OVERHEAD
-            })
-        );
+        for l in LAYOUTS {
+            assert_eq!(l.extent(l.backing_len(5)), Ok(Extent { size: 5, torn: 0 }));
+            let torn = HEADER_LEN + 3 * l.record_len() + RECORD_OVERHEAD;
+            assert_eq!(
+                l.extent(torn),
+                Ok(Extent {
+                    size: 3 * l.block_size(),
+                    torn: RECORD_OVERHEAD
+                })
+            );
+            assert_eq!(l.extent(HEADER_LEN + 1), Ok(Extent { size: 0, torn: 1 }));
+        }
     }
 
     /// The record rules, one case each: what reads, and why what does not read fails.

@@ -1,7 +1,7 @@
 //! The volume config: a small JSON file in the backing root. It names the volume and its KMS;
 //! it never holds a secret.
 
-use super::block::BLOCK_SIZE;
+use super::block::{BlockLayout, DEFAULT_BLOCK_SIZE};
 use super::{DIR_ID_LEN, VOLUME_FORMAT, VOLUME_FORMAT_V1, VOLUME_FORMAT_V2, VOLUME_ID_LEN, VolumeId};
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -152,7 +152,7 @@ impl VolumeConfig {
         VolumeConfig {
             format_version: VOLUME_FORMAT,
             volume_id: crate::hex::encode(&id),
-            block_size: BLOCK_SIZE,
+            block_size: DEFAULT_BLOCK_SIZE,
             kms,
             names: NamesConfig::Plaintext,
             volume_key: None,
@@ -196,6 +196,12 @@ impl VolumeConfig {
         VolumeId(id)
     }
 
+    /// The volume's block layout (validated at decode; the default if the field was changed
+    /// since to a size no volume may have).
+    pub fn layout(&self) -> BlockLayout {
+        BlockLayout::new(self.block_size).unwrap_or_default()
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         let mut v = serde_json::to_vec_pretty(self).expect("config serialises");
         v.push(b'\n');
@@ -216,8 +222,14 @@ impl VolumeConfig {
         if self.format_version != VOLUME_FORMAT_V1 && self.format_version != VOLUME_FORMAT_V2 {
             return Err(ConfigError::UnsupportedVersion(self.format_version));
         }
-        if self.block_size != BLOCK_SIZE {
-            return Err(ConfigError::Invalid("block_size must be 65536 in format v1"));
+        // Format 1 volumes all have 64 KiB blocks; format 2 ones the size chosen at init.
+        if self.format_version == VOLUME_FORMAT_V1 && self.block_size != DEFAULT_BLOCK_SIZE {
+            return Err(ConfigError::Invalid("block_size must be 65536 in format 1"));
+        }
+        if BlockLayout::new(self.block_size).is_none() {
+            return Err(ConfigError::Invalid(
+                "block_size must be a power of two from 4096 to 1048576 (4 KiB to 1 MiB)",
+            ));
         }
         // Format 2 came with the authenticated config: a v2 config without its MAC is a
         // downgrade, not an old volume.
@@ -380,6 +392,46 @@ mod tests {
         ));
     }
 
+    /// Format 2: any block size from 4 KiB to 1 MiB that is a power of two; format 1: 64 KiB.
+    #[test]
+    fn block_sizes_by_format() {
+        let key = crate::crypto::SecretKey::generate();
+        let decode = |version: u16, block_size: u64| {
+            let mut c = sample();
+            c.format_version = version;
+            c.block_size = block_size;
+            if version == VOLUME_FORMAT_V2 {
+                c.volume_key = Some(WrappedKeyConfig {
+                    key_ref: "default".into(),
+                    wrapped: "beef".into(),
+                });
+                c.seal(&key);
+            }
+            VolumeConfig::decode(&c.encode())
+        };
+        for bs in [4096, 8192, 65536, 1 << 20] {
+            let c = decode(VOLUME_FORMAT_V2, bs).unwrap();
+            assert_eq!(c.layout().block_size(), bs);
+            assert!(c.mac_matches(&key));
+        }
+        for bs in [0, 2048, 3000, 4095, 65535, 100_000, 2 << 20, u64::MAX] {
+            match decode(VOLUME_FORMAT_V2, bs) {
+                Err(ConfigError::Invalid(m)) => assert!(m.contains("4096 to 1048576"), "{m}"),
+                other => panic!("{bs}: {other:?}"),
+            }
+        }
+        assert_eq!(
+            decode(VOLUME_FORMAT_V1, 65536).unwrap().layout(),
+            BlockLayout::DEFAULT
+        );
+        for bs in [4096, 1 << 20, 3000] {
+            match decode(VOLUME_FORMAT_V1, bs) {
+                Err(ConfigError::Invalid(m)) => assert!(m.contains("65536 in format 1"), "{m}"),
+                other => panic!("{bs}: {other:?}"),
+            }
+        }
+    }
+
     #[test]
     fn the_mac_covers_every_field() {
         let key = crate::crypto::SecretKey::generate();
@@ -392,8 +444,9 @@ mod tests {
         let c = VolumeConfig::decode(&c.encode()).unwrap();
         assert!(c.mac_matches(&key));
         assert!(!c.mac_matches(&crate::crypto::SecretKey::generate()));
-        let changes: [fn(&mut VolumeConfig); 5] = [
+        let changes: [fn(&mut VolumeConfig); 6] = [
             |c| c.names = NamesConfig::Plaintext,
+            |c| c.block_size = 4096,
             |c| c.volume_id = "ffeeddccbbaa99887766554433221100".into(),
             |c| {
                 c.kms = KmsConfig::Local {

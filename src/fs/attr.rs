@@ -1,7 +1,7 @@
 //! File attributes as the mount shows them: the backing object's, with plaintext sizes.
 
 use super::inode::Kind;
-use crate::format::block::{BLOCK_SIZE, extent};
+use crate::format::block::BlockLayout;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,17 +29,17 @@ fn time(sec: i64, nsec: i64) -> SystemTime {
 /// Plaintext size of a regular file from its backing length, for stat only. An impossible
 /// length (a create cut short by a crash, a torn last record) shows the size of the intact
 /// part; opening the file is what reports the damage.
-pub fn shown_size(backing_len: u64) -> u64 {
-    extent(backing_len).map_or(0, |e| e.size)
+pub fn shown_size(layout: BlockLayout, backing_len: u64) -> u64 {
+    layout.extent(backing_len).map_or(0, |e| e.size)
 }
 
 impl Attr {
-    /// Attributes of inode `ino` from its backing stat; `open_size` is the size of an open
-    /// regular file (authoritative while open).
-    pub fn from_stat(ino: u64, st: &libc::stat, open_size: Option<u64>) -> Attr {
+    /// Attributes of inode `ino` from its backing stat, in a volume of `layout`; `open_size`
+    /// is the size of an open regular file (authoritative while open).
+    pub fn from_stat(ino: u64, st: &libc::stat, layout: BlockLayout, open_size: Option<u64>) -> Attr {
         let kind = Kind::from_mode(st.st_mode);
         let size = match kind {
-            Kind::File => open_size.unwrap_or_else(|| shown_size(st.st_size as u64)),
+            Kind::File => open_size.unwrap_or_else(|| shown_size(layout, st.st_size as u64)),
             _ => st.st_size as u64,
         };
         Attr {
@@ -55,7 +55,8 @@ impl Attr {
             uid: st.st_uid,
             gid: st.st_gid,
             rdev: st.st_rdev as u32,
-            blksize: BLOCK_SIZE as u32,
+            // The preferred I/O size: a whole block (at most 1 MiB).
+            blksize: layout.block_size() as u32,
         }
     }
 }

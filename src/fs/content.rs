@@ -6,10 +6,7 @@
 
 use super::error::{FsError, FsResult};
 use crate::crypto::NONCE_LEN;
-use crate::format::block::{
-    BLOCK_SIZE, ContentCipher, Extent, RECORD_LEN, RECORD_OVERHEAD, backing_len, block_count, block_of,
-    block_plain_len, extent, record_body, record_offset,
-};
+use crate::format::block::{BlockLayout, ContentCipher, Extent, RECORD_OVERHEAD, record_body};
 use crate::format::header::HEADER_LEN;
 use crate::sys;
 use rayon::prelude::*;
@@ -20,8 +17,6 @@ use std::sync::{Arc, RwLock};
 
 /// Largest plaintext size we accept: keeps every backing offset well inside `i64`.
 pub const MAX_FILE_SIZE: u64 = 1 << 60;
-
-const RECORD: usize = RECORD_LEN as usize;
 
 /// The plaintext of the file's final block, kept after a write seals it: the next append must
 /// reseal that block as a middle block, and this saves reading and opening it again.
@@ -34,6 +29,8 @@ struct FinalBlock {
 pub struct ContentFile {
     file: File,
     cipher: Arc<ContentCipher>,
+    /// The volume's block size and the record arithmetic that follows from it.
+    layout: BlockLayout,
     writable: bool,
     /// Plaintext size, which also guards the content: readers hold it shared, writers and
     /// truncate hold it exclusively, so no reader sees a half-written block and no two
@@ -44,10 +41,16 @@ pub struct ContentFile {
 }
 
 impl ContentFile {
-    /// Wraps a backing descriptor whose header has been read and whose key has been unwrapped.
-    pub fn new(file: File, cipher: Arc<ContentCipher>, writable: bool) -> FsResult<Self> {
+    /// Wraps a backing descriptor whose header has been read and whose key has been unwrapped;
+    /// `layout` is its volume's.
+    pub fn new(
+        file: File,
+        cipher: Arc<ContentCipher>,
+        layout: BlockLayout,
+        writable: bool,
+    ) -> FsResult<Self> {
         let len = file.metadata()?.len();
-        let Ok(Extent { size, torn }) = extent(len) else {
+        let Ok(Extent { size, torn }) = layout.extent(len) else {
             log::error!("file {}: backing file shorter than its header", cipher.file_id());
             return Err(FsError::Corrupt);
         };
@@ -59,12 +62,13 @@ impl ContentFile {
                 cipher.file_id()
             );
             if writable {
-                file.set_len(backing_len(size))?;
+                file.set_len(layout.backing_len(size))?;
             }
         }
         Ok(ContentFile {
             file,
             cipher,
+            layout,
             writable,
             size: RwLock::new(size),
             final_block: std::sync::Mutex::new(None),
@@ -95,31 +99,33 @@ impl ContentFile {
     /// file). `buf` is a scratch buffer the caller keeps between calls: it only ever grows,
     /// so the hot path neither allocates nor clears memory.
     pub fn read_into(&self, off: u64, len: u32, buf: &mut Vec<u8>) -> FsResult<usize> {
+        let l = self.layout;
         let size = self.size.read().unwrap_or_else(|p| p.into_inner());
         let size = *size;
         if off >= size || len == 0 {
             return Ok(0);
         }
         let end = size.min(off + len as u64);
-        let (first, last) = (block_of(off), block_of(end - 1));
-        let final_block = block_count(size) - 1;
-        let start = record_offset(first);
-        let stop = record_offset(last) + block_plain_len(size, last) + RECORD_OVERHEAD;
+        let (first, last) = (l.block_of(off), l.block_of(end - 1));
+        let final_block = l.block_count(size) - 1;
+        let start = l.record_offset(first);
+        let stop = l.record_offset(last) + l.block_plain_len(size, last) + RECORD_OVERHEAD;
         let need = (stop - start) as usize;
         if buf.len() < need {
             buf.resize(need, 0);
         }
         let buf = &mut buf[..need];
         self.read_exact_at(buf, start)?;
-        // Records are independent: open them on all cores (a 1 MiB request is 16 of them).
+        // Records are independent: open them on all cores (a 1 MiB request is 16 of them at 64 KiB,
+        // 256 at 4 KiB).
         self.each_record(buf, first, |b, rec| self.open_record(b, b == final_block, rec))?;
         // Move the wanted plaintext to the front of the buffer: no second buffer, no copy
         // beyond this one.
         let mut len = 0;
         for b in first..=last {
-            let plain = block_plain_len(size, b);
-            let rec_start = (record_offset(b) - start) as usize;
-            let bstart = b * BLOCK_SIZE;
+            let plain = l.block_plain_len(size, b);
+            let rec_start = (l.record_offset(b) - start) as usize;
+            let bstart = l.block_start(b);
             let from = rec_start + NONCE_LEN + (off.max(bstart) - bstart) as usize;
             let to = rec_start + NONCE_LEN + (end.min(bstart + plain) - bstart) as usize;
             buf.copy_within(from..to, len);
@@ -136,10 +142,11 @@ impl ContentFile {
         first: u64,
         f: impl Fn(u64, &mut [u8]) -> FsResult<()> + Sync,
     ) -> FsResult<()> {
-        if buf.len() <= RECORD {
+        let record = self.layout.record_len() as usize;
+        if buf.len() <= record {
             return f(first, buf);
         }
-        buf.par_chunks_mut(RECORD)
+        buf.par_chunks_mut(record)
             .enumerate()
             .try_for_each(|(i, rec)| f(first + i as u64, rec))
     }
@@ -166,7 +173,7 @@ impl ContentFile {
     /// size the completed steps reached, so the file stays valid at that size.
     fn settle(&self, size: u64, result: &FsResult<()>) {
         if result.is_err()
-            && let Err(e) = self.file.set_len(backing_len(size))
+            && let Err(e) = self.file.set_len(self.layout.backing_len(size))
         {
             log::error!("file {}: cannot undo a failed write: {e}", self.cipher.file_id());
         }
@@ -174,11 +181,12 @@ impl ContentFile {
 
     /// The write proper. `size` follows each step as it completes.
     fn write_locked(&self, size: &mut u64, off: u64, end: u64, data: &[u8]) -> FsResult<()> {
+        let l = self.layout;
         let old = *size;
         let new = old.max(end);
-        let (first, last) = (block_of(off), block_of(end - 1));
-        let new_final = block_count(new) - 1;
-        let old_blocks = block_count(old);
+        let (first, last) = (l.block_of(off), l.block_of(end - 1));
+        let new_final = l.block_count(new) - 1;
+        let old_blocks = l.block_count(old);
         // The old final block, if the write leaves it behind (it must stop being final) or
         // extends it into later blocks (it must first grow to a full block, still final).
         let grows_past_final = old > 0 && new_final > old_blocks - 1;
@@ -189,17 +197,17 @@ impl ContentFile {
         // append) need no reservation: they overwrite nothing, and if the disk fills while
         // they are written, `settle` cuts them off and the file is as it was. That saves a
         // fallocate(2) per request on the sequential-write path.
-        let stop = record_offset(last) + block_plain_len(new, last) + RECORD_OVERHEAD;
+        let stop = l.record_offset(last) + l.block_plain_len(new, last) + RECORD_OVERHEAD;
         if first < old_blocks {
-            self.reserve(record_offset(first), stop - record_offset(first))?;
+            self.reserve(l.record_offset(first), stop - l.record_offset(first))?;
         }
         if let Some(b) = old_final {
-            self.reserve(record_offset(b), BLOCK_SIZE + RECORD_OVERHEAD)?;
+            self.reserve(l.record_offset(b), l.record_len())?;
         }
         let detached = match old_final {
             Some(b) => {
                 let rec = self.grow_final_to_full(old)?;
-                *size = (b + 1) * BLOCK_SIZE;
+                *size = l.block_start(b + 1);
                 Some((b, rec))
             }
             None => None,
@@ -207,18 +215,18 @@ impl ContentFile {
         let cached = self.take_final_block();
 
         let grown = *size;
-        let mut buf = Vec::with_capacity(((last - first + 1) * (BLOCK_SIZE + RECORD_OVERHEAD)) as usize);
+        let mut buf = Vec::with_capacity(((last - first + 1) * l.record_len()) as usize);
         for b in first..=last {
-            let plain = block_plain_len(new, b) as usize;
-            let bstart = b * BLOCK_SIZE;
+            let plain = l.block_plain_len(new, b) as usize;
+            let bstart = l.block_start(b);
             let rec_start = buf.len();
             buf.resize(rec_start + plain + RECORD_OVERHEAD as usize, 0);
             let body = &mut buf[rec_start + NONCE_LEN..rec_start + NONCE_LEN + plain];
             let (ws, we) = (off.max(bstart), end.min(bstart + plain as u64));
             let covers_all = ws == bstart && we == bstart + plain as u64;
-            let have = block_count(grown);
+            let have = l.block_count(grown);
             if !covers_all && b < have {
-                let old_plain = block_plain_len(grown, b) as usize;
+                let old_plain = l.block_plain_len(grown, b) as usize;
                 match &cached {
                     Some(c) if c.index == b && c.plain.len() == old_plain && b == have - 1 => {
                         body[..old_plain].copy_from_slice(&c.plain)
@@ -234,7 +242,7 @@ impl ContentFile {
         }
         // Keep the new final block's plaintext for the next append (before sealing it).
         let keep = (last == new_final).then(|| {
-            let rec_start = ((last - first) * RECORD_LEN) as usize;
+            let rec_start = ((last - first) * l.record_len()) as usize;
             FinalBlock {
                 index: last,
                 plain: buf[rec_start + NONCE_LEN..buf.len() - crate::crypto::TAG_LEN].to_vec(),
@@ -244,7 +252,7 @@ impl ContentFile {
             self.cipher.seal(b, b == new_final, rec);
             Ok(())
         })?;
-        self.put(record_offset(first), &buf)?;
+        self.put(l.record_offset(first), &buf)?;
         *size = new;
         if keep.is_some() {
             self.set_final_block(keep);
@@ -259,7 +267,7 @@ impl ContentFile {
             && b < first
         {
             self.cipher.seal(b, false, &mut rec);
-            self.put(record_offset(b), &rec)?;
+            self.put(l.record_offset(b), &rec)?;
         }
         Ok(())
     }
@@ -282,27 +290,28 @@ impl ContentFile {
     }
 
     fn truncate_locked(&self, size: &mut u64, new: u64) -> FsResult<()> {
+        let l = self.layout;
         self.set_final_block(None);
         let old = *size;
-        let Some(nf) = block_count(new).checked_sub(1) else {
+        let Some(nf) = l.block_count(new).checked_sub(1) else {
             self.file.set_len(HEADER_LEN)?;
             *size = 0;
             return Ok(());
         };
-        let new_len = block_plain_len(new, nf) as usize;
-        let old_final = block_count(old).checked_sub(1);
-        self.reserve(record_offset(nf), new_len as u64 + RECORD_OVERHEAD)?;
+        let new_len = l.block_plain_len(new, nf) as usize;
+        let old_final = l.block_count(old).checked_sub(1);
+        self.reserve(l.record_offset(nf), new_len as u64 + RECORD_OVERHEAD)?;
         if new < old {
             let old_final = old_final.expect("old > new > 0");
-            let old_len = block_plain_len(old, nf) as usize;
+            let old_len = l.block_plain_len(old, nf) as usize;
             if old_len != new_len || nf != old_final {
                 let mut rec = self.load_block(nf, old_len, nf == old_final)?;
                 rec.truncate(NONCE_LEN + new_len);
                 rec.resize(new_len + RECORD_OVERHEAD as usize, 0);
                 self.cipher.seal(nf, true, &mut rec);
-                self.put(record_offset(nf), &rec)?;
+                self.put(l.record_offset(nf), &rec)?;
             }
-            self.file.set_len(backing_len(new))?;
+            self.file.set_len(l.backing_len(new))?;
             *size = new;
             return Ok(());
         }
@@ -310,29 +319,29 @@ impl ContentFile {
             None => None,
             Some(of) if of == nf => {
                 // Growing inside the final block: one rewrite, still final.
-                let old_len = block_plain_len(old, nf) as usize;
+                let old_len = l.block_plain_len(old, nf) as usize;
                 let mut rec = self.load_block(nf, old_len, true)?;
                 rec.truncate(NONCE_LEN + old_len);
                 rec.resize(new_len + RECORD_OVERHEAD as usize, 0);
                 self.cipher.seal(nf, true, &mut rec);
-                self.put(record_offset(nf), &rec)?;
+                self.put(l.record_offset(nf), &rec)?;
                 *size = new;
                 return Ok(());
             }
             Some(of) => {
-                self.reserve(record_offset(of), BLOCK_SIZE + RECORD_OVERHEAD)?;
+                self.reserve(l.record_offset(of), l.record_len())?;
                 let rec = self.grow_final_to_full(old)?;
-                *size = (of + 1) * BLOCK_SIZE;
+                *size = l.block_start(of + 1);
                 Some((of, rec))
             }
         };
         let mut rec = vec![0u8; new_len + RECORD_OVERHEAD as usize];
         self.cipher.seal(nf, true, &mut rec);
-        self.put(record_offset(nf), &rec)?;
+        self.put(l.record_offset(nf), &rec)?;
         *size = new;
         if let Some((b, mut rec)) = detached {
             self.cipher.seal(b, false, &mut rec);
-            self.put(record_offset(b), &rec)?;
+            self.put(l.record_offset(b), &rec)?;
         }
         Ok(())
     }
@@ -340,6 +349,7 @@ impl ContentFile {
     /// fallocate(2) mode 0: grows the file to `off + len` if it is shorter, and allocates
     /// backing space for the whole range so later writes there cannot fail with ENOSPC.
     pub fn allocate(&self, off: u64, len: u64) -> FsResult<()> {
+        let l = self.layout;
         let end = off
             .checked_add(len)
             .filter(|&e| e <= MAX_FILE_SIZE)
@@ -357,9 +367,9 @@ impl ContentFile {
             result?;
         }
         // Allocated zeros in a hole still read as a hole.
-        let (first, last) = (block_of(off), block_of(end - 1));
-        let stop = record_offset(last) + block_plain_len(*size, last) + RECORD_OVERHEAD;
-        self.reserve(record_offset(first), stop - record_offset(first))
+        let (first, last) = (l.block_of(off), l.block_of(end - 1));
+        let stop = l.record_offset(last) + l.block_plain_len(*size, last) + RECORD_OVERHEAD;
+        self.reserve(l.record_offset(first), stop - l.record_offset(first))
     }
 
     pub fn sync(&self, datasync: bool) -> FsResult<()> {
@@ -376,8 +386,9 @@ impl ContentFile {
     /// stop here. Returns the full record with its plaintext, which the caller reseals as
     /// non-final once the new final block is on disk.
     fn grow_final_to_full(&self, old: u64) -> FsResult<Vec<u8>> {
-        let b = block_count(old) - 1;
-        let old_len = block_plain_len(old, b) as usize;
+        let l = self.layout;
+        let b = l.block_count(old) - 1;
+        let old_len = l.block_plain_len(old, b) as usize;
         let mut rec = match self.take_final_block() {
             Some(c) if c.index == b && c.plain.len() == old_len => {
                 let mut rec = vec![0u8; old_len + RECORD_OVERHEAD as usize];
@@ -386,12 +397,12 @@ impl ContentFile {
             }
             _ => self.load_block(b, old_len, true)?,
         };
-        if old_len < BLOCK_SIZE as usize {
+        if old_len < l.block_size() as usize {
             rec.truncate(NONCE_LEN + old_len);
-            rec.resize((BLOCK_SIZE + RECORD_OVERHEAD) as usize, 0);
+            rec.resize(l.record_len() as usize, 0);
             let mut sealed = rec.clone();
             self.cipher.seal(b, true, &mut sealed);
-            self.put(record_offset(b), &sealed)?;
+            self.put(l.record_offset(b), &sealed)?;
         }
         Ok(rec)
     }
@@ -408,7 +419,7 @@ impl ContentFile {
     /// the body (zeros for a hole).
     fn load_block(&self, b: u64, plain: usize, is_final: bool) -> FsResult<Vec<u8>> {
         let mut rec = vec![0u8; plain + RECORD_OVERHEAD as usize];
-        self.read_exact_at(&mut rec, record_offset(b))?;
+        self.read_exact_at(&mut rec, self.layout.record_offset(b))?;
         self.open_record(b, is_final, &mut rec)?;
         Ok(rec)
     }

@@ -83,7 +83,7 @@ impl Fs {
 
     /// Attributes as the mount shows them.
     pub(super) fn attr_from(&self, inode: &Inode, st: &libc::stat) -> Attr {
-        let mut attr = Attr::from_stat(inode.ino, st, inode.content().map(|c| c.size()));
+        let mut attr = Attr::from_stat(inode.ino, st, self.layout, inode.content().map(|c| c.size()));
         if inode.kind == Kind::Symlink && self.names_encrypted {
             attr.size = symlink_plain_len(attr.size);
         }

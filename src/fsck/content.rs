@@ -12,10 +12,7 @@ use super::report::{Kind, Problem, Progress, Summary};
 use super::tree::FileRef;
 use crate::exit::Fatal;
 use crate::format::FileId;
-use crate::format::block::{
-    Block, BlockError, ContentCipher, Extent, RECORD_OVERHEAD, block_count, block_plain_len, extent,
-    record_offset,
-};
+use crate::format::block::{Block, BlockError, BlockLayout, ContentCipher, Extent, RECORD_OVERHEAD};
 use crate::format::header::{self, HEADER_LEN, Header, SlotState};
 use crate::kms::{Binding, KmsError, WrappedDek};
 use crate::sys;
@@ -28,8 +25,8 @@ use std::path::{Path, PathBuf};
 
 /// Files whose keys are unwrapped per KMS batch.
 const BATCH: usize = 200;
-/// Records read per `pread` (1 MiB of plaintext, as the mount reads).
-const RECORDS_PER_READ: u64 = 16;
+/// Plaintext read per `pread` (as the mount reads): this many bytes' worth of whole records.
+const BYTES_PER_READ: u64 = 1 << 20;
 
 /// The outcome of checking one file's records.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -43,26 +40,33 @@ pub struct BlockCheck {
     pub torn: Option<u64>,
 }
 
-/// Opens every record of a backing file of `len` bytes, by the rules the mount reads them by.
-pub fn check_blocks(file: &File, len: u64, cipher: &ContentCipher) -> std::io::Result<BlockCheck> {
+/// Opens every record of a backing file of `len` bytes in a volume of `layout`, by the rules
+/// the mount reads them by.
+pub fn check_blocks(
+    file: &File,
+    len: u64,
+    layout: BlockLayout,
+    cipher: &ContentCipher,
+) -> std::io::Result<BlockCheck> {
     let mut out = BlockCheck::default();
-    let Ok(Extent { size, torn }) = extent(len) else {
+    let Ok(Extent { size, torn }) = layout.extent(len) else {
         return Ok(out);
     };
     out.size = size;
     out.torn = (torn > 0).then_some(torn);
-    out.blocks = block_count(out.size);
+    out.blocks = layout.block_count(out.size);
+    let per_read = layout.blocks_in(BYTES_PER_READ);
     let mut buf = Vec::new();
     let mut first = 0;
     while first < out.blocks {
-        let last = (first + RECORDS_PER_READ).min(out.blocks) - 1;
-        let start = record_offset(first);
-        let stop = record_offset(last) + block_plain_len(out.size, last) + RECORD_OVERHEAD;
+        let last = (first + per_read).min(out.blocks) - 1;
+        let start = layout.record_offset(first);
+        let stop = layout.record_offset(last) + layout.block_plain_len(out.size, last) + RECORD_OVERHEAD;
         buf.resize((stop - start) as usize, 0);
         file.read_exact_at(&mut buf, start)?;
         for b in first..=last {
-            let at = (record_offset(b) - start) as usize;
-            let rec = &mut buf[at..at + (block_plain_len(out.size, b) + RECORD_OVERHEAD) as usize];
+            let at = (layout.record_offset(b) - start) as usize;
+            let rec = &mut buf[at..at + (layout.block_plain_len(out.size, b) + RECORD_OVERHEAD) as usize];
             match cipher.open_block(b, b + 1 == out.blocks, rec) {
                 Ok(Block::Hole) => out.holes += 1,
                 Ok(Block::Data) => {}
@@ -251,7 +255,7 @@ impl ContentCheck<'_> {
             let Ok(before) = o.file.metadata().map(|m| stamp(&m)) else {
                 break;
             };
-            let check = check_blocks(&o.file, before.0, cipher);
+            let check = check_blocks(&o.file, before.0, self.volume.config.layout(), cipher);
             let after = o.file.metadata().map(|m| stamp(&m)).ok();
             let eof = matches!(&check, Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof);
             if after == Some(before) && !eof {
@@ -324,16 +328,21 @@ mod tests {
     use crate::crypto::SecretKey;
     use crate::format::block::record_body;
 
+    /// The smallest, the default and the largest block size: each test runs on each.
+    fn layouts() -> [BlockLayout; 3] {
+        [4096, 65536, 1 << 20].map(|bs| BlockLayout::new(bs).unwrap())
+    }
+
     /// A backing file of `size` bytes sealed as the mount seals it; `holes` are left zero.
-    fn sealed(cipher: &ContentCipher, size: u64, holes: &[u64]) -> Vec<u8> {
+    fn sealed(l: BlockLayout, cipher: &ContentCipher, size: u64, holes: &[u64]) -> Vec<u8> {
         let mut out = vec![0u8; HEADER_LEN as usize];
-        let n = block_count(size);
+        let n = l.block_count(size);
         for b in 0..n {
-            let plain = block_plain_len(size, b) as usize;
+            let plain = l.block_plain_len(size, b) as usize;
             let mut rec = vec![0u8; plain + RECORD_OVERHEAD as usize];
             if !holes.contains(&b) {
                 let len = rec.len();
-                rec[record_body(len)].fill(b as u8 + 1);
+                rec[record_body(len)].fill((b as u8).wrapping_add(1));
                 cipher.seal(b, b + 1 == n, &mut rec);
             }
             out.extend_from_slice(&rec);
@@ -341,10 +350,10 @@ mod tests {
         out
     }
 
-    fn check(bytes: &[u8], cipher: &ContentCipher) -> BlockCheck {
+    fn check(l: BlockLayout, bytes: &[u8], cipher: &ContentCipher) -> BlockCheck {
         let mut tmp = tempfile::tempfile().unwrap();
         std::io::Write::write_all(&mut tmp, bytes).unwrap();
-        check_blocks(&tmp, bytes.len() as u64, cipher).unwrap()
+        check_blocks(&tmp, bytes.len() as u64, l, cipher).unwrap()
     }
 
     fn cipher() -> ContentCipher {
@@ -354,50 +363,72 @@ mod tests {
     #[test]
     fn sound_files_of_every_edge_size_pass() {
         let c = cipher();
-        for size in [0, 1, 65535, 65536, 65537, 3 * 65536 + 3, 40 * 65536 + 1] {
-            let r = check(&sealed(&c, size, &[]), &c);
-            assert_eq!(r.failed, vec![], "size {size}");
-            assert_eq!((r.size, r.blocks, r.torn), (size, block_count(size), None));
+        for l in layouts() {
+            let bs = l.block_size();
+            // 300 blocks: more than one read at every block size.
+            for size in [0, 1, bs - 1, bs, bs + 1, 3 * bs + 3, 40 * bs + 1, 300 * bs - 1] {
+                if size > 64 << 20 {
+                    continue;
+                }
+                let r = check(l, &sealed(l, &c, size, &[]), &c);
+                assert_eq!(r.failed, vec![], "{bs}: size {size}");
+                assert_eq!((r.size, r.blocks, r.torn), (size, l.block_count(size), None));
+            }
+            let r = check(l, &sealed(l, &c, 3 * bs + 3, &[1, 2]), &c);
+            assert_eq!((r.holes, r.failed.len()), (2, 0));
         }
-        let r = check(&sealed(&c, 3 * 65536 + 3, &[1, 2]), &c);
-        assert_eq!((r.holes, r.failed.len()), (2, 0));
     }
 
     #[test]
     fn every_kind_of_damage_is_found_with_its_block() {
         let c = cipher();
-        let size = 5 * 65536 + 100;
-        let good = sealed(&c, size, &[]);
+        for l in layouts() {
+            let size = 5 * l.block_size() + 100;
+            let good = sealed(l, &c, size, &[]);
+            let at = |b: u64| l.record_offset(b) as usize;
 
-        let mut flipped = good.clone();
-        flipped[record_offset(2) as usize + 500] ^= 1;
-        assert_eq!(check(&flipped, &c).failed, vec![(2, BlockError::Auth)]);
+            let mut flipped = good.clone();
+            flipped[at(2) + 500] ^= 1;
+            assert_eq!(check(l, &flipped, &c).failed, vec![(2, BlockError::Auth)]);
 
-        // Cut at a block boundary: the new last block was sealed as a middle one.
-        let cut = &good[..record_offset(3) as usize];
-        assert_eq!(check(cut, &c).failed, vec![(2, BlockError::Cut)]);
+            // Cut at a block boundary: the new last block was sealed as a middle one.
+            let cut = &good[..at(3)];
+            assert_eq!(check(l, cut, &c).failed, vec![(2, BlockError::Cut)]);
 
-        // Cut inside the last record's overhead: torn, and block 4 is then last but not final.
-        let torn = &good[..record_offset(5) as usize + 10];
-        let r = check(torn, &c);
-        assert_eq!((r.torn, r.failed.clone()), (Some(10), vec![(4, BlockError::Cut)]));
+            // Cut inside the last record's overhead: torn, and block 4 is then last but not final.
+            let torn = &good[..at(5) + 10];
+            let r = check(l, torn, &c);
+            assert_eq!((r.torn, r.failed.clone()), (Some(10), vec![(4, BlockError::Cut)]));
 
-        let mut zero_last = good.clone();
-        zero_last[record_offset(5) as usize..].fill(0);
-        assert_eq!(check(&zero_last, &c).failed, vec![(5, BlockError::FinalZero)]);
+            let mut zero_last = good.clone();
+            zero_last[at(5)..].fill(0);
+            assert_eq!(check(l, &zero_last, &c).failed, vec![(5, BlockError::FinalZero)]);
 
-        let mut bad_last = good.clone();
-        let end = bad_last.len() - 1;
-        bad_last[end] ^= 1;
-        assert_eq!(check(&bad_last, &c).failed, vec![(5, BlockError::FinalAuth)]);
+            let mut bad_last = good.clone();
+            let end = bad_last.len() - 1;
+            bad_last[end] ^= 1;
+            assert_eq!(check(l, &bad_last, &c).failed, vec![(5, BlockError::FinalAuth)]);
 
-        // Another file's key opens nothing.
-        let r = check(&good, &cipher());
-        assert_eq!(r.failed.len(), 6);
-        assert_eq!(
-            runs(&r.failed),
-            vec![(0, 4, BlockError::Auth), (5, 5, BlockError::FinalAuth)]
-        );
+            // Another file's key opens nothing.
+            let r = check(l, &good, &cipher());
+            assert_eq!(r.failed.len(), 6);
+            assert_eq!(
+                runs(&r.failed),
+                vec![(0, 4, BlockError::Auth), (5, 5, BlockError::FinalAuth)]
+            );
+        }
+    }
+
+    /// Read with another block size, a file fails: its records are where that size does not
+    /// put them (why the block size is in the authenticated config).
+    #[test]
+    fn a_file_read_with_the_wrong_block_size_fails() {
+        let c = cipher();
+        let [k4, k64, m1] = layouts();
+        let bytes = sealed(k64, &c, 3 * 65536 + 5, &[]);
+        for wrong in [k4, m1] {
+            assert!(!check(wrong, &bytes, &c).failed.is_empty());
+        }
     }
 
     #[test]
@@ -405,8 +436,11 @@ mod tests {
         // Block 1 still sealed as final, block 2 the new last block: what a crash between
         // the last two steps of an extension leaves.
         let c = cipher();
-        let mut bytes = sealed(&c, 2 * 65536, &[]);
-        bytes.extend_from_slice(&sealed(&c, 3 * 65536, &[])[record_offset(2) as usize..]);
-        assert_eq!(check(&bytes, &c).failed, vec![]);
+        for l in layouts() {
+            let bs = l.block_size();
+            let mut bytes = sealed(l, &c, 2 * bs, &[]);
+            bytes.extend_from_slice(&sealed(l, &c, 3 * bs, &[])[l.record_offset(2) as usize..]);
+            assert_eq!(check(l, &bytes, &c).failed, vec![]);
+        }
     }
 }

@@ -82,6 +82,7 @@ impl InProcess {
             root,
             volume.kms.clone(),
             volume.id,
+            volume.config.layout(),
             self.rt.handle().clone(),
             names,
             self.options,

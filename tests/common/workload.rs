@@ -12,6 +12,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
+/// The default block size: the one the volumes of these tests have unless they say otherwise.
 pub const BLOCK: u64 = 64 * 1024;
 pub const FILES: [&str; 5] = ["f0", "f1", "f2", "sub/f3", "LONG"];
 
@@ -85,24 +86,25 @@ impl Model {
     }
 }
 
-/// Offsets of the crash workload: block edges and anywhere in 8 blocks.
+/// Offsets of the crash workload: block edges and anywhere in 8 blocks of `block` bytes.
 pub trait Offsets {
-    fn offset(&mut self) -> u64;
+    fn offset(&mut self, block: u64) -> u64;
 }
 
 impl Offsets for Rng {
-    fn offset(&mut self) -> u64 {
-        let b = self.below(8) * BLOCK;
+    fn offset(&mut self, block: u64) -> u64 {
+        let b = self.below(8) * block;
         match self.below(3) {
             0 => b,
             1 => (b + self.below(9)).saturating_sub(4),
-            _ => self.below(8 * BLOCK),
+            _ => self.below(8 * block),
         }
     }
 }
 
-/// A sequence valid for the state it runs on (the writer must never fail but by the crash).
-pub fn generate(seed: u64, count: usize) -> Vec<Op> {
+/// A sequence valid for the state it runs on (the writer must never fail but by the crash),
+/// for a volume of `block`-byte blocks.
+pub fn generate(seed: u64, count: usize, block: u64) -> Vec<Op> {
     let mut r = Rng(seed);
     // Which files exist and how many directories were made: all the generator needs (the
     // contents are the checker's business, and computing them here would slow the writer).
@@ -114,15 +116,18 @@ pub fn generate(seed: u64, count: usize) -> Vec<Op> {
         let op = match r.below(10) {
             _ if !exists[f] => Op::Create { f },
             0..=4 => {
-                let max = if r.below(2) == 0 { 4096 } else { 3 * BLOCK };
+                let max = if r.below(2) == 0 { 4096 } else { 3 * block };
                 Op::Write {
                     f,
-                    off: r.offset(),
+                    off: r.offset(block),
                     len: 1 + r.below(max) as usize,
                     seed: r.next(),
                 }
             }
-            5 | 6 => Op::Truncate { f, len: r.offset() },
+            5 | 6 => Op::Truncate {
+                f,
+                len: r.offset(block),
+            },
             7 => {
                 let to = r.below(FILES.len() as u64) as usize;
                 if to == f {
@@ -147,9 +152,9 @@ pub fn generate(seed: u64, count: usize) -> Vec<Op> {
 
 /// Runs in the child: performs the operations, journaling "B i" before and "A i" after each
 /// durable operation; exits at the first error (the crash).
-pub fn writer(mnt: &Path, journal: &Path, seed: u64, count: usize) {
+pub fn writer(mnt: &Path, journal: &Path, seed: u64, count: usize, block: u64) {
     let mut j = File::create(journal).unwrap();
-    for (i, op) in generate(seed, count).iter().enumerate() {
+    for (i, op) in generate(seed, count, block).iter().enumerate() {
         // One write(2) per line, so a killed writer never leaves half a line.
         j.write_all(format!("B {i}\n").as_bytes()).unwrap();
         if perform(mnt, op).is_err() {
@@ -223,28 +228,36 @@ pub struct Findings {
     pub torn_blocks: usize,
 }
 
-/// Reads a file block by block; `None` for a block that reads EIO.
-pub fn read_blocks(path: &Path) -> std::io::Result<(u64, Vec<Option<Vec<u8>>>)> {
+/// Reads a file block by block (`block` bytes each); `None` for a block that reads EIO.
+pub fn read_blocks(path: &Path, block: u64) -> std::io::Result<(u64, Vec<Option<Vec<u8>>>)> {
     let f = File::open(path)?;
     let size = f.metadata()?.len();
     let mut blocks = Vec::new();
     let mut off = 0;
     while off < size {
-        let mut buf = vec![0u8; (size - off).min(BLOCK) as usize];
+        let mut buf = vec![0u8; (size - off).min(block) as usize];
         match f.read_exact_at(&mut buf, off) {
             Ok(()) => blocks.push(Some(buf)),
             Err(e) if e.raw_os_error() == Some(libc::EIO) => blocks.push(None),
             Err(e) => return Err(e),
         }
-        off += BLOCK;
+        off += block;
     }
     Ok((size, blocks))
 }
 
 /// `power_cut`: the crash was a power cut, after which an extension in flight may also leave
 /// the blocks it wrote unreadable (its `pwrite` reached the disk in pieces; docs/format.md,
-/// "Crash behaviour"). After a process kill only a block rewritten in place may.
-pub fn check(mnt: &Path, ops: &[Op], acked: usize, in_flight: Option<usize>, power_cut: bool) -> Findings {
+/// "Crash behaviour"). After a process kill only a block rewritten in place may. `block_size`:
+/// the volume's.
+pub fn check(
+    mnt: &Path,
+    ops: &[Op],
+    acked: usize,
+    in_flight: Option<usize>,
+    power_cut: bool,
+    block_size: u64,
+) -> Findings {
     let mut before = Model::default();
     ops[..acked].iter().for_each(|op| before.apply(op));
     let mut after = before.clone();
@@ -257,7 +270,7 @@ pub fn check(mnt: &Path, ops: &[Op], acked: usize, in_flight: Option<usize>, pow
     for (f, name) in FILES.iter().enumerate() {
         let path = mnt.join(file_name(f));
         let (old, new) = (before.files.get(&f), after.files.get(&f));
-        let actual = match read_blocks(&path) {
+        let actual = match read_blocks(&path, block_size) {
             Ok(a) => Some(a),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => {
@@ -290,14 +303,14 @@ pub fn check(mnt: &Path, ops: &[Op], acked: usize, in_flight: Option<usize>, pow
             continue;
         }
         for (b, block) in blocks.iter().enumerate() {
-            let start = b as u64 * BLOCK;
-            let end = (start + BLOCK).min(size);
+            let start = b as u64 * block_size;
+            let end = (start + block_size).min(size);
             // A block the operation in flight rewrites in place may be torn (documented); after
             // a power cut, so may the blocks an extension in flight writes, from the old final
             // block (resealed as a full one first) on.
             let rewritten = match (write, old) {
                 (Some((ws, we)), Some(o)) => {
-                    let old_final = (o.len() as u64).saturating_sub(1) / BLOCK * BLOCK;
+                    let old_final = (o.len() as u64).saturating_sub(1) / block_size * block_size;
                     let extends = power_cut && we > o.len() as u64 && start >= old_final;
                     extends || ws < end && we > start && (power_cut || start < o.len() as u64)
                 }
@@ -378,17 +391,26 @@ pub fn writer_child() {
         Path::new(v[1]),
         v[2].parse().unwrap(),
         v[3].parse().unwrap(),
+        v[4].parse().unwrap(),
     );
 }
 
 /// Starts `writer` in a child process: this test binary again, running its ignored test
-/// `child_test`, which reads its arguments from `KMSFS_CRASH_WRITER`.
-pub fn spawn_writer(child_test: &str, mnt: &Path, journal: &Path, seed: u64, count: usize) -> Child {
+/// `child_test`, which reads its arguments from `KMSFS_CRASH_WRITER`. `block`: the volume's
+/// block size, which the operations are generated for.
+pub fn spawn_writer(
+    child_test: &str,
+    mnt: &Path,
+    journal: &Path,
+    seed: u64,
+    count: usize,
+    block: u64,
+) -> Child {
     Command::new(std::env::current_exe().unwrap())
         .args([child_test, "--exact", "--ignored", "--quiet"])
         .env(
             "KMSFS_CRASH_WRITER",
-            format!("{}|{}|{seed}|{count}", mnt.display(), journal.display()),
+            format!("{}|{}|{seed}|{count}|{block}", mnt.display(), journal.display()),
         )
         .stdout(Stdio::null())
         .stderr(Stdio::null())
