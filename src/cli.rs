@@ -289,8 +289,8 @@ fn status(mountpoint: Option<PathBuf>, as_json: bool) -> Result<(), Fatal> {
     }
     let mut all = Vec::new();
     let mut silent = Vec::new();
-    for m in &mounts {
-        match ask_status(m, listing) {
+    for (m, asked) in mounts.iter().zip(ask_all(&mounts, listing)) {
+        match asked {
             Asked::Answer(v) => all.push(v),
             Asked::Gone => {}
             Asked::Silent(e) => {
@@ -390,10 +390,36 @@ fn silence(e: &std::io::Error) -> String {
             "the daemon is gone (nothing listens on its control socket): `umount` the dead mount".into()
         }
         std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
-            "the daemon did not answer in 5 s (stopped or wedged): see its log".into()
+            "the daemon did not answer within 5 s (stopped or wedged): see its log".into()
         }
         _ => format!("no answer from the daemon's control socket ({e})"),
     }
+}
+
+/// Asks every daemon at once, each on its own thread, and gives each at most 7 s: a frozen
+/// daemon whose listen queue is full blocks even the connect, and N of them must not cost N
+/// times the wait. A thread still blocked then is left behind (the command is about to exit).
+fn ask_all(mounts: &[PathBuf], listing: bool) -> Vec<Asked> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    for (i, m) in mounts.iter().enumerate() {
+        let (tx, m) = (tx.clone(), m.clone());
+        std::thread::spawn(move || {
+            let _ = tx.send((i, ask_status(&m, listing)));
+        });
+    }
+    drop(tx);
+    let mut answers: Vec<Option<Asked>> = mounts.iter().map(|_| None).collect();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(7);
+    while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok((i, a)) => answers[i] = Some(a),
+            Err(_) => break,
+        }
+    }
+    answers
+        .into_iter()
+        .map(|a| a.unwrap_or_else(|| Asked::Silent(std::io::ErrorKind::TimedOut.into())))
+        .collect()
 }
 
 enum Asked {

@@ -238,6 +238,20 @@ pub fn anchor(backing: &Path, replace: bool, yes: bool) -> Result<(), Fatal> {
             config.volume_id
         ),
     }
+    match &config.volume_key {
+        Some(_) => println!(
+            "format {}, {} blocks; the config is authenticated (checked before recording)",
+            config.format_version,
+            crate::format::block::human_block_size(config.block_size)
+        ),
+        // What stripping a newer volume's MAC would also look like: say so before the answer.
+        None => println!(
+            "format {}; the config is NOT authenticated: only volumes made before kmsfs \
+             authenticated configs lack it; if this volume was made since, its config was \
+             altered: do not confirm",
+            config.format_version
+        ),
+    }
     crate::volume::check_kms_location(&config.kms, &backing)?;
     // Trust on first use: what was shown comes from the backing directory, which may be
     // hostile. The admin says it is the volume's KMS and key before it becomes the anchor.

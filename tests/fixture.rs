@@ -93,7 +93,9 @@ fn the_frozen_v1_volume_reads_byte_for_byte() {
     let out = run_ok(&["anchor", backing.to_str().unwrap(), "--yes"]);
     let shown = String::from_utf8_lossy(&out.stdout);
     assert!(
-        shown.contains("local keystore") && shown.contains("names encrypted"),
+        shown.contains("local keystore")
+            && shown.contains("names encrypted")
+            && shown.contains("format 1; the config is NOT authenticated"),
         "{shown}"
     );
     // fsck says what format 1 does not bind. (It also finds the hard link, which the copy

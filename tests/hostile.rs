@@ -663,12 +663,22 @@ fn symlinks_move_between_directories_and_cross_directory_links_are_exdev() {
         std::fs::read_link(v.m("a/l")).unwrap(),
         Path::new("../target/of/l")
     );
+    // A move keeps the link's owner and times.
+    std::os::unix::fs::lchown(v.m("a/l"), Some(4321), Some(4322)).unwrap();
+    let st = |p: &str| {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::symlink_metadata(v.m(p)).unwrap();
+        (m.uid(), m.gid(), m.mtime(), m.mtime_nsec())
+    };
+    let before = st("a/l");
+    std::thread::sleep(std::time::Duration::from_millis(20));
     std::fs::rename(v.m("a/l"), v.m("b/l")).unwrap();
     assert_eq!(
         std::fs::read_link(v.m("b/l")).unwrap(),
         Path::new("../target/of/l")
     );
     assert!(std::fs::symlink_metadata(v.m("a/l")).is_err());
+    assert_eq!(st("b/l"), before, "owner or mtime changed by the move");
     // Over an existing link, and back.
     symlink("old", v.m("a/k")).unwrap();
     std::fs::rename(v.m("b/l"), v.m("a/k")).unwrap();
@@ -706,5 +716,45 @@ fn symlinks_move_between_directories_and_cross_directory_links_are_exdev() {
             assert!(!n.to_string_lossy().starts_with(".kmsfs.tmp."), "{n:?}");
         }
     }
+    v.unmount();
+}
+
+/// Attack 5c: the storage hard-links a symlink from one directory into another (kmsfs never
+/// does). Whichever directory was looked up last must not make the other's name read the
+/// target as valid: the link's lookup in a second directory is EIO.
+#[test]
+fn a_symlink_hard_linked_into_another_directory_by_the_storage_is_eio() {
+    let mut v = Volume::mounted();
+    std::fs::create_dir(v.m("a")).unwrap();
+    std::fs::create_dir(v.m("b")).unwrap();
+    symlink("../private/plates.csv", v.m("a/l")).unwrap();
+    symlink("public.txt", v.m("b/m")).unwrap();
+    v.unmount();
+    let dirs = backing_dirs(&v);
+    let (l0, l1) = (
+        backing_entries(&dirs[0])[0].clone(),
+        backing_entries(&dirs[1])[0].clone(),
+    );
+    // The link of dirs[0] hard-linked in place of the link of dirs[1].
+    std::fs::remove_file(&l1).unwrap();
+    std::fs::hard_link(&l0, &l1).unwrap();
+    v.mount(&[]);
+    // Which name is the planted one depends on the listing order of the backing directory:
+    // the planted name is looked up first, then the link's own directory.
+    let (own, planted) = match std::fs::read_link(v.m("a/l")) {
+        Ok(_) => ("a/l", "b/m"),
+        Err(_) => ("b/m", "a/l"),
+    };
+    v.remount();
+    // First met through the planted name; then through its own, which is the second
+    // directory it is found in.
+    assert!(std::fs::symlink_metadata(v.m(planted)).is_ok());
+    let after = std::fs::symlink_metadata(v.m(own)).map_err(|e| e.raw_os_error());
+    assert_eq!(after.as_ref().map(|_| ()), Err(&Some(libc::EIO)));
+    let read = std::fs::read_link(v.m(planted)).map_err(|e| e.raw_os_error());
+    assert!(
+        read.is_err(),
+        "the planted name read the other directory's target: {read:?} (own lookup: {after:?})"
+    );
     v.unmount();
 }

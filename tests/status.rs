@@ -70,7 +70,7 @@ fn a_frozen_daemon_is_named_and_a_vanishing_one_skipped_while_the_others_are_lis
     );
     let entry = stdout.split(&format!("{mb}\n")).nth(1).unwrap_or_default();
     assert!(
-        entry.starts_with("  state       the daemon did not answer in 5 s"),
+        entry.starts_with("  state       the daemon did not answer within 5 s"),
         "{stdout}"
     );
 

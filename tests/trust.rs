@@ -125,6 +125,10 @@ fn a_config_without_its_mac_cannot_pass_for_an_old_volume() {
     o.remove("volume_key");
     write_config(&v, &c);
     refused_everywhere(&v, "not trusted");
+    // Relabelled as format 1 too (which may lack a MAC): the anchor still expects one.
+    c["format_version"] = 1.into();
+    write_config(&v, &c);
+    refused_everywhere(&v, "not trusted");
 }
 
 #[test]

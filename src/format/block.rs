@@ -189,7 +189,7 @@ pub fn parse_block_size(s: &str) -> Result<BlockLayout, String> {
         .and_then(BlockLayout::new)
         .ok_or_else(|| {
             format!(
-                "block size {s:?} is not one kmsfs supports: give a power of two from {} to {}                  (4K, 8K, 16K, 32K, 64K, 128K, 256K, 512K or 1M)",
+                "block size {s:?} is not one kmsfs supports: give a power of two from {} to {} (4K, 8K, 16K, 32K, 64K, 128K, 256K, 512K or 1M)",
                 human_block_size(MIN_BLOCK_SIZE),
                 human_block_size(MAX_BLOCK_SIZE)
             )

@@ -235,7 +235,7 @@ impl VolumeConfig {
         // downgrade, not an old volume.
         if self.format_version >= VOLUME_FORMAT_V2 && self.mac.is_none() {
             return Err(ConfigError::Invalid(
-                "a format 2 config must carry volume_key and mac",
+                "a format 2 config without its volume_key and mac is not trusted (it was altered)",
             ));
         }
         match crate::hex::decode(&self.volume_id) {

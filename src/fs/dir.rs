@@ -16,9 +16,18 @@ use super::{Caller, DirEntry, Fs, Handle};
 use crate::format::name::{DIR_ID_FILE, DIR_ID_LEN, DirId, NameCipher, symlink_plain_len};
 use crate::sys;
 use std::ffi::{OsStr, OsString};
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
+
+/// A symlink made anew for the directory it moves to (see `Fs::rename`).
+struct Resealed {
+    /// Its temporary name in the new directory.
+    tmp: OsString,
+    /// The new link and the old one, by descriptor.
+    new: OwnedFd,
+    old: OwnedFd,
+}
 
 impl Fs {
     /// The id names in `dir` are bound to (`None` with plaintext names).
@@ -106,7 +115,24 @@ impl Fs {
         let fd = sys::openat(dir.fd(), backing, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
         let st = sys::fstatat(fd.as_fd(), OsStr::new(""))?;
         let inode = self.inodes.lookup(fd, &st);
-        inode.parent.store(dir.ino, std::sync::atomic::Ordering::Relaxed);
+        let was = inode.parent.swap(dir.ino, std::sync::atomic::Ordering::Relaxed);
+        // Format 2 seals a symlink's target for its one directory, and kmsfs never links one
+        // into a second: met in two, it is a hard link the storage made, and whichever
+        // directory was looked up last must not decide which target reads as valid.
+        if inode.kind == Kind::Symlink
+            && was != 0
+            && was != dir.ino
+            && self.names()?.cipher().is_some_and(NameCipher::binds_placement)
+        {
+            inode.parent.store(was, std::sync::atomic::Ordering::Relaxed);
+            self.inodes.forget(inode.ino, 1);
+            log::error!(
+                "symlink inode {}: found in directory inodes {was} and {} (a hard link kmsfs did not make)",
+                inode.ino,
+                dir.ino
+            );
+            return Err(FsError::Corrupt);
+        }
         Ok(self.attr_from(&inode, &st))
     }
 
@@ -268,8 +294,16 @@ impl Fs {
     pub fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
         let inode = self.inodes.get(ino)?;
         let stored = sys::readlink_fd(inode.fd())?;
-        if !self.names_encrypted {
+        let names = self.names()?;
+        let Some(cipher) = names.cipher() else {
             return Ok(stored);
+        };
+        if !cipher.binds_placement() {
+            // Format 1: the target is bound to the volume only; any directory's id will do.
+            return cipher.decrypt_symlink(&[0; DIR_ID_LEN], &stored).map_err(|_| {
+                log::error!("symlink inode {ino}: target does not decrypt");
+                FsError::Corrupt
+            });
         }
         // A link is only ever reached through a lookup in its directory, which records it.
         let dir = match inode.parent.load(std::sync::atomic::Ordering::Relaxed) {
@@ -313,7 +347,7 @@ impl Fs {
         to_dir: &Inode,
         to: &BackingName,
         flags: u32,
-    ) -> FsResult<Option<(OsString, (u64, u64))>> {
+    ) -> FsResult<Option<Resealed>> {
         if !self.rebinds(from_dir.ino, to_dir)? {
             return Ok(None);
         }
@@ -335,7 +369,30 @@ impl Fs {
         let stored = self.stored_target(to_dir, &target)?;
         let tmp = names::temp_name();
         sys::symlinkat(&stored, to_dir.fd(), &tmp)?;
-        Ok(Some((tmp, (st.st_dev, st.st_ino))))
+        // Held by descriptor from here on: the rename keeps the object, and nothing the
+        // storage swaps in under the name afterwards is taken for it.
+        let made = sys::openat(to_dir.fd(), &tmp, libc::O_PATH | libc::O_NOFOLLOW, 0).and_then(|new| {
+            let nst = sys::fstatat(new.as_fd(), OsStr::new(""))?;
+            if nst.st_mode & libc::S_IFMT != libc::S_IFLNK {
+                return Err(sys::wrong_type(nst.st_mode, "symlink"));
+            }
+            // Same owner and times as the link it replaces: a move changes neither.
+            sys::chown_fd(new.as_fd(), Some(st.st_uid), Some(st.st_gid))?;
+            let at = |s: i64, ns: i64| Some(Some((s, ns)));
+            sys::utimens_fd(
+                new.as_fd(),
+                at(st.st_atime, st.st_atime_nsec),
+                at(st.st_mtime, st.st_mtime_nsec),
+            )?;
+            Ok(new)
+        });
+        match made {
+            Ok(new) => Ok(Some(Resealed { tmp, new, old: fd })),
+            Err(e) => {
+                let _ = sys::unlinkat(to_dir.fd(), &tmp, false);
+                Err(e.into())
+            }
+        }
     }
 
     pub fn unlink(&self, parent: u64, name: &OsStr) -> FsResult<()> {
@@ -412,25 +469,32 @@ impl Fs {
         // The new name (re-encrypted under the new parent's id) gets its sidecar first; a
         // directory keeps its id, so everything below it stays readable.
         let result = self.create_entry(&to_dir, &to, |n| match &resealed {
-            Some((tmp, _)) => Ok(sys::renameat2(to_dir.fd(), tmp, to_dir.fd(), n, flags)?),
+            Some(r) => Ok(sys::renameat2(to_dir.fd(), &r.tmp, to_dir.fd(), n, flags)?),
             None => Ok(sys::renameat2(from_dir.fd(), &from.name, to_dir.fd(), n, flags)?),
         });
         if let Err(e) = result {
-            if let Some((tmp, _)) = &resealed {
-                let _ = sys::unlinkat(to_dir.fd(), tmp, false);
+            if let Some(r) = &resealed {
+                let _ = sys::unlinkat(to_dir.fd(), &r.tmp, false);
             }
             self.restore_dir_id(replaced);
             return Err(e);
         }
-        if let Some((_, old)) = resealed {
-            sys::unlinkat(from_dir.fd(), &from.name, false)?;
-            // The kernel moves its inode along: point it at the new link.
-            let fd = sys::openat(to_dir.fd(), &to.name, libc::O_PATH | libc::O_NOFOLLOW, 0)?;
-            let st = sys::fstatat(fd.as_fd(), OsStr::new(""))?;
-            if let Some(inode) = self.inodes.rebind(old, fd, &st) {
-                inode
-                    .parent
-                    .store(to_dir.ino, std::sync::atomic::Ordering::Relaxed);
+        if let Some(r) = resealed {
+            // The rename is done: what follows is cleanup, and the move has happened whatever
+            // it meets (an old link left behind is a duplicate, not a loss).
+            if let Err(e) = sys::unlinkat(from_dir.fd(), &from.name, false) {
+                log::warn!(
+                    "directory inode {}: a symlink moved out stays behind as well: {e}",
+                    from_dir.ino
+                );
+            }
+            // The kernel moves its inode along: point it at the new link, unless the old one
+            // lives on under another name (a hard link in its directory), which keeps it.
+            if let Ok(o) = sys::fstatat(r.old.as_fd(), OsStr::new(""))
+                && o.st_nlink == 0
+                && let Ok(st) = sys::fstatat(r.new.as_fd(), OsStr::new(""))
+            {
+                self.inodes.rebind((o.st_dev, o.st_ino), r.new, &st, to_dir.ino);
             }
         }
         if flags & libc::RENAME_EXCHANGE == 0 && !same_entry {

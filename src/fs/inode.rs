@@ -212,8 +212,8 @@ impl InodeTable {
     /// Points the inode of backing object `old` (if the kernel holds one) at `fd`, a new
     /// backing object that replaced it under the same name: a symlink sealed again for the
     /// directory it moved to. The kernel keeps its inode number; later calls reach the new
-    /// object. Returns the new inode.
-    pub fn rebind(&self, old: (u64, u64), fd: OwnedFd, st: &libc::stat) -> Option<Arc<Inode>> {
+    /// object, in directory `parent`. Returns the new inode.
+    pub fn rebind(&self, old: (u64, u64), fd: OwnedFd, st: &libc::stat, parent: u64) -> Option<Arc<Inode>> {
         let key = (st.st_dev, st.st_ino);
         let mut t = self.lock();
         // (The kernel holds both directories locked through a rename: nothing can have
@@ -224,6 +224,8 @@ impl InodeTable {
         let ino = t.by_key.remove(&old)?;
         let e = t.by_ino.get_mut(&ino)?;
         let inode = Arc::new(Inode::new(ino, Kind::from_mode(st.st_mode), fd, key));
+        // Published with its directory: a readlink on it must never find none.
+        inode.parent.store(parent, std::sync::atomic::Ordering::Relaxed);
         e.inode = inode.clone();
         t.by_key.insert(key, ino);
         Some(inode)

@@ -305,14 +305,19 @@ pub fn check(
         for (b, block) in blocks.iter().enumerate() {
             let start = b as u64 * block_size;
             let end = (start + block_size).min(size);
-            // A block the operation in flight rewrites in place may be torn (documented); after
-            // a power cut, so may the blocks an extension in flight writes, from the old final
-            // block (resealed as a full one first) on.
+            // A block the operation in flight rewrites in place may be torn (documented). An
+            // extension in flight first reseals the old final block as a full one, in place:
+            // a kill can tear that `pwrite` too (the kernel stops a write between pages when
+            // the writer gets SIGKILL). After a power cut, so may every block an extension
+            // writes, from the old final block on.
             let rewritten = match (write, old) {
                 (Some((ws, we)), Some(o)) => {
                     let old_final = (o.len() as u64).saturating_sub(1) / block_size * block_size;
-                    let extends = power_cut && we > o.len() as u64 && start >= old_final;
-                    extends || ws < end && we > start && (power_cut || start < o.len() as u64)
+                    let grows = we > o.len() as u64 && !(o.len() as u64).is_multiple_of(block_size);
+                    let extends = we > o.len() as u64 && start >= old_final && power_cut;
+                    extends
+                        || grows && start == old_final
+                        || ws < end && we > start && (power_cut || start < o.len() as u64)
                 }
                 _ => truncate && old.is_some_and(|o| start < o.len() as u64),
             };
