@@ -550,20 +550,27 @@ fn backing_entries(dir: &Path) -> Vec<PathBuf> {
     v
 }
 
-/// Attack 5a: a symlink's stored target copied over another link's in a different directory.
-/// Format 2 seals a target for its directory: the copy reads as EIO, not as the other target.
-#[test]
-fn a_symlink_target_copied_into_another_directory_reads_as_eio() {
-    let mut v = Volume::mounted();
+/// Makes `a/l` and `b/m` (two symlinks in two directories), unmounts, and returns the backing
+/// links of the two backing directories, in listing order (which is a's is not known).
+fn links_in_two_directories(v: &mut Volume) -> (PathBuf, PathBuf) {
     std::fs::create_dir(v.m("a")).unwrap();
     std::fs::create_dir(v.m("b")).unwrap();
     symlink("../private/plates.csv", v.m("a/l")).unwrap();
     symlink("public.txt", v.m("b/m")).unwrap();
     v.unmount();
-    let dirs = backing_dirs(&v);
+    let dirs = backing_dirs(v);
     assert_eq!(dirs.len(), 2);
-    let (l, m) = (backing_entries(&dirs[0]), backing_entries(&dirs[1]));
-    let (l, m) = (&l[0], &m[0]);
+    let first = |d: &Path| backing_entries(d).into_iter().next().unwrap();
+    (first(&dirs[0]), first(&dirs[1]))
+}
+
+/// Attack 5a: a symlink's stored target copied over another link's in a different directory.
+/// Format 2 seals a target for its directory: the copy reads as EIO, not as the other target.
+#[test]
+fn a_symlink_target_copied_into_another_directory_reads_as_eio() {
+    let mut v = Volume::mounted();
+    let (l, m) = links_in_two_directories(&mut v);
+    let (l, m) = (&l, &m);
     let stored = std::fs::read_link(l).unwrap();
     std::fs::remove_file(m).unwrap();
     symlink(&stored, m).unwrap();
@@ -725,16 +732,7 @@ fn symlinks_move_between_directories_and_cross_directory_links_are_exdev() {
 #[test]
 fn a_symlink_hard_linked_into_another_directory_by_the_storage_is_eio() {
     let mut v = Volume::mounted();
-    std::fs::create_dir(v.m("a")).unwrap();
-    std::fs::create_dir(v.m("b")).unwrap();
-    symlink("../private/plates.csv", v.m("a/l")).unwrap();
-    symlink("public.txt", v.m("b/m")).unwrap();
-    v.unmount();
-    let dirs = backing_dirs(&v);
-    let (l0, l1) = (
-        backing_entries(&dirs[0])[0].clone(),
-        backing_entries(&dirs[1])[0].clone(),
-    );
+    let (l0, l1) = links_in_two_directories(&mut v);
     // The link of dirs[0] hard-linked in place of the link of dirs[1].
     std::fs::remove_file(&l1).unwrap();
     std::fs::hard_link(&l0, &l1).unwrap();
