@@ -246,10 +246,8 @@ pub fn read_blocks(path: &Path, block: u64) -> std::io::Result<(u64, Vec<Option<
     Ok((size, blocks))
 }
 
-/// `power_cut`: the crash was a power cut, after which an extension in flight may also leave
-/// the blocks it wrote unreadable (its `pwrite` reached the disk in pieces; docs/format.md,
-/// "Crash behaviour"). After a process kill only a block rewritten in place may. `block_size`:
-/// the volume's.
+/// `power_cut`: the crash was a power cut, after which a write in flight may also leave blocks
+/// past the old end unreadable (docs/format.md, "Crash behaviour"). `block_size`: the volume's.
 pub fn check(
     mnt: &Path,
     ops: &[Op],
@@ -305,19 +303,16 @@ pub fn check(
         for (b, block) in blocks.iter().enumerate() {
             let start = b as u64 * block_size;
             let end = (start + block_size).min(size);
-            // A block the operation in flight rewrites in place may be torn (documented). An
-            // extension in flight first reseals the old final block as a full one, in place:
-            // a kill can tear that `pwrite` too (the kernel stops a write between pages when
-            // the writer gets SIGKILL). After a power cut, so may every block an extension
-            // writes, from the old final block on.
+            // A block the operation in flight rewrites in place may be torn, and so may every
+            // block an extension in flight writes, from the old final block (resealed as a
+            // full one first) on: after a power cut because its `pwrite`s reach the disk in
+            // pieces, after a kill because the kernel stops a `pwrite` between pages when the
+            // writer gets SIGKILL (documented in docs/format.md, "Crash behaviour").
             let rewritten = match (write, old) {
                 (Some((ws, we)), Some(o)) => {
                     let old_final = (o.len() as u64).saturating_sub(1) / block_size * block_size;
-                    let grows = we > o.len() as u64 && !(o.len() as u64).is_multiple_of(block_size);
-                    let extends = we > o.len() as u64 && start >= old_final && power_cut;
-                    extends
-                        || grows && start == old_final
-                        || ws < end && we > start && (power_cut || start < o.len() as u64)
+                    let extends = we > o.len() as u64 && start >= old_final;
+                    extends || ws < end && we > start && (power_cut || start < o.len() as u64)
                 }
                 _ => truncate && old.is_some_and(|o| start < o.len() as u64),
             };
@@ -325,7 +320,12 @@ pub fn check(
                 if rewritten {
                     out.torn_blocks += 1;
                 } else {
-                    fail(format!("{}: block {b} reads EIO", name));
+                    fail(format!(
+                        "{}: block {b} reads EIO (size {size}; acknowledged size {:?}, after the write in flight {:?})",
+                        name,
+                        old.map(Vec::len),
+                        new.map(Vec::len)
+                    ));
                 }
                 continue;
             };
