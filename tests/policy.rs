@@ -453,8 +453,14 @@ fn journald() -> Option<std::process::Child> {
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("systemd-journald (apt-get install systemd)");
+    // Until it answers, not until the socket exists: a journald killed by an earlier run
+    // leaves its socket behind, and events sent before the new one binds are lost.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !socket.exists() && Instant::now() < deadline {
+    let answers = || {
+        let d = std::os::unix::net::UnixDatagram::unbound().unwrap();
+        d.connect(socket).is_ok()
+    };
+    while !answers() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
     Some(child)
