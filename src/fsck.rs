@@ -75,6 +75,7 @@ pub fn run(backing: &Path, opts: Options) -> Result<bool, Fatal> {
         summary: &mut summary,
         problems: &mut problems,
         progress: &mut progress,
+        names: names.cipher(),
     }
     .run(&tree.files);
     progress.clear();

@@ -637,6 +637,19 @@ fn an_xattr_value_copied_onto_another_file_reads_as_eio() {
     // And the file's value onto the directory.
     let dir = backing_dirs(&v)[0].clone();
     set_xattr(&dir, &name, &value);
+    // fsck names the file the value was copied onto (it checks files' attributes).
+    let r = fsck(&v, &["--json"]);
+    let report: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let xattr: Vec<&serde_json::Value> = report["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["kind"] == "xattr")
+        .collect();
+    let copied_onto = files[1].strip_prefix(&v.backing).unwrap().to_str().unwrap();
+    assert_eq!(xattr.len(), 1, "{report}");
+    assert_eq!(xattr[0]["path"], copied_onto, "{report}");
+    assert_eq!(r.code, 1, "{}", r.stdout);
     v.mount(&[]);
     let (a, b) = (
         get_xattr(&v.m("face.jpg"), "user.note"),

@@ -14,12 +14,15 @@ use crate::exit::Fatal;
 use crate::format::FileId;
 use crate::format::block::{Block, BlockError, BlockLayout, ContentCipher, Extent, RECORD_OVERHEAD};
 use crate::format::header::{self, HEADER_LEN, Header, SlotState};
+use crate::format::name::{NameCipher, XATTR_USER_PREFIX, XattrOwner};
 use crate::kms::{Binding, KmsError, WrappedDek};
 use crate::sys;
 use crate::volume::{Volume, explain_kms};
 use std::collections::HashMap;
+use std::ffi::OsStr;
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -106,6 +109,8 @@ pub struct ContentCheck<'a> {
     pub summary: &'a mut Summary,
     pub problems: &'a mut Vec<Problem>,
     pub progress: &'a mut Progress,
+    /// The name ciphers, to check xattrs against their file (format 2, encrypted names).
+    pub names: Option<&'a NameCipher>,
 }
 
 impl ContentCheck<'_> {
@@ -159,6 +164,10 @@ impl ContentCheck<'_> {
                         let cipher = ContentCipher::new(&dek, o.header.file_id);
                         drop(dek);
                         self.blocks(o, &cipher);
+                        // The file id is authentic now that its key unwrapped under it.
+                        if let Some(names) = self.names.filter(|n| n.binds_placement()) {
+                            self.xattrs(o, names);
+                        }
                     }
                     Err(KmsError::Corrupt(m)) => {
                         refused += 1;
@@ -190,6 +199,36 @@ impl ContentCheck<'_> {
             )));
         }
         Ok(by_path)
+    }
+
+    /// Every `user.` attribute of the file must decrypt, its value bound to this file: one
+    /// problem for the first that does not (report only: the content is not at fault).
+    fn xattrs(&mut self, o: &Opened<'_>, names: &NameCipher) {
+        let owner = XattrOwner::File(o.header.file_id);
+        let mut list = vec![0u8; 65536];
+        let Ok(n) = sys::listxattr_fd(o.file.as_fd(), &mut list) else {
+            return;
+        };
+        let mut value = vec![0u8; 65536 + 256];
+        let bad = list[..n]
+            .split(|&b| b == 0)
+            .filter(|s| s.starts_with(XATTR_USER_PREFIX.as_bytes()))
+            .find(|stored| {
+                let Ok(len) = sys::getxattr_fd(o.file.as_fd(), OsStr::from_bytes(stored), &mut value) else {
+                    return false; // removed since it was listed
+                };
+                names.decrypt_xattr_name(stored).is_err()
+                    || names
+                        .decrypt_xattr_value(&owner, &String::from_utf8_lossy(stored), &value[..len])
+                        .is_err()
+            });
+        if bad.is_some() {
+            let f = o.file_ref;
+            let msg =
+                "an extended attribute does not decrypt for this file (altered, or copied from another file)";
+            self.problems
+                .push(with_id(Problem::new(&f.paths[0], f.inode, Kind::Xattr, msg), o));
+        }
     }
 
     /// Opens a file and parses its header; a problem (and `None`) if that fails. Only a regular

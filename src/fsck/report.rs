@@ -48,6 +48,9 @@ pub enum Kind {
     EmptyDirWithoutId,
     /// A symlink target does not decrypt.
     Symlink,
+    /// A `user.` extended attribute's name or value does not decrypt for its file (altered,
+    /// or copied from another file). Reported only: the file's content is not at fault.
+    Xattr,
     /// The backing entry could not be read at all.
     Unreadable,
 }
@@ -69,6 +72,7 @@ impl Kind {
             Kind::DirId => "dir-id",
             Kind::EmptyDirWithoutId => "empty-dir-without-id",
             Kind::Symlink => "symlink",
+            Kind::Xattr => "xattr",
             Kind::Unreadable => "unreadable",
         }
     }
