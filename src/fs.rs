@@ -248,11 +248,19 @@ impl Fs {
         if inode.kind != Kind::File {
             return None;
         }
+        self.header_of(&inode).ok().map(|h| h.file_id.to_string())
+    }
+
+    /// A regular file's header, read without opening its content (no key needed).
+    fn header_of(&self, inode: &Inode) -> FsResult<header::Header> {
         // Non-blocking: whatever the storage put there, a read of a header never waits.
-        let file = File::from(sys::reopen(inode.fd(), libc::O_RDONLY | libc::O_NONBLOCK).ok()?);
+        let file = File::from(sys::reopen(inode.fd(), libc::O_RDONLY | libc::O_NONBLOCK)?);
         let mut hdr = vec![0u8; HEADER_LEN as usize];
-        let n = crate::durable::read_up_to(&file, &mut hdr).ok()?;
-        header::decode(&hdr[..n]).ok().map(|h| h.file_id.to_string())
+        let n = crate::durable::read_up_to(&file, &mut hdr)?;
+        header::decode(&hdr[..n]).map_err(|e| {
+            log::error!("inode {}: unreadable header: {e}", inode.ino);
+            FsError::Corrupt
+        })
     }
 
     /// Audits an open or create that its rule says to audit.

@@ -496,10 +496,10 @@ pub fn raise_nofile_limit() {
     }
 }
 
+/// Tests of the helpers that open what the backing directory holds without trusting it.
 #[cfg(test)]
 mod tests;
 
-/// Tests of the helpers that open what the backing directory holds without trusting it.
 /// The uid of user `name` (through NSS: /etc/passwd, LDAP, …), `None` if there is none.
 pub fn user_id(name: &str) -> io::Result<Option<u32>> {
     let cname = CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;

@@ -74,7 +74,8 @@ fn a_frozen_daemon_is_named_and_a_vanishing_one_skipped_while_the_others_are_lis
         "{stdout}"
     );
 
-    // Unmounted while the listing waits on it: a mount that went away is no failure.
+    // Unmounted while the listing waits on it (it waits up to 5 s on the frozen daemon; the
+    // unmount comes after 0.5 s): a mount that went away is no failure.
     let out = status_within_30s(|| {
         std::thread::sleep(Duration::from_millis(500));
         let st = Command::new("umount").args(["-l", mb]).status().unwrap();

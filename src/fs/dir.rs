@@ -331,7 +331,7 @@ impl Fs {
         if inode.kind == Kind::Symlink {
             let home = inode.parent.load(std::sync::atomic::Ordering::Relaxed);
             if self.rebinds(home, &dir)? {
-                return Err(std::io::Error::from_raw_os_error(libc::EXDEV).into());
+                return Err(FsError::CrossDirectory);
             }
         }
         self.create_entry(&dir, &b, |n| Ok(sys::link_fd(inode.fd(), dir.fd(), n)?))?;
@@ -356,7 +356,7 @@ impl Fs {
         };
         if flags & libc::RENAME_EXCHANGE != 0 {
             return match is_link(from_dir, from) || is_link(to_dir, to) {
-                true => Err(std::io::Error::from_raw_os_error(libc::EXDEV).into()),
+                true => Err(FsError::CrossDirectory),
                 false => Ok(None),
             };
         }

@@ -43,6 +43,11 @@ pub enum FsError {
     /// create on a FUSE worker (which then parks it, so this never reaches the kernel), or
     /// one refused because every KMS waiter is busy and the queue is full (EAGAIN: try again).
     WouldWait,
+    /// A symlink would have to be valid in two directories (format 2 seals its target for
+    /// one): a hard link or an exchange across directories.
+    CrossDirectory,
+    /// A `user.` attribute on what Linux allows none on (a symlink, a device).
+    NotPermitted,
 }
 
 impl FsError {
@@ -74,6 +79,8 @@ impl FsError {
             FsError::PermissionDenied => libc::EACCES,
             FsError::Range => libc::ERANGE,
             FsError::WouldWait => libc::EAGAIN,
+            FsError::CrossDirectory => libc::EXDEV,
+            FsError::NotPermitted => libc::EPERM,
         }
     }
 }
@@ -102,6 +109,8 @@ impl std::fmt::Display for FsError {
             FsError::PermissionDenied => f.write_str("permission denied"),
             FsError::Range => f.write_str("too long for the attribute or the buffer"),
             FsError::WouldWait => f.write_str("too many operations waiting on the KMS"),
+            FsError::CrossDirectory => f.write_str("a symlink cannot be linked across directories"),
+            FsError::NotPermitted => f.write_str("operation not permitted"),
         }
     }
 }

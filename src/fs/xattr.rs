@@ -8,7 +8,6 @@ use super::Fs;
 use super::error::{FsError, FsResult};
 use super::inode::{Inode, Kind};
 use super::names::Names;
-use crate::format::header::{self, HEADER_LEN};
 use crate::format::name::{NameCipher, XATTR_USER_PREFIX, XattrOwner};
 use crate::sys;
 use std::ffi::{OsStr, OsString};
@@ -36,21 +35,11 @@ impl Fs {
                 Some(id) => Ok(XattrOwner::Dir(id)),
                 None => Err(FsError::Corrupt),
             },
-            Kind::File => {
-                if let Some(c) = inode.content() {
-                    return Ok(XattrOwner::File(c.file_id()));
-                }
-                // Non-blocking: whatever the storage put there, a read of a header never waits.
-                let fd = sys::reopen(inode.fd(), libc::O_RDONLY | libc::O_NONBLOCK)?;
-                let mut hdr = vec![0u8; HEADER_LEN as usize];
-                let n = crate::durable::read_up_to(&std::fs::File::from(fd), &mut hdr)?;
-                let h = header::decode(&hdr[..n]).map_err(|e| {
-                    log::error!("inode {}: unreadable header: {e}", inode.ino);
-                    FsError::Corrupt
-                })?;
-                Ok(XattrOwner::File(h.file_id))
-            }
-            _ => Err(std::io::Error::from_raw_os_error(libc::EPERM).into()),
+            Kind::File => match inode.content() {
+                Some(c) => Ok(XattrOwner::File(c.file_id())),
+                None => Ok(XattrOwner::File(self.header_of(inode)?.file_id)),
+            },
+            _ => Err(FsError::NotPermitted),
         }
     }
 
