@@ -357,11 +357,12 @@ fn status(mountpoint: Option<PathBuf>, as_json: bool) -> Result<(), Fatal> {
         println!("  uptime      {} s", v["uptime_secs"]);
         println!("  keys cached {}", v["cached_keys"]);
         println!(
-            "  KMS calls {} (requests {}), cache hits {} / misses {}, read {} B, written {} B, auth failures {}",
+            "  KMS calls {} (requests {}), cache hits {} / misses {} ({} joined a call in flight), read {} B, written {} B, auth failures {}",
             c["kms_calls"],
             c["kms_requests"],
             c["cache_hits"],
             c["cache_misses"],
+            c["kms_joined"],
             c["bytes_read"],
             c["bytes_written"],
             c["auth_failures"]

@@ -22,7 +22,7 @@ pub use waiters::Wait;
 use crate::format::VolumeId;
 use crate::format::block::{BlockLayout, ContentCipher};
 use crate::format::header::{self, HEADER_LEN};
-use crate::keycache::KeyCache;
+use crate::keycache::{Fetch, KeyCache};
 use crate::kms::{Binding, KeyProvider, KmsError, WrappedDek};
 use crate::policy::{Access, Asker, Verdict};
 use crate::sys;
@@ -373,6 +373,38 @@ impl Fs {
             return Err(FsError::WouldWait);
         }
         self.stats.cache_misses.fetch_add(1, Ordering::Relaxed);
+        let _claim = loop {
+            match self.keys.claim(h.file_id) {
+                Fetch::Mine(claim) => {
+                    // The fetch that held it may have just cached the key.
+                    if let Some(c) = self.keys.get(&h.file_id) {
+                        return Ok(c);
+                    }
+                    break claim;
+                }
+                Fetch::Theirs(mut other) => {
+                    // A prefetch pass or another open is asking for this key now: its answer
+                    // serves this open too. If it brings no key, this open asks itself.
+                    self.stats.kms_joined.fetch_add(1, Ordering::Relaxed);
+                    let waited =
+                        waiters::wait_kms(&self.runtime, &self.lock_signal.subscribe(), wait, async {
+                            let _ = other.changed().await;
+                            Ok(())
+                        })?;
+                    if let Err(e) = waited {
+                        log::error!("file {}: cannot unwrap its key: {e}", h.file_id);
+                        if let KmsError::Unreachable(m) = &e {
+                            self.events.unreachable(m);
+                        }
+                        return Err(e.into());
+                    }
+                    self.guard()?;
+                    if let Some(c) = self.keys.get(&h.file_id) {
+                        return Ok(c);
+                    }
+                }
+            }
+        };
         self.stats.kms_calls.fetch_add(1, Ordering::Relaxed);
         let wrapped = WrappedDek {
             key_ref: h.slot.key_ref.clone(),
@@ -380,6 +412,7 @@ impl Fs {
         };
         let version = self.kms.version_of(&wrapped);
         let started = std::time::Instant::now();
+        let unanswered = self.stats.kms_unanswered.start();
         let binding = Binding::file(self.volume_id, h.file_id);
         let result = waiters::wait_kms(
             &self.runtime,
@@ -387,6 +420,7 @@ impl Fs {
             wait,
             self.kms.unwrap(&wrapped, &binding),
         )?;
+        drop(unanswered);
         self.stats.kms_call_ended(started.elapsed(), &result);
         prefetch::audit_unwrap(asker, h, &wrapped, version, &result, started, false);
         let dek = result.inspect_err(|e| {

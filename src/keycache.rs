@@ -9,6 +9,7 @@
 use crate::format::FileId;
 use crate::format::block::ContentCipher;
 use lru::LruCache;
+use std::collections::HashMap;
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -40,6 +41,41 @@ pub struct KeyCache {
     entries: Mutex<(LruCache<FileId, Entry>, bool)>,
     ttl: Duration,
     pub prefetch: PrefetchOutcomes,
+    /// Keys being asked of the KMS right now, by whom ([`Fetch`]). Taken briefly as a fetch
+    /// starts and ends; never held across the KMS call.
+    fetching: Mutex<HashMap<FileId, tokio::sync::watch::Receiver<()>>>,
+}
+
+/// Whether the caller asks the KMS for a key or waits for another asker's answer. Without
+/// this, an open that a prefetch pass is just fetching for (or two opens of one file at once)
+/// sends its own unwrap: with 16 readers ahead of the pass, a third of a directory's keys were
+/// asked for twice.
+pub enum Fetch<'a> {
+    /// Nobody is asking: this caller does; waiters are released when the claim drops
+    /// (after the key is cached, or the call failed).
+    Mine(Claim<'a>),
+    /// Somebody is: wait for `changed()` to end (it returns an error when the other asker
+    /// is done, however it ended), then look in the cache again.
+    Theirs(tokio::sync::watch::Receiver<()>),
+}
+
+/// The right to ask the KMS for one key; dropping it releases those waiting for it.
+pub struct Claim<'a> {
+    cache: &'a KeyCache,
+    id: FileId,
+    _done: tokio::sync::watch::Sender<()>,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        // Out of the map before the sender goes: a released waiter that finds no key claims
+        // anew instead of waiting on this finished fetch again.
+        self.cache
+            .fetching
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.id);
+    }
 }
 
 impl KeyCache {
@@ -49,7 +85,24 @@ impl KeyCache {
             entries: Mutex::new((LruCache::new(cap), false)),
             ttl,
             prefetch: PrefetchOutcomes::default(),
+            fetching: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Claims the fetch of `id`'s key from the KMS, or gives what to wait on if another
+    /// caller has it.
+    pub fn claim(&self, id: FileId) -> Fetch<'_> {
+        let mut f = self.fetching.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(rx) = f.get(&id) {
+            return Fetch::Theirs(rx.clone());
+        }
+        let (tx, rx) = tokio::sync::watch::channel(());
+        f.insert(id, rx);
+        Fetch::Mine(Claim {
+            cache: self,
+            id,
+            _done: tx,
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, (LruCache<FileId, Entry>, bool)> {
@@ -228,6 +281,32 @@ mod tests {
         assert_eq!(c.insert(d, kd), Some(b));
         assert_eq!(c.prefetch.evicted_unused.load(Ordering::Relaxed), 1);
         assert_eq!(c.capacity(), 2);
+    }
+
+    #[test]
+    fn one_fetch_per_key_and_its_end_releases_the_waiters() {
+        let c = KeyCache::new(4, Duration::from_secs(60));
+        let (a, ka) = cipher();
+        let (b, _) = cipher();
+        let Fetch::Mine(claim) = c.claim(a) else {
+            panic!("nobody fetches a yet")
+        };
+        let Fetch::Theirs(mut rx) = c.claim(a) else {
+            panic!("a second asker must wait for the first")
+        };
+        assert!(matches!(c.claim(b), Fetch::Mine(_)), "other keys are not held up");
+        c.insert(a, ka);
+        drop(claim);
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        assert!(
+            rt.block_on(rx.changed()).is_err(),
+            "the waiter is released when the fetch ends"
+        );
+        assert!(c.get(&a).is_some());
+        assert!(
+            matches!(c.claim(a), Fetch::Mine(_)),
+            "a finished fetch leaves nothing to wait on"
+        );
     }
 
     #[test]

@@ -140,6 +140,12 @@ pub fn render(state: &MountState) -> String {
         &one(get(&st.cache_misses)),
     );
     family(
+        "kmsfs_kms_joined_total",
+        "counter",
+        "Opens that missed the cache while another caller (prefetch, another open) was asking for the same key, and waited for that answer.",
+        &one(get(&st.kms_joined)),
+    );
+    family(
         "kmsfs_key_cache_size",
         "gauge",
         "Unwrapped keys held now.",
@@ -187,17 +193,30 @@ pub fn render(state: &MountState) -> String {
         "1 once the mount is locked (revoked, kmsfs lock, or stopping with files open).",
         &one(u64::from(state.locked_reason().is_some())),
     );
-    let health = state.health.get();
+    let health = state.health_now();
     let now = health.split(':').next().unwrap_or("ok").to_owned();
-    let states: Vec<(String, f64)> = ["ok", "denied", "unreachable"]
+    let states: Vec<(String, f64)> = ["ok", "waiting", "denied", "unreachable"]
         .iter()
         .map(|s| (format!("{{state=\"{s}\"}}"), f64::from(u8::from(*s == now))))
         .collect();
     family(
         "kmsfs_kms_health",
         "gauge",
-        "The outcome of the last KMS call (1 for the current state).",
+        "The outcome of the last KMS call, or waiting while one has gone unanswered over 1 s (1 for the current state).",
         &states,
+    );
+    let (unanswered, oldest) = st.kms_unanswered.oldest().unwrap_or_default();
+    family(
+        "kmsfs_kms_unanswered_calls",
+        "gauge",
+        "KMS calls for keys sent and not answered yet.",
+        &one(unanswered as u64),
+    );
+    family(
+        "kmsfs_kms_oldest_unanswered_seconds",
+        "gauge",
+        "How long the oldest unanswered KMS call has waited (0: none).",
+        &[(String::new(), oldest.as_secs_f64())],
     );
     family(
         "kmsfs_uptime_seconds",

@@ -142,10 +142,30 @@ impl MountState {
     pub fn set_health(&self, h: String) {
         self.health.set(h);
     }
+
+    /// The KMS's health as status and metrics show it: the last call's outcome, unless that
+    /// was "ok" and a call has gone unanswered for [`UNANSWERED_AFTER`] since. A KMS that
+    /// hangs (a stopped process, a partition that drops packets) answers nothing, so without
+    /// this it would read "ok" for as long as it hangs.
+    pub fn health_now(&self) -> String {
+        let last = self.health.get();
+        match self.fs.stats.kms_unanswered.oldest() {
+            Some((n, age)) if last == "ok" && age >= UNANSWERED_AFTER => format!(
+                "waiting: {n} call{} unanswered, the oldest for {:.1} s",
+                if n == 1 { "" } else { "s" },
+                age.as_secs_f64()
+            ),
+            _ => last,
+        }
+    }
 }
 
-/// The KMS's health as `kmsfs status` shows it: "ok", "denied: …" or "unreachable: …", the
-/// outcome of the last call to the KMS, set as each call ends.
+/// A call unanswered this long makes the health "waiting": forty times the farthest KMS we
+/// plan for (25 ms), and shorter than the retry budget of one that refuses.
+pub const UNANSWERED_AFTER: Duration = Duration::from_secs(1);
+
+/// The outcome of the last call to the KMS, set as each call ends: "ok", "denied: …" or
+/// "unreachable: …" (`kmsfs status` shows [`MountState::health_now`]).
 pub struct Health(Mutex<String>);
 
 impl Default for Health {
@@ -183,7 +203,10 @@ impl crate::control::Control for MountState {
             "backend": self.kms.describe().backend,
             "key": self.key_ref,
             "key_version": *self.key_version.lock().unwrap_or_else(|p| p.into_inner()),
-            "kms_health": self.health.get(),
+            "kms_health": self.health_now(),
+            "kms_unanswered": self.fs.stats.kms_unanswered.oldest().map(|(n, age)| json!({
+                "calls": n, "oldest_secs": (age.as_secs_f64() * 1000.0).round() / 1000.0,
+            })),
             // KMS nodes that hung lately and are not asked meanwhile (HA clusters).
             "kms_set_aside": self.kms.set_aside().iter().map(|n| json!({
                 "addr": n.addr, "why": n.why, "secs_left": n.secs_left,
@@ -196,6 +219,7 @@ impl crate::control::Control for MountState {
                 "kms_requests": self.kms.request_count(),
                 "cache_hits": st.cache_hits.load(Ordering::Relaxed),
                 "cache_misses": st.cache_misses.load(Ordering::Relaxed),
+                "kms_joined": st.kms_joined.load(Ordering::Relaxed),
                 "bytes_read": st.bytes_read.load(Ordering::Relaxed),
                 "bytes_written": st.bytes_written.load(Ordering::Relaxed),
                 "auth_failures": st.auth_failures.load(Ordering::Relaxed),

@@ -198,13 +198,66 @@ fn concurrent_opens_are_coalesced_into_batches() {
     let created = kms_requests(&v.log_text());
     assert!(created < n / 4, "creating {n} files took {created} KMS requests");
     v.mount(&[]);
-    let mnt = v.mnt.clone();
+    read_from_16_threads(&v.mnt, n, |i| format!("f{i}"));
+    v.unmount();
+    let log = v.log_text();
+    let opened = kms_requests(&log[log.rfind("is usable").unwrap()..]);
+    assert!(
+        opened < n / 3,
+        "opening {n} files from 16 threads took {opened} KMS requests"
+    );
+}
+
+/// Sixteen readers going through a directory, with prefetch keeping ahead of them: an open
+/// whose key a pass (or another open) is fetching waits for that answer, and a pass skips a
+/// key an open is fetching. So the audit log shows one unwrap per file, not two.
+#[test]
+fn sixteen_readers_and_prefetch_ask_for_each_key_once() {
+    let bao = Bao::start();
+    let mut v = volume(&bao, ROOT_TOKEN);
+    v.mount(&[]);
+    let n = 600;
+    std::fs::create_dir(v.m("d")).unwrap();
+    for i in 0..n {
+        std::fs::write(v.m(&format!("d/img{i:04}")), format!("content {i}")).unwrap();
+    }
+    v.unmount();
+    let audit = v.dir.path().join("audit.jsonl");
+    let audit_arg = audit.to_str().unwrap().to_owned();
+    v.mount_with_args(&["--audit-log", &audit_arg]);
+    read_from_16_threads(&v.mnt, n, |i| format!("d/img{i:04}"));
+    let status = run_ok(&["status", v.mnt.to_str().unwrap(), "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    v.unmount();
+    let mut per_file = std::collections::HashMap::<String, usize>::new();
+    for line in std::fs::read_to_string(&audit).unwrap().lines() {
+        let e: serde_json::Value = serde_json::from_str(line).unwrap();
+        if e["event"] == "unwrap" && e["outcome"] == "ok" {
+            *per_file
+                .entry(e["file_id"].as_str().unwrap().to_owned())
+                .or_default() += 1;
+        }
+    }
+    let twice: Vec<_> = per_file.iter().filter(|(_, n)| **n > 1).collect();
+    eprintln!(
+        "{} keys unwrapped, {} of them more than once; counters {}",
+        per_file.len(),
+        twice.len(),
+        status[0]["counters"]
+    );
+    assert_eq!(per_file.len(), n, "every file's key was unwrapped");
+    assert!(twice.is_empty(), "{} keys unwrapped more than once", twice.len());
+}
+
+/// Reads files 0..n (`name(i)` under `mnt`, holding "content i") from 16 threads, thread t
+/// taking t, t + 16, …: readers going through one set of files side by side.
+fn read_from_16_threads(mnt: &std::path::Path, n: usize, name: fn(usize) -> String) {
     let threads: Vec<_> = (0..16)
         .map(|t| {
-            let mnt = mnt.clone();
+            let mnt = mnt.to_owned();
             std::thread::spawn(move || {
                 for i in (t..n).step_by(16) {
-                    let got = std::fs::read_to_string(mnt.join(format!("f{i}"))).unwrap();
+                    let got = std::fs::read_to_string(mnt.join(name(i))).unwrap();
                     assert_eq!(got, format!("content {i}"));
                 }
             })
@@ -213,13 +266,6 @@ fn concurrent_opens_are_coalesced_into_batches() {
     for t in threads {
         t.join().unwrap();
     }
-    v.unmount();
-    let log = v.log_text();
-    let opened = kms_requests(&log[log.rfind("is usable").unwrap()..]);
-    assert!(
-        opened < n / 3,
-        "opening {n} files from 16 threads took {opened} KMS requests"
-    );
 }
 
 /// The last "KMS requests sent while mounted: N" in a log.
@@ -424,6 +470,10 @@ fn a_hung_kms_stalls_no_fuse_worker() {
 
     let mnt = v.mnt.to_str().unwrap().to_owned();
     let status: Vec<Duration> = (0..3).map(|_| timed_kmsfs(&["status", &mnt, "--json"])).collect();
+    // A KMS that answers nothing is not "ok": the opens parked 2.5 s ago are unanswered.
+    let during = run_ok(&["status", &mnt, "--json"]);
+    let during: serde_json::Value = serde_json::from_slice(&during.stdout).unwrap();
+    let health = during[0]["kms_health"].as_str().unwrap_or_default().to_owned();
     let lock = timed_kmsfs(&["lock", &mnt]);
     let locked_at = Instant::now();
     // Every parked open fails with the lock's errno, promptly.
@@ -450,6 +500,14 @@ fn a_hung_kms_stalls_no_fuse_worker() {
     );
     assert!(status.iter().all(|d| *d < Duration::from_secs(1)), "{status:?}");
     assert!(lock < Duration::from_secs(1), "kmsfs lock took {lock:?}");
+    assert!(
+        health.starts_with("waiting: ") && health.contains("unanswered"),
+        "health during the hang: {health}"
+    );
+    assert!(
+        during[0]["kms_unanswered"]["oldest_secs"].as_f64().unwrap_or(0.0) >= 2.0,
+        "{during}"
+    );
     for (done, errno) in &results {
         assert_eq!(*errno, Some(libc::ENOKEY), "a parked open after the lock");
         assert!(done.saturating_duration_since(locked_at) < Duration::from_secs(1));

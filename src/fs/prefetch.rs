@@ -12,6 +12,10 @@
 //!   each unwrap counts for the caller's usage guard and is audited in its name
 //!   (`"prefetch": true`).
 //!
+//! An open that misses the cache while a pass is asking for its key waits for the pass's answer
+//! ([`crate::keycache::Fetch`]) rather than asking again, and a pass skips a key an open is
+//! already asking for: each key is asked for once.
+//!
 //! Nothing here runs on a FUSE worker: a trigger updates a little state and spawns the pass;
 //! the headers are read on a blocking thread of the runtime and the unwraps are futures on it.
 //!
@@ -28,7 +32,7 @@ use crate::format::VolumeId;
 use crate::format::block::ContentCipher;
 use crate::format::header::{self, HEADER_LEN, Header};
 use crate::format::name::DirId;
-use crate::keycache::KeyCache;
+use crate::keycache::{Fetch, KeyCache};
 use crate::kms::{Binding, KeyProvider, KmsError, WrappedDek};
 use crate::policy::{Access, Asker, Identity};
 use crate::sys;
@@ -298,9 +302,9 @@ impl Pass {
         let mut reported = HashSet::new();
         while let Some(done) = set.join_next().await {
             match done {
-                Ok((ino, Ok(()))) => {
+                Ok((ino, Ok(fetched))) => {
                     seen.insert(ino);
-                    placed += 1;
+                    placed += usize::from(fetched);
                 }
                 Ok((_, Err(e))) => {
                     // One report per kind of failure per pass, not one per file.
@@ -321,10 +325,16 @@ impl Pass {
     }
 
     /// Unwraps one key, audits it in the caller's name, counts it for the caller's guard and
-    /// caches it.
-    async fn unwrap_one(&self, h: &Header) -> Result<(), KmsError> {
+    /// caches it; false if an open was already asking for it (or has cached it meanwhile).
+    async fn unwrap_one(&self, h: &Header) -> Result<bool, KmsError> {
         if self.is_locked() {
             return Err(KmsError::Unreachable("the volume is locked".into()));
+        }
+        let Fetch::Mine(_claim) = self.keys.claim(h.file_id) else {
+            return Ok(false);
+        };
+        if self.keys.contains(&h.file_id) {
+            return Ok(false);
         }
         let wrapped = WrappedDek {
             key_ref: h.slot.key_ref.clone(),
@@ -333,11 +343,14 @@ impl Pass {
         let binding = Binding::file(self.volume_id, h.file_id);
         self.stats.kms_calls.fetch_add(1, Ordering::Relaxed);
         let started = Instant::now();
+        let unanswered = self.stats.kms_unanswered.start();
         let mut locked = self.locked.clone();
         let result = tokio::select! {
             r = self.kms.unwrap(&wrapped, &binding) => r,
             _ = locked.wait_for(|l| *l) => return Err(KmsError::Unreachable("the volume is locked".into())),
         };
+        drop(unanswered);
+        self.stats.kms_call_ended(started.elapsed(), &result);
         audit_unwrap(
             &self.asker,
             h,
@@ -360,7 +373,7 @@ impl Pass {
                 serde_json::json!({"file_id": old.to_string(), "reason": "lru"}),
             );
         }
-        Ok(())
+        Ok(true)
     }
 
     /// What the KMS said, as an open's unwrap reports it: a refusal locks the mount.

@@ -74,12 +74,14 @@ impl Maker {
         self.stats.kms_calls.fetch_add(1, Ordering::Relaxed);
         let wait = if wait.may_wait() { wait } else { Wait::Forever };
         let started = std::time::Instant::now();
+        let unanswered = self.stats.kms_unanswered.start();
         let key = wait_kms(
             &self.runtime,
             &self.locked,
             wait,
             self.kms.new_file_key(self.volume_id),
         )?;
+        drop(unanswered);
         self.stats.kms_call_ended(started.elapsed(), &key);
         let key = key.inspect_err(|e| match e {
             KmsError::Denied(m) => self.events.denied(m),

@@ -1,8 +1,10 @@
 //! What the filesystem reports as it works: KMS outcomes (and lock requests) to the daemon,
 //! counters to status.
 
+use std::collections::BTreeMap;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// What the filesystem tells the daemon about the KMS as it uses it.
 pub trait KmsEvents: Send + Sync {
@@ -27,6 +29,9 @@ pub struct Stats {
     pub auth_failures: AtomicU64,
     /// Keys unwrapped ahead of their opens (`prefetch`).
     pub prefetched: AtomicU64,
+    /// Opens whose key another caller (a prefetch pass, another open) was already asking the
+    /// KMS for, and that waited for its answer instead of asking again.
+    pub kms_joined: AtomicU64,
     /// Opens asked for through the mount.
     pub opens: AtomicU64,
     /// How long each KMS call for a key took (unwraps and new file keys), however it ended.
@@ -34,6 +39,44 @@ pub struct Stats {
     /// KMS calls that failed, by [`crate::kms::KmsError::kind`]: denied, unreachable, corrupt,
     /// misconfigured.
     pub kms_errors: [AtomicU64; 4],
+    /// KMS calls for keys not answered yet: a KMS that hangs answers nothing, so the last
+    /// outcome stays "ok" while every cold open waits; status shows these instead.
+    pub kms_unanswered: InFlight,
+}
+
+/// Calls in flight by when they started (keyed by a sequence number: starts may tie).
+#[derive(Default)]
+pub struct InFlight(Mutex<(u64, BTreeMap<u64, Instant>)>);
+
+/// One call in flight; it leaves the set when dropped, however the call ended.
+pub struct Unanswered<'a>(&'a InFlight, u64);
+
+impl InFlight {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (u64, BTreeMap<u64, Instant>)> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A call starts now.
+    pub fn start(&self) -> Unanswered<'_> {
+        let mut g = self.lock();
+        g.0 += 1;
+        let seq = g.0;
+        g.1.insert(seq, Instant::now());
+        Unanswered(self, seq)
+    }
+
+    /// How many calls are unanswered, and how long the oldest has waited.
+    pub fn oldest(&self) -> Option<(usize, Duration)> {
+        let g = self.lock();
+        let (_, started) = g.1.first_key_value()?;
+        Some((g.1.len(), started.elapsed()))
+    }
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        self.0.lock().1.remove(&self.1);
+    }
 }
 
 /// The kinds `kms_errors` counts, in its order.
