@@ -272,8 +272,9 @@ set style data histograms
 set style histogram clustered gap 1
 set style fill solid 0.8 border -1
 set ylabel "× gocryptfs"
+set yrange [0:*]
 set xtics rotate by -30
-set key top right
+set key outside top center horizontal
 set grid ytics
 plot for [i=2:{len(names) + 1}] "{data}" using i:xtic(1) title columnheader(i)
 """
