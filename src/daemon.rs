@@ -217,8 +217,9 @@ pub fn run_mount(req: MountRequest) -> Result<Ended, Fatal> {
         .into();
     let fuse_config = fuser_config(&req, &backing)?;
     let metrics = req.metrics.map(crate::metrics::bind).transpose()?;
+    let options_read_only = fuse_config.mount_options.contains(&fuser::MountOption::RO);
     let options = Options {
-        read_only: fuse_config.mount_options.contains(&fuser::MountOption::RO),
+        read_only: options_read_only,
         key_cache_entries: req.key_cache_entries,
         key_cache_ttl: req.key_cache_ttl,
         open_timeout: req.open_timeout,
@@ -244,8 +245,15 @@ pub fn run_mount(req: MountRequest) -> Result<Ended, Fatal> {
         .map_err(|e| fatal!("cannot open {}: {e}", backing.display()))?
         .with_access(access.clone()),
     );
+    // A read-only mount fills the page cache with whole blocks (see `fuse::PageFill`).
+    let fill = if options_read_only {
+        Some(crate::fuse::PageFill::start().map_err(|e| fatal!("cannot start a thread: {e}"))?)
+    } else {
+        None
+    };
     let state = Arc::new(MountState {
         fs: fs.clone(),
+        page_fill: fill.clone(),
         kms: kms.clone(),
         mountpoint: mountpoint.clone(),
         backing: backing.clone(),
@@ -260,7 +268,7 @@ pub fn run_mount(req: MountRequest) -> Result<Ended, Fatal> {
         to_invalidate: std::sync::Mutex::new(None),
         stopping: std::sync::atomic::AtomicBool::new(false),
     });
-    let adapter = FuseAdapter::new(fs);
+    let adapter = FuseAdapter::new(fs, fill.clone());
     let mut session = fuser::Session::new(adapter, &req.mountpoint, &fuse_config).map_err(|e| {
         if e.kind() == std::io::ErrorKind::NotFound {
             fatal!("cannot mount: fusermount3 or /dev/fuse missing; install fuse3 (`apt-get install fuse3`)")
@@ -269,6 +277,9 @@ pub fn run_mount(req: MountRequest) -> Result<Ended, Fatal> {
         }
     })?;
     let _ = state.notifier.set(session.notifier());
+    if let Some(f) = &fill {
+        f.set_notifier(session.notifier());
+    }
     log::info!("volume {} mounted at {}", config.volume_id, mountpoint.display());
     crate::audit::event(
         "mounted",

@@ -23,11 +23,93 @@ pub const MAX_IO: u32 = 1024 * 1024;
 
 pub struct FuseAdapter {
     fs: Arc<Fs>,
+    /// On a read-only mount: hands the kernel the rest of each block a small read decrypted.
+    fill: Option<Arc<PageFill>>,
 }
 
 impl FuseAdapter {
-    pub fn new(fs: Arc<Fs>) -> Self {
-        FuseAdapter { fs }
+    pub fn new(fs: Arc<Fs>, fill: Option<Arc<PageFill>>) -> Self {
+        FuseAdapter { fs, fill }
+    }
+}
+
+/// Fills the kernel's page cache with the whole plaintext of each block that a small read
+/// made us decrypt, so the reads of its other pages never reach the daemon: a 4 KiB read
+/// of a 64 KiB block costs the whole block's decryption, and without this the next 15 reads
+/// of that block would each pay it again.
+///
+/// Only on a read-only mount. On a writable one a store can race a write: the kernel holds
+/// a page locked while its WRITE is with us, a store of that page waits for the lock and then
+/// puts the older plaintext over the newer. With no writes, what a store puts is what a read
+/// would return.
+///
+/// The stores run on a thread of their own (a store waits for page locks that READs in
+/// flight hold, which only a free FUSE worker releases), from a bounded queue: when it is
+/// full, a block is simply not stored. [`PageFill::close`] (on lock) waits for a store in
+/// flight and stops all later ones, so no plaintext reaches the page cache after the lock
+/// has invalidated it.
+pub struct PageFill {
+    queue: std::sync::mpsc::SyncSender<Store>,
+    /// Set by `close`; held for reading across each store.
+    closed: std::sync::RwLock<bool>,
+    notifier: std::sync::OnceLock<fuser::Notifier>,
+}
+
+/// Blocks waiting for the fill thread at most; past that they are dropped.
+const FILL_QUEUE: usize = 16;
+
+struct Store {
+    ino: u64,
+    offset: u64,
+    plain: zeroize::Zeroizing<Vec<u8>>,
+}
+
+impl PageFill {
+    /// Starts the fill thread; stores begin once [`PageFill::set_notifier`] is called.
+    pub fn start() -> std::io::Result<Arc<PageFill>> {
+        let (queue, rx) = std::sync::mpsc::sync_channel::<Store>(FILL_QUEUE);
+        let fill = Arc::new(PageFill {
+            queue,
+            closed: std::sync::RwLock::new(false),
+            notifier: std::sync::OnceLock::new(),
+        });
+        let weak = Arc::downgrade(&fill);
+        std::thread::Builder::new()
+            .name("kmsfs-page-fill".into())
+            .spawn(move || {
+                for s in rx {
+                    let Some(fill) = weak.upgrade() else { break };
+                    let closed = fill.closed.read().unwrap_or_else(|p| p.into_inner());
+                    if let (false, Some(n)) = (*closed, fill.notifier.get()) {
+                        // The kernel refuses a store for an inode it has forgotten: nothing
+                        // to do then.
+                        let _ = n.store(INodeNo(s.ino), s.offset, &s.plain);
+                    }
+                }
+            })?;
+        Ok(fill)
+    }
+
+    pub fn set_notifier(&self, n: fuser::Notifier) {
+        let _ = self.notifier.set(n);
+    }
+
+    /// Queues the plaintext `plain` of inode `ino` from `offset` (block-aligned) for the page
+    /// cache, unless the queue is full or the fill is closed.
+    fn offer(&self, ino: u64, offset: u64, plain: &[u8]) {
+        if *self.closed.read().unwrap_or_else(|p| p.into_inner()) {
+            return;
+        }
+        let _ = self.queue.try_send(Store {
+            ino,
+            offset,
+            plain: zeroize::Zeroizing::new(plain.to_vec()),
+        });
+    }
+
+    /// No store from now on; returns once a store in flight has ended.
+    pub fn close(&self) {
+        *self.closed.write().unwrap_or_else(|p| p.into_inner()) = true;
     }
 }
 
@@ -264,11 +346,11 @@ impl Filesystem for FuseAdapter {
     fn read(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         size: u32,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
@@ -279,8 +361,33 @@ impl Filesystem for FuseAdapter {
         thread_local! {
             static READ_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
-        READ_BUF.with_borrow_mut(|buf| match self.fs.read(fh.0, offset, size, buf) {
-            Ok(n) => reply.data(&buf[..n]),
+        let block = self.fs.layout().block_size();
+        let fill = self.fill.as_ref().filter(|_| {
+            // A read smaller than a block (O_DIRECT reads bypass the page cache).
+            u64::from(size) < block && flags.0 & libc::O_DIRECT == 0
+        });
+        let Some(fill) = fill else {
+            return READ_BUF.with_borrow_mut(|buf| match self.fs.read(fh.0, offset, size, buf) {
+                Ok(n) => reply.data(&buf[..n]),
+                Err(e) => reply.error(errno(&e)),
+            });
+        };
+        // The whole blocks the read falls in: they are decrypted whole anyway.
+        let start = offset - offset % block;
+        let end = offset
+            .saturating_add(u64::from(size))
+            .div_ceil(block)
+            .saturating_mul(block);
+        let len = u32::try_from(end - start).unwrap_or(u32::MAX);
+        READ_BUF.with_borrow_mut(|buf| match self.fs.read(fh.0, start, len, buf) {
+            Ok(n) => {
+                let from = usize::try_from(offset - start).unwrap_or(usize::MAX).min(n);
+                let to = from.saturating_add(size as usize).min(n);
+                reply.data(&buf[from..to]);
+                if to - from < n {
+                    fill.offer(ino.0, start, &buf[..n]);
+                }
+            }
             Err(e) => reply.error(errno(&e)),
         })
     }

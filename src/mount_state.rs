@@ -21,6 +21,8 @@ pub struct MountState {
     pub key_version: Mutex<u32>,
     /// Set once the FUSE session exists: tells the kernel to drop cached pages.
     pub notifier: OnceLock<fuser::Notifier>,
+    /// A read-only mount's page-cache fill: closed before the lock invalidates the cache.
+    pub page_fill: Option<Arc<crate::fuse::PageFill>>,
     pub started: Instant,
     /// The outcome of the last KMS call, whoever made it (an open, a create, the watcher).
     pub health: Arc<Health>,
@@ -86,6 +88,10 @@ impl MountState {
         else {
             return;
         };
+        // No store may land after the invalidation below (this waits for one in flight).
+        if let Some(f) = &self.page_fill {
+            f.close();
+        }
         if let Some(n) = self.notifier.get() {
             for ino in inodes {
                 // Offset 0, length -1: the whole file's cached pages, mapped ones too.

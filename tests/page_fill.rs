@@ -1,0 +1,114 @@
+//! A read-only mount hands the kernel the whole plaintext of each block a small read
+//! decrypted (`fuse::PageFill`), so the reads of the block's other pages never reach the
+//! daemon; a writable mount does not (a store could race a write); a lock drops what was
+//! filled.
+//!
+//! How a test sees it: after one 4 KiB read of a block, the block's ciphertext is altered in
+//! the backing file. A page the kernel was given still reads back (from the page cache); a
+//! page that has to come from the daemon reads as EIO.
+
+mod common;
+
+use common::*;
+use std::os::unix::fs::FileExt;
+
+/// Backing layout of a default volume: header, then records of nonce ‖ 64 KiB ‖ tag.
+const HEADER: u64 = 4096;
+const BLOCK: u64 = 65536;
+const RECORD: u64 = BLOCK + 28;
+
+/// A file of four blocks, the backing file behind it, and its content.
+fn file_of_four_blocks(v: &mut Volume) -> (std::path::PathBuf, Vec<u8>) {
+    v.mount(&[]);
+    let data = pseudo_random(4 * BLOCK as usize, 11);
+    let backing = v.backing_of_new(|| std::fs::write(v.m("video"), &data).unwrap());
+    v.unmount();
+    (backing, data)
+}
+
+/// Opens `path` with readahead off (POSIX_FADV_RANDOM), so a read asks for its own pages only.
+fn open_random(path: &std::path::Path) -> std::fs::File {
+    let f = std::fs::File::open(path).unwrap();
+    rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::Random).unwrap();
+    f
+}
+
+/// Bytes of `path` in the page cache (util-linux `fincore`, which asks `mincore`).
+fn resident(path: &std::path::Path) -> u64 {
+    let out = std::process::Command::new("fincore")
+        .args(["--bytes", "--noheadings", "--output", "RES"])
+        .arg(path)
+        .output()
+        .expect("fincore (util-linux)");
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0)
+}
+
+/// Reads 4 KiB of block 1, waits until the page cache holds the whole block (`filled`) or
+/// checks that it holds only that page, then alters block 1's ciphertext in the backing file;
+/// returns what reading another page of block 1 then gives.
+fn page_after_tamper(
+    f: &std::fs::File,
+    path: &std::path::Path,
+    backing: &std::path::Path,
+    data: &[u8],
+    filled: bool,
+) -> std::io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; 4096];
+    f.read_exact_at(&mut buf, BLOCK + 4096).unwrap();
+    assert_eq!(buf, data[(BLOCK + 4096) as usize..][..4096]);
+    // The fill runs on a thread of its own, after the reply.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(if filled { 10 } else { 1 });
+    while resident(path) < BLOCK && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let res = resident(path);
+    if filled {
+        assert!(res >= BLOCK, "{res} bytes in the page cache after a 4 KiB read");
+    } else {
+        assert_eq!(res, 4096, "only the page read is in the page cache");
+    }
+    let b = std::fs::OpenOptions::new().write(true).open(backing).unwrap();
+    let at = HEADER + RECORD + 12 + 40_000;
+    b.write_all_at(&[0x5a; 16], at).unwrap();
+    let mut other = vec![0u8; 4096];
+    f.read_exact_at(&mut other, BLOCK + 8 * 4096).map(|()| other)
+}
+
+#[test]
+fn a_read_only_mount_fills_the_page_cache_with_the_whole_block() {
+    let mut v = Volume::new();
+    let (backing, data) = file_of_four_blocks(&mut v);
+    v.mount(&["ro"]);
+    let f = open_random(&v.m("video"));
+    let got = page_after_tamper(&f, &v.m("video"), &backing, &data, true)
+        .expect("the page came from the page cache");
+    assert_eq!(got, data[(BLOCK + 8 * 4096) as usize..][..4096]);
+    // A block no read touched still comes from the daemon, and the tamper shows there.
+    let mut buf = vec![0u8; 4096];
+    f.read_exact_at(&mut buf, 3 * BLOCK).unwrap();
+    assert_eq!(buf, data[3 * BLOCK as usize..][..4096]);
+
+    // The lock drops the filled pages with everything else: nothing of the block reads back.
+    let mnt = v.mnt.to_str().unwrap().to_owned();
+    run_ok(&["lock", &mnt]);
+    let err = f.read_exact_at(&mut buf, BLOCK + 12 * 4096).unwrap_err();
+    assert!(
+        matches!(errno_of(&err), libc::ENOKEY | libc::ENOTCONN | libc::EIO),
+        "after the lock: {err}"
+    );
+    drop(f);
+    assert!(v.wait_daemon_gone(10));
+}
+
+#[test]
+fn a_writable_mount_does_not_fill_it() {
+    let mut v = Volume::new();
+    let (backing, data) = file_of_four_blocks(&mut v);
+    v.mount(&[]);
+    let f = open_random(&v.m("video"));
+    let err = page_after_tamper(&f, &v.m("video"), &backing, &data, false)
+        .expect_err("the page came from the daemon");
+    assert_eq!(errno_of(&err), libc::EIO);
+    drop(f);
+    v.unmount();
+}
