@@ -12,6 +12,7 @@ use fuser::{
 use std::ffi::OsStr;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// How long the kernel may cache attributes and names. Every change goes through this mount,
@@ -50,8 +51,15 @@ impl FuseAdapter {
 /// has invalidated it.
 pub struct PageFill {
     queue: std::sync::mpsc::SyncSender<Store>,
-    /// Set by `close`; held for reading across each store.
-    closed: std::sync::RwLock<bool>,
+    /// Blocks in the queue: past [`FILL_QUEUE`] a block is not even copied.
+    queued: AtomicUsize,
+    /// Set by `close`. Read without blocking by `offer` (a FUSE worker).
+    closed: AtomicBool,
+    /// Held for reading by the fill thread across each store, taken for writing by `close`
+    /// once `closed` is set: a store either ended before, or sees `closed`. FUSE workers never
+    /// take it: with a writer waiting, new readers block, and a worker blocked here could be
+    /// the one a store in flight waits for.
+    gate: std::sync::RwLock<()>,
     notifier: std::sync::OnceLock<fuser::Notifier>,
 }
 
@@ -70,7 +78,9 @@ impl PageFill {
         let (queue, rx) = std::sync::mpsc::sync_channel::<Store>(FILL_QUEUE);
         let fill = Arc::new(PageFill {
             queue,
-            closed: std::sync::RwLock::new(false),
+            queued: AtomicUsize::new(0),
+            closed: AtomicBool::new(false),
+            gate: std::sync::RwLock::new(()),
             notifier: std::sync::OnceLock::new(),
         });
         let weak = Arc::downgrade(&fill);
@@ -79,8 +89,9 @@ impl PageFill {
             .spawn(move || {
                 for s in rx {
                     let Some(fill) = weak.upgrade() else { break };
-                    let closed = fill.closed.read().unwrap_or_else(|p| p.into_inner());
-                    if let (false, Some(n)) = (*closed, fill.notifier.get()) {
+                    fill.queued.fetch_sub(1, Ordering::Relaxed);
+                    let _gate = fill.gate.read().unwrap_or_else(|p| p.into_inner());
+                    if let (false, Some(n)) = (fill.closed.load(Ordering::SeqCst), fill.notifier.get()) {
                         // The kernel refuses a store for an inode it has forgotten: nothing
                         // to do then.
                         let _ = n.store(INodeNo(s.ino), s.offset, &s.plain);
@@ -97,19 +108,28 @@ impl PageFill {
     /// Queues the plaintext `plain` of inode `ino` from `offset` (block-aligned) for the page
     /// cache, unless the queue is full or the fill is closed.
     fn offer(&self, ino: u64, offset: u64, plain: &[u8]) {
-        if *self.closed.read().unwrap_or_else(|p| p.into_inner()) {
+        if self.closed.load(Ordering::SeqCst) {
             return;
         }
-        let _ = self.queue.try_send(Store {
+        // Counted before it is sent, so the fill thread's decrement never comes first.
+        if self.queued.fetch_add(1, Ordering::Relaxed) >= FILL_QUEUE {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
+        let store = Store {
             ino,
             offset,
             plain: zeroize::Zeroizing::new(plain.to_vec()),
-        });
+        };
+        if self.queue.try_send(store).is_err() {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 
     /// No store from now on; returns once a store in flight has ended.
     pub fn close(&self) {
-        *self.closed.write().unwrap_or_else(|p| p.into_inner()) = true;
+        self.closed.store(true, Ordering::SeqCst);
+        drop(self.gate.write().unwrap_or_else(|p| p.into_inner()));
     }
 }
 

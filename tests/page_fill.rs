@@ -112,3 +112,47 @@ fn a_writable_mount_does_not_fill_it() {
     drop(f);
     v.unmount();
 }
+
+/// A lock while readers fill the page cache through a single FUSE worker: the lock must not
+/// wait on a worker that waits on the lock (a store in flight can hold the lock's close while
+/// it waits for a page that only the worker can read). The daemon is gone soon after.
+#[test]
+fn a_lock_during_random_reads_through_one_worker_completes() {
+    let mut v = Volume::new();
+    v.mount(&[]);
+    let size = 64 * BLOCK as usize;
+    std::fs::write(v.m("big"), pseudo_random(size, 5)).unwrap();
+    v.unmount();
+    v.mount_full(&["ro"], &["--threads", "1"], &[]);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let readers: Vec<_> = (0..4u64)
+        .map(|t| {
+            let (path, stop) = (v.m("big"), stop.clone());
+            std::thread::spawn(move || {
+                let f = open_random(&path);
+                let mut rng = Rng(t + 1);
+                let mut buf = vec![0u8; 4096];
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let at = rng.below(64 * BLOCK / 4096) * 4096;
+                    if f.read_exact_at(&mut buf, at).is_err() {
+                        break;
+                    }
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    let mnt = v.mnt.to_str().unwrap().to_owned();
+    let t = std::time::Instant::now();
+    run_ok(&["lock", &mnt]);
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(1),
+        "kmsfs lock took {:?}",
+        t.elapsed()
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for r in readers {
+        r.join().unwrap();
+    }
+    assert!(v.wait_daemon_gone(10), "the daemon did not exit after the lock");
+}
