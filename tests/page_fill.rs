@@ -39,7 +39,7 @@ fn resident(path: &std::path::Path) -> u64 {
         .args(["--bytes", "--noheadings", "--output", "RES"])
         .arg(path)
         .output()
-        .expect("fincore (util-linux)");
+        .expect("fincore (Debian: util-linux-extra; scripts/ensure-deps installs it)");
     String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0)
 }
 
@@ -124,24 +124,35 @@ fn a_lock_during_random_reads_through_one_worker_completes() {
     std::fs::write(v.m("big"), pseudo_random(size, 5)).unwrap();
     v.unmount();
     v.mount_full(&["ro"], &["--threads", "1"], &[]);
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let reads = std::sync::Arc::new(AtomicUsize::new(0));
     let readers: Vec<_> = (0..4u64)
         .map(|t| {
-            let (path, stop) = (v.m("big"), stop.clone());
+            let (path, stop, reads) = (v.m("big"), stop.clone(), reads.clone());
             std::thread::spawn(move || {
                 let f = open_random(&path);
                 let mut rng = Rng(t + 1);
                 let mut buf = vec![0u8; 4096];
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                while !stop.load(Ordering::Relaxed) {
                     let at = rng.below(64 * BLOCK / 4096) * 4096;
                     if f.read_exact_at(&mut buf, at).is_err() {
                         break;
                     }
+                    reads.fetch_add(1, Ordering::Relaxed);
                 }
             })
         })
         .collect();
-    std::thread::sleep(std::time::Duration::from_millis(800));
+    // The lock comes while the readers are well under way (and the fill busy).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while reads.load(Ordering::Relaxed) < 400 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(
+        reads.load(Ordering::Relaxed) >= 400,
+        "the readers did not get going"
+    );
     let mnt = v.mnt.to_str().unwrap().to_owned();
     let t = std::time::Instant::now();
     run_ok(&["lock", &mnt]);
@@ -150,7 +161,7 @@ fn a_lock_during_random_reads_through_one_worker_completes() {
         "kmsfs lock took {:?}",
         t.elapsed()
     );
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    stop.store(true, Ordering::Relaxed);
     for r in readers {
         r.join().unwrap();
     }
