@@ -367,6 +367,13 @@ fn status(mountpoint: Option<PathBuf>, as_json: bool) -> Result<(), Fatal> {
             c["bytes_written"],
             c["auth_failures"]
         );
+        let f = &c["page_fill"];
+        if f.is_object() {
+            println!(
+                "  page fill   {} blocks stored in the page cache, {} voided by a write, {} dropped",
+                f["stored"], f["voided"], f["dropped"]
+            );
+        }
         let p = &v["policy"];
         if p.is_object() {
             println!(

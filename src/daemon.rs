@@ -245,12 +245,9 @@ pub fn run_mount(req: MountRequest) -> Result<Ended, Fatal> {
         .map_err(|e| fatal!("cannot open {}: {e}", backing.display()))?
         .with_access(access.clone()),
     );
-    // A read-only mount fills the page cache with whole blocks (see `fuse::PageFill`).
-    let fill = if options_read_only {
-        Some(crate::fuse::PageFill::start().map_err(|e| fatal!("cannot start a thread: {e}"))?)
-    } else {
-        None
-    };
+    // Small reads of files no one writes fill the page cache with whole blocks (see
+    // `fuse::PageFill`).
+    let fill = Some(crate::fuse::PageFill::start().map_err(|e| fatal!("cannot start a thread: {e}"))?);
     let state = Arc::new(MountState {
         fs: fs.clone(),
         page_fill: fill.clone(),

@@ -460,6 +460,13 @@ impl Fs {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let mut handles = self.handles();
         self.guard()?;
+        if let Handle::File {
+            content, write: true, ..
+        } = &h
+        {
+            // Before the handle exists: no write through it can come before this.
+            content.begin_change();
+        }
         handles.insert(fh, Arc::new(h));
         Ok(fh)
     }
@@ -553,7 +560,9 @@ impl Fs {
                 },
                 None => self.open_content(&inode, asker, wait)?,
             };
+            content.begin_change();
             let result = content.truncate(size);
+            content.end_change();
             if fh.is_none() {
                 self.close_content(&inode);
             }
@@ -980,9 +989,26 @@ impl Fs {
     pub fn release(&self, fh: u64) {
         let h = self.handles().remove(&fh);
         if let Some(h) = h
-            && let Handle::File { inode, .. } = &*h
+            && let Handle::File {
+                inode,
+                content,
+                write,
+                ..
+            } = &*h
         {
+            if *write {
+                content.end_change();
+            }
             self.close_content(inode);
+        }
+    }
+
+    /// A [`content::Quiet`] token for the file behind `fh` if no one may change its content
+    /// now (no write handle open, no truncate in progress).
+    pub fn quiet(&self, fh: u64) -> Option<content::Quiet> {
+        match &*self.handle(fh).ok()? {
+            Handle::File { content, .. } => content.quiet(),
+            Handle::Dir { .. } => None,
         }
     }
 

@@ -1,6 +1,7 @@
 //! The FUSE adapter: unpack a request, call the filesystem core, reply. Nothing else.
 
 use crate::fs::attr::Attr;
+use crate::fs::content::Quiet;
 use crate::fs::error::FsError;
 use crate::fs::inode::Kind;
 use crate::fs::{Caller, Fs, SetAttr};
@@ -12,7 +13,7 @@ use fuser::{
 use std::ffi::OsStr;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// How long the kernel may cache attributes and names. Every change goes through this mount,
@@ -24,7 +25,8 @@ pub const MAX_IO: u32 = 1024 * 1024;
 
 pub struct FuseAdapter {
     fs: Arc<Fs>,
-    /// On a read-only mount: hands the kernel the rest of each block a small read decrypted.
+    /// Hands the kernel the rest of each block a small read decrypted, for files no one
+    /// writes.
     fill: Option<Arc<PageFill>>,
 }
 
@@ -39,10 +41,14 @@ impl FuseAdapter {
 /// of a 64 KiB block costs the whole block's decryption, and without this the next 15 reads
 /// of that block would each pay it again.
 ///
-/// Only on a read-only mount. On a writable one a store can race a write: the kernel holds
-/// a page locked while its WRITE is with us, a store of that page waits for the lock and then
-/// puts the older plaintext over the newer. With no writes, what a store puts is what a read
-/// would return.
+/// Only for a file no one may write. A store can race a change of the content: the kernel
+/// holds a page locked while its WRITE is with us, a store of that page waits for the lock
+/// and then puts the older plaintext over the newer; a store after a truncate's reply puts
+/// back pages the kernel just dropped. So a read takes a [`Quiet`] token before it decrypts
+/// (none while a write handle is open), and the store goes ahead only if the token still
+/// holds when it starts. A change that comes while a store is in flight waits for it:
+/// the replies to write opens, creates and truncates go through [`PageFill::after_stores`],
+/// so no WRITE and no truncate of the kernel's pages can follow before the store has ended.
 ///
 /// The stores run on a thread of their own (a store waits for page locks that READs in
 /// flight hold, which only a free FUSE worker releases), from a bounded queue: when it is
@@ -55,12 +61,32 @@ pub struct PageFill {
     queued: AtomicUsize,
     /// Set by `close`. Read without blocking by `offer` (a FUSE worker).
     closed: AtomicBool,
-    /// Held for reading by the fill thread across each store, taken for writing by `close`
-    /// once `closed` is set: a store either ended before, or sees `closed`. FUSE workers never
-    /// take it: with a writer waiting, new readers block, and a worker blocked here could be
-    /// the one a store in flight waits for.
-    gate: std::sync::RwLock<()>,
+    /// Whether a store is in the kernel now, and the replies waiting for it to end. FUSE
+    /// workers take it only briefly, never across a store: a worker waiting for a store could
+    /// be the one whose READ the store waits for.
+    gate: std::sync::Mutex<Gate>,
+    /// Signalled when a store ends (for `close`).
+    ended: std::sync::Condvar,
     notifier: std::sync::OnceLock<fuser::Notifier>,
+    /// What became of the blocks offered (for status and metrics).
+    pub counts: FillCounts,
+}
+
+/// Blocks offered to the page fill, by outcome.
+#[derive(Default)]
+pub struct FillCounts {
+    /// Handed to the kernel.
+    pub stored: AtomicU64,
+    /// Not stored: the file's content could have changed since it was read.
+    pub voided: AtomicU64,
+    /// Not stored: the queue was full (or the fill closed).
+    pub dropped: AtomicU64,
+}
+
+#[derive(Default)]
+struct Gate {
+    storing: bool,
+    after: Vec<Box<dyn FnOnce() + Send>>,
 }
 
 /// Blocks waiting for the fill thread at most; past that they are dropped.
@@ -70,6 +96,7 @@ struct Store {
     ino: u64,
     offset: u64,
     plain: zeroize::Zeroizing<Vec<u8>>,
+    quiet: Quiet,
 }
 
 impl PageFill {
@@ -80,8 +107,10 @@ impl PageFill {
             queue,
             queued: AtomicUsize::new(0),
             closed: AtomicBool::new(false),
-            gate: std::sync::RwLock::new(()),
+            gate: std::sync::Mutex::new(Gate::default()),
+            ended: std::sync::Condvar::new(),
             notifier: std::sync::OnceLock::new(),
+            counts: FillCounts::default(),
         });
         let weak = Arc::downgrade(&fill);
         std::thread::Builder::new()
@@ -90,12 +119,7 @@ impl PageFill {
                 for s in rx {
                     let Some(fill) = weak.upgrade() else { break };
                     fill.queued.fetch_sub(1, Ordering::Relaxed);
-                    let _gate = fill.gate.read().unwrap_or_else(|p| p.into_inner());
-                    if let (false, Some(n)) = (fill.closed.load(Ordering::SeqCst), fill.notifier.get()) {
-                        // The kernel refuses a store for an inode it has forgotten: nothing
-                        // to do then.
-                        let _ = n.store(INodeNo(s.ino), s.offset, &s.plain);
-                    }
+                    fill.store(s);
                 }
             })?;
         Ok(fill)
@@ -105,31 +129,94 @@ impl PageFill {
         let _ = self.notifier.set(n);
     }
 
-    /// Queues the plaintext `plain` of inode `ino` from `offset` (block-aligned) for the page
-    /// cache, unless the queue is full or the fill is closed.
-    fn offer(&self, ino: u64, offset: u64, plain: &[u8]) {
+    fn lock_gate(&self) -> std::sync::MutexGuard<'_, Gate> {
+        self.gate.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// On the fill thread: hands `s` to the kernel if nothing changed since it was read.
+    fn store(&self, s: Store) {
+        let Some(n) = self.notifier.get() else { return };
+        {
+            let mut gate = self.lock_gate();
+            // Checked under the gate: a change that comes after this finds `storing` set
+            // and waits; one that came before voided the token.
+            if self.closed.load(Ordering::SeqCst) {
+                self.counts.dropped.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            if !s.quiet.holds() {
+                self.counts.voided.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            gate.storing = true;
+        }
+        // The kernel refuses a store for an inode it has forgotten: nothing to do then.
+        if n.store(INodeNo(s.ino), s.offset, &s.plain).is_ok() {
+            self.counts.stored.fetch_add(1, Ordering::Relaxed);
+        }
+        let after = {
+            let mut gate = self.lock_gate();
+            gate.storing = false;
+            std::mem::take(&mut gate.after)
+        };
+        self.ended.notify_all();
+        for reply in after {
+            reply();
+        }
+    }
+
+    /// Queues the plaintext `plain` of inode `ino` from `offset` (block-aligned), read under
+    /// `quiet`, for the page cache, unless the queue is full or the fill is closed.
+    fn offer(&self, ino: u64, offset: u64, plain: &[u8], quiet: Quiet) {
         if self.closed.load(Ordering::SeqCst) {
             return;
         }
         // Counted before it is sent, so the fill thread's decrement never comes first.
         if self.queued.fetch_add(1, Ordering::Relaxed) >= FILL_QUEUE {
             self.queued.fetch_sub(1, Ordering::Relaxed);
+            self.counts.dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
         let store = Store {
             ino,
             offset,
             plain: zeroize::Zeroizing::new(plain.to_vec()),
+            quiet,
         };
         if self.queue.try_send(store).is_err() {
             self.queued.fetch_sub(1, Ordering::Relaxed);
+            self.counts.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Runs `reply` (the reply to a request that may change a file's content) once no store
+    /// is in flight: at once if none is, else on the fill thread when it ends. The change
+    /// itself has begun already, so no store starts after this for the file.
+    fn after_stores(&self, reply: impl FnOnce() + Send + 'static) {
+        let mut gate = self.lock_gate();
+        if gate.storing {
+            gate.after.push(Box::new(reply));
+        } else {
+            drop(gate);
+            reply();
         }
     }
 
     /// No store from now on; returns once a store in flight has ended.
     pub fn close(&self) {
         self.closed.store(true, Ordering::SeqCst);
-        drop(self.gate.write().unwrap_or_else(|p| p.into_inner()));
+        let mut gate = self.lock_gate();
+        while gate.storing {
+            gate = self.ended.wait(gate).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+/// Runs `reply` after any store in flight when there is a page fill, else at once.
+fn after_stores(fill: &Option<Arc<PageFill>>, reply: impl FnOnce() + Send + 'static) {
+    match fill {
+        Some(f) => f.after_stores(reply),
+        None => reply(),
     }
 }
 
@@ -272,11 +359,15 @@ impl Filesystem for FuseAdapter {
             atime: time_spec(atime),
             mtime: time_spec(mtime),
         };
-        // A truncate by path that needs the KMS is answered from a KMS waiter thread.
+        // A truncate by path that needs the KMS is answered from a KMS waiter thread; a
+        // truncate after any page-cache store in flight.
+        let fill = self.fill.clone().filter(|_| size.is_some());
         self.fs
-            .setattr_then(ino.0, fh.map(|f| f.0), set, caller(req), move |r| match r {
-                Ok(a) => reply.attr(&TTL, &file_attr(&a)),
-                Err(e) => reply.error(errno(&e)),
+            .setattr_then(ino.0, fh.map(|f| f.0), set, caller(req), move |r| {
+                after_stores(&fill, move || match r {
+                    Ok(a) => reply.attr(&TTL, &file_attr(&a)),
+                    Err(e) => reply.error(errno(&e)),
+                })
             });
     }
 
@@ -355,11 +446,18 @@ impl Filesystem for FuseAdapter {
         guard!(self, reply);
         // Answered here when the key is in memory; otherwise from a KMS waiter thread, while
         // this worker serves other requests.
-        self.fs.open_then(ino.0, flags.0, caller(req), move |r| match r {
-            // Every write reaches us through this mount, so the kernel's cached pages stay
-            // valid across opens.
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
-            Err(e) => reply.error(errno(&e)),
+        // A handle that may write is handed out after any page-cache store in flight.
+        let fill = self
+            .fill
+            .clone()
+            .filter(|_| flags.0 & libc::O_ACCMODE != libc::O_RDONLY);
+        self.fs.open_then(ino.0, flags.0, caller(req), move |r| {
+            after_stores(&fill, move || match r {
+                // Every write reaches us through this mount, so the kernel's cached pages
+                // stay valid across opens.
+                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+                Err(e) => reply.error(errno(&e)),
+            })
         });
     }
 
@@ -386,7 +484,8 @@ impl Filesystem for FuseAdapter {
             // A read smaller than a block (O_DIRECT reads bypass the page cache).
             u64::from(size) < block && flags.0 & libc::O_DIRECT == 0
         });
-        let Some(fill) = fill else {
+        // Taken before the read: see `PageFill`.
+        let Some((fill, quiet)) = fill.and_then(|f| Some((f, self.fs.quiet(fh.0)?))) else {
             return READ_BUF.with_borrow_mut(|buf| match self.fs.read(fh.0, offset, size, buf) {
                 Ok(n) => reply.data(&buf[..n]),
                 Err(e) => reply.error(errno(&e)),
@@ -405,7 +504,7 @@ impl Filesystem for FuseAdapter {
                 let to = from.saturating_add(size as usize).min(n);
                 reply.data(&buf[from..to]);
                 if to - from < n {
-                    fill.offer(ino.0, start, &buf[..n]);
+                    fill.offer(ino.0, start, &buf[..n], quiet);
                 }
             }
             Err(e) => reply.error(errno(&e)),
@@ -578,16 +677,20 @@ impl Filesystem for FuseAdapter {
     ) {
         guard!(self, reply);
         // Answered here when a file made ahead is ready; otherwise from a KMS waiter thread.
+        // Like a write open: a create can open a file that exists.
+        let fill = self.fill.clone();
         self.fs
-            .create_then(parent.0, name, mode, flags, caller(req), move |r| match r {
-                Ok((a, fh)) => reply.created(
-                    &TTL,
-                    &file_attr(&a),
-                    Generation(0),
-                    FileHandle(fh),
-                    FopenFlags::FOPEN_KEEP_CACHE,
-                ),
-                Err(e) => reply.error(errno(&e)),
+            .create_then(parent.0, name, mode, flags, caller(req), move |r| {
+                after_stores(&fill, move || match r {
+                    Ok((a, fh)) => reply.created(
+                        &TTL,
+                        &file_attr(&a),
+                        Generation(0),
+                        FileHandle(fh),
+                        FopenFlags::FOPEN_KEEP_CACHE,
+                    ),
+                    Err(e) => reply.error(errno(&e)),
+                })
             });
     }
 

@@ -145,6 +145,23 @@ pub fn render(state: &MountState) -> String {
         "Opens that missed the cache while another caller (prefetch, another open) was asking for the same key, and waited for that answer.",
         &one(get(&st.kms_joined)),
     );
+    if let Some(f) = &state.page_fill {
+        let c = &f.counts;
+        let outcomes: Vec<(String, f64)> = [
+            ("stored", &c.stored),
+            ("voided", &c.voided),
+            ("dropped", &c.dropped),
+        ]
+        .iter()
+        .map(|(k, n)| (format!("{{outcome=\"{k}\"}}"), get(n) as f64))
+        .collect();
+        family(
+            "kmsfs_page_fill_blocks_total",
+            "counter",
+            "Whole blocks a small read decrypted, by what became of them: stored in the page cache, voided (the file may have changed since), dropped (queue full).",
+            &outcomes,
+        );
+    }
     family(
         "kmsfs_key_cache_size",
         "gauge",

@@ -232,6 +232,12 @@ impl crate::control::Control for MountState {
                 "prefetched": st.prefetched.load(Ordering::Relaxed),
                 "prefetch_used": prefetch_used,
                 "prefetch_evicted_unused": prefetch_unused,
+                // Blocks a small read decrypted, handed to the page cache whole or not.
+                "page_fill": self.page_fill.as_ref().map(|f| json!({
+                    "stored": f.counts.stored.load(Ordering::Relaxed),
+                    "voided": f.counts.voided.load(Ordering::Relaxed),
+                    "dropped": f.counts.dropped.load(Ordering::Relaxed),
+                })),
             },
             "policy": self.fs.access().status(),
         })
