@@ -370,7 +370,7 @@ fn status(mountpoint: Option<PathBuf>, as_json: bool) -> Result<(), Fatal> {
         let f = &c["page_fill"];
         if f.is_object() {
             println!(
-                "  page fill   {} blocks stored in the page cache, {} voided by a write, {} dropped",
+                "  page fill   {} blocks stored in the page cache, {} voided (opened for writing or truncated since the read), {} dropped",
                 f["stored"], f["voided"], f["dropped"]
             );
         }

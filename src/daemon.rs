@@ -247,7 +247,7 @@ pub fn run_mount(req: MountRequest) -> Result<Ended, Fatal> {
     );
     // Small reads of files no one writes fill the page cache with whole blocks (see
     // `fuse::PageFill`).
-    let fill = Some(crate::fuse::PageFill::start().map_err(|e| fatal!("cannot start a thread: {e}"))?);
+    let fill = crate::fuse::PageFill::start().map_err(|e| fatal!("cannot start a thread: {e}"))?;
     let state = Arc::new(MountState {
         fs: fs.clone(),
         page_fill: fill.clone(),
@@ -274,9 +274,7 @@ pub fn run_mount(req: MountRequest) -> Result<Ended, Fatal> {
         }
     })?;
     let _ = state.notifier.set(session.notifier());
-    if let Some(f) = &fill {
-        f.set_notifier(session.notifier());
-    }
+    fill.set_notifier(session.notifier());
     log::info!("volume {} mounted at {}", config.volume_id, mountpoint.display());
     crate::audit::event(
         "mounted",

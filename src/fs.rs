@@ -10,6 +10,7 @@ pub mod inode;
 pub mod names;
 mod prefetch;
 mod prefetch_hooks;
+pub mod quiet;
 mod ready;
 mod stats;
 mod waiters;
@@ -461,11 +462,11 @@ impl Fs {
         let mut handles = self.handles();
         self.guard()?;
         if let Handle::File {
-            content, write: true, ..
+            inode, write: true, ..
         } = &h
         {
             // Before the handle exists: no write through it can come before this.
-            content.begin_change();
+            inode.changes.begin();
         }
         handles.insert(fh, Arc::new(h));
         Ok(fh)
@@ -560,9 +561,9 @@ impl Fs {
                 },
                 None => self.open_content(&inode, asker, wait)?,
             };
-            content.begin_change();
+            inode.changes.begin();
             let result = content.truncate(size);
-            content.end_change();
+            inode.changes.end();
             if fh.is_none() {
                 self.close_content(&inode);
             }
@@ -989,25 +990,20 @@ impl Fs {
     pub fn release(&self, fh: u64) {
         let h = self.handles().remove(&fh);
         if let Some(h) = h
-            && let Handle::File {
-                inode,
-                content,
-                write,
-                ..
-            } = &*h
+            && let Handle::File { inode, write, .. } = &*h
         {
             if *write {
-                content.end_change();
+                inode.changes.end();
             }
             self.close_content(inode);
         }
     }
 
-    /// A [`content::Quiet`] token for the file behind `fh` if no one may change its content
+    /// A [`quiet::Quiet`] token for the file behind `fh` if no one may change its content
     /// now (no write handle open, no truncate in progress).
-    pub fn quiet(&self, fh: u64) -> Option<content::Quiet> {
+    pub fn quiet(&self, fh: u64) -> Option<quiet::Quiet> {
         match &*self.handle(fh).ok()? {
-            Handle::File { content, .. } => content.quiet(),
+            Handle::File { inode, .. } => inode.changes.quiet(),
             Handle::Dir { .. } => None,
         }
     }

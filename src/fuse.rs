@@ -1,9 +1,9 @@
 //! The FUSE adapter: unpack a request, call the filesystem core, reply. Nothing else.
 
 use crate::fs::attr::Attr;
-use crate::fs::content::Quiet;
 use crate::fs::error::FsError;
 use crate::fs::inode::Kind;
+use crate::fs::quiet::Quiet;
 use crate::fs::{Caller, Fs, SetAttr};
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
@@ -25,13 +25,13 @@ pub const MAX_IO: u32 = 1024 * 1024;
 
 pub struct FuseAdapter {
     fs: Arc<Fs>,
-    /// Hands the kernel the rest of each block a small read decrypted, for files no one
-    /// writes.
-    fill: Option<Arc<PageFill>>,
+    /// Hands the kernel the rest of each block a small read decrypted, for files with no
+    /// write handle open.
+    fill: Arc<PageFill>,
 }
 
 impl FuseAdapter {
-    pub fn new(fs: Arc<Fs>, fill: Option<Arc<PageFill>>) -> Self {
+    pub fn new(fs: Arc<Fs>, fill: Arc<PageFill>) -> Self {
         FuseAdapter { fs, fill }
     }
 }
@@ -41,14 +41,20 @@ impl FuseAdapter {
 /// of a 64 KiB block costs the whole block's decryption, and without this the next 15 reads
 /// of that block would each pay it again.
 ///
-/// Only for a file no one may write. A store can race a change of the content: the kernel
-/// holds a page locked while its WRITE is with us, a store of that page waits for the lock
-/// and then puts the older plaintext over the newer; a store after a truncate's reply puts
-/// back pages the kernel just dropped. So a read takes a [`Quiet`] token before it decrypts
-/// (none while a write handle is open), and the store goes ahead only if the token still
-/// holds when it starts. A change that comes while a store is in flight waits for it:
-/// the replies to write opens, creates and truncates go through [`PageFill::after_stores`],
-/// so no WRITE and no truncate of the kernel's pages can follow before the store has ended.
+/// Only for a file with no write handle open. A store can race a change of the content: the
+/// kernel holds a page locked while its WRITE is with us, a store of that page waits for the
+/// lock and then puts the older plaintext over the newer; a store after a truncate's reply
+/// puts back pages the kernel just dropped. So a read takes a [`Quiet`] token before it
+/// decrypts (none while a write handle is open), and the store goes ahead only if the token
+/// still holds when it starts. A change that comes while a store is in flight waits for it:
+/// the replies to write opens and truncates go through [`PageFill::after_stores`], so no WRITE
+/// and no truncate of the kernel's pages can follow before the store has ended. (A create
+/// makes a new inode, which no store can concern.)
+///
+/// This relies on every change of content reaching us through a write handle or a truncate,
+/// before the kernel changes its pages: no writeback cache (dirty pages written back after
+/// the handle is gone) and no atomic O_TRUNC (a truncate inside OPEN). `init` asks for
+/// neither.
 ///
 /// The stores run on a thread of their own (a store waits for page locks that READs in
 /// flight hold, which only a free FUSE worker releases), from a bounded queue: when it is
@@ -77,9 +83,9 @@ pub struct PageFill {
 pub struct FillCounts {
     /// Handed to the kernel.
     pub stored: AtomicU64,
-    /// Not stored: the file's content could have changed since it was read.
+    /// Not stored: the file was opened for writing or truncated since it was read.
     pub voided: AtomicU64,
-    /// Not stored: the queue was full (or the fill closed).
+    /// Not stored: the queue was full, the fill closed (lock), or the kernel refused it.
     pub dropped: AtomicU64,
 }
 
@@ -135,7 +141,10 @@ impl PageFill {
 
     /// On the fill thread: hands `s` to the kernel if nothing changed since it was read.
     fn store(&self, s: Store) {
-        let Some(n) = self.notifier.get() else { return };
+        let Some(n) = self.notifier.get() else {
+            self.counts.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
         {
             let mut gate = self.lock_gate();
             // Checked under the gate: a change that comes after this finds `storing` set
@@ -151,9 +160,11 @@ impl PageFill {
             gate.storing = true;
         }
         // The kernel refuses a store for an inode it has forgotten: nothing to do then.
-        if n.store(INodeNo(s.ino), s.offset, &s.plain).is_ok() {
-            self.counts.stored.fetch_add(1, Ordering::Relaxed);
-        }
+        let outcome = match n.store(INodeNo(s.ino), s.offset, &s.plain) {
+            Ok(()) => &self.counts.stored,
+            Err(_) => &self.counts.dropped,
+        };
+        outcome.fetch_add(1, Ordering::Relaxed);
         let after = {
             let mut gate = self.lock_gate();
             gate.storing = false;
@@ -169,6 +180,7 @@ impl PageFill {
     /// `quiet`, for the page cache, unless the queue is full or the fill is closed.
     fn offer(&self, ino: u64, offset: u64, plain: &[u8], quiet: Quiet) {
         if self.closed.load(Ordering::SeqCst) {
+            self.counts.dropped.fetch_add(1, Ordering::Relaxed);
             return;
         }
         // Counted before it is sent, so the fill thread's decrement never comes first.
@@ -212,7 +224,7 @@ impl PageFill {
     }
 }
 
-/// Runs `reply` after any store in flight when there is a page fill, else at once.
+/// Runs `reply` after any store in flight when `fill` is given, else at once.
 fn after_stores(fill: &Option<Arc<PageFill>>, reply: impl FnOnce() + Send + 'static) {
     match fill {
         Some(f) => f.after_stores(reply),
@@ -309,7 +321,9 @@ fn empty(reply: ReplyEmpty, r: Result<(), FsError>) {
 
 impl Filesystem for FuseAdapter {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        // Large requests are the first lever on FUSE throughput (see bench/).
+        // Large requests are the first lever on FUSE throughput (see bench/). Nothing else is
+        // asked for: the page fill relies on having neither the writeback cache nor atomic
+        // O_TRUNC (see `PageFill`).
         let _ = config.set_max_write(MAX_IO);
         let _ = config.set_max_readahead(MAX_IO);
         Ok(())
@@ -361,7 +375,7 @@ impl Filesystem for FuseAdapter {
         };
         // A truncate by path that needs the KMS is answered from a KMS waiter thread; a
         // truncate after any page-cache store in flight.
-        let fill = self.fill.clone().filter(|_| size.is_some());
+        let fill = size.is_some().then(|| self.fill.clone());
         self.fs
             .setattr_then(ino.0, fh.map(|f| f.0), set, caller(req), move |r| {
                 after_stores(&fill, move || match r {
@@ -447,10 +461,7 @@ impl Filesystem for FuseAdapter {
         // Answered here when the key is in memory; otherwise from a KMS waiter thread, while
         // this worker serves other requests.
         // A handle that may write is handed out after any page-cache store in flight.
-        let fill = self
-            .fill
-            .clone()
-            .filter(|_| flags.0 & libc::O_ACCMODE != libc::O_RDONLY);
+        let fill = (flags.0 & libc::O_ACCMODE != libc::O_RDONLY).then(|| self.fill.clone());
         self.fs.open_then(ino.0, flags.0, caller(req), move |r| {
             after_stores(&fill, move || match r {
                 // Every write reaches us through this mount, so the kernel's cached pages
@@ -480,12 +491,12 @@ impl Filesystem for FuseAdapter {
             static READ_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
         let block = self.fs.layout().block_size();
-        let fill = self.fill.as_ref().filter(|_| {
-            // A read smaller than a block (O_DIRECT reads bypass the page cache).
-            u64::from(size) < block && flags.0 & libc::O_DIRECT == 0
-        });
-        // Taken before the read: see `PageFill`.
-        let Some((fill, quiet)) = fill.and_then(|f| Some((f, self.fs.quiet(fh.0)?))) else {
+        // A read smaller than a block (O_DIRECT reads bypass the page cache), of a file with
+        // no write handle open: the token is taken before the read (see `PageFill`).
+        let quiet = (u64::from(size) < block && flags.0 & libc::O_DIRECT == 0)
+            .then(|| self.fs.quiet(fh.0))
+            .flatten();
+        let Some(quiet) = quiet else {
             return READ_BUF.with_borrow_mut(|buf| match self.fs.read(fh.0, offset, size, buf) {
                 Ok(n) => reply.data(&buf[..n]),
                 Err(e) => reply.error(errno(&e)),
@@ -504,7 +515,7 @@ impl Filesystem for FuseAdapter {
                 let to = from.saturating_add(size as usize).min(n);
                 reply.data(&buf[from..to]);
                 if to - from < n {
-                    fill.offer(ino.0, start, &buf[..n], quiet);
+                    self.fill.offer(ino.0, start, &buf[..n], quiet);
                 }
             }
             Err(e) => reply.error(errno(&e)),
@@ -677,20 +688,16 @@ impl Filesystem for FuseAdapter {
     ) {
         guard!(self, reply);
         // Answered here when a file made ahead is ready; otherwise from a KMS waiter thread.
-        // Like a write open: a create can open a file that exists.
-        let fill = self.fill.clone();
         self.fs
-            .create_then(parent.0, name, mode, flags, caller(req), move |r| {
-                after_stores(&fill, move || match r {
-                    Ok((a, fh)) => reply.created(
-                        &TTL,
-                        &file_attr(&a),
-                        Generation(0),
-                        FileHandle(fh),
-                        FopenFlags::FOPEN_KEEP_CACHE,
-                    ),
-                    Err(e) => reply.error(errno(&e)),
-                })
+            .create_then(parent.0, name, mode, flags, caller(req), move |r| match r {
+                Ok((a, fh)) => reply.created(
+                    &TTL,
+                    &file_attr(&a),
+                    Generation(0),
+                    FileHandle(fh),
+                    FopenFlags::FOPEN_KEEP_CACHE,
+                ),
+                Err(e) => reply.error(errno(&e)),
             });
     }
 

@@ -145,8 +145,8 @@ pub fn render(state: &MountState) -> String {
         "Opens that missed the cache while another caller (prefetch, another open) was asking for the same key, and waited for that answer.",
         &one(get(&st.kms_joined)),
     );
-    if let Some(f) = &state.page_fill {
-        let c = &f.counts;
+    {
+        let c = &state.page_fill.counts;
         let outcomes: Vec<(String, f64)> = [
             ("stored", &c.stored),
             ("voided", &c.voided),
@@ -158,7 +158,7 @@ pub fn render(state: &MountState) -> String {
         family(
             "kmsfs_page_fill_blocks_total",
             "counter",
-            "Whole blocks a small read decrypted, by what became of them: stored in the page cache, voided (the file may have changed since), dropped (queue full).",
+            "Whole blocks a small read decrypted, by what became of them: stored in the page cache, voided (the file was opened for writing or truncated since the read), dropped (queue full, lock).",
             &outcomes,
         );
     }

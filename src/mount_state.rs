@@ -21,8 +21,8 @@ pub struct MountState {
     pub key_version: Mutex<u32>,
     /// Set once the FUSE session exists: tells the kernel to drop cached pages.
     pub notifier: OnceLock<fuser::Notifier>,
-    /// A read-only mount's page-cache fill: closed before the lock invalidates the cache.
-    pub page_fill: Option<Arc<crate::fuse::PageFill>>,
+    /// The page-cache fill: closed before the lock invalidates the cache.
+    pub page_fill: Arc<crate::fuse::PageFill>,
     pub started: Instant,
     /// The outcome of the last KMS call, whoever made it (an open, a create, the watcher).
     pub health: Arc<Health>,
@@ -89,9 +89,7 @@ impl MountState {
             return;
         };
         // No store may land after the invalidation below (this waits for one in flight).
-        if let Some(f) = &self.page_fill {
-            f.close();
-        }
+        self.page_fill.close();
         if let Some(n) = self.notifier.get() {
             for ino in inodes {
                 // Offset 0, length -1: the whole file's cached pages, mapped ones too.
@@ -233,11 +231,11 @@ impl crate::control::Control for MountState {
                 "prefetch_used": prefetch_used,
                 "prefetch_evicted_unused": prefetch_unused,
                 // Blocks a small read decrypted, handed to the page cache whole or not.
-                "page_fill": self.page_fill.as_ref().map(|f| json!({
-                    "stored": f.counts.stored.load(Ordering::Relaxed),
-                    "voided": f.counts.voided.load(Ordering::Relaxed),
-                    "dropped": f.counts.dropped.load(Ordering::Relaxed),
-                })),
+                "page_fill": {
+                    "stored": self.page_fill.counts.stored.load(Ordering::Relaxed),
+                    "voided": self.page_fill.counts.voided.load(Ordering::Relaxed),
+                    "dropped": self.page_fill.counts.dropped.load(Ordering::Relaxed),
+                },
             },
             "policy": self.fs.access().status(),
         })

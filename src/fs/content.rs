@@ -13,8 +13,7 @@ use rayon::prelude::*;
 use std::fs::File;
 use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock, Weak};
+use std::sync::{Arc, RwLock};
 
 /// Largest plaintext size we accept: keeps every backing offset well inside `i64`.
 pub const MAX_FILE_SIZE: u64 = 1 << 60;
@@ -39,31 +38,6 @@ pub struct ContentFile {
     size: RwLock<u64>,
     /// Only touched with `size` held exclusively.
     final_block: std::sync::Mutex<Option<FinalBlock>>,
-    /// Who may change the content now: write handles and truncates in progress. With none,
-    /// plaintext read now stays true until `changes` moves (see [`Quiet`]).
-    writers: AtomicUsize,
-    /// Bumped whenever `writers` goes up or down.
-    changes: AtomicU64,
-}
-
-/// Proof that no one could change a file's content from some moment on, taken before its
-/// plaintext is read; [`Quiet::holds`] says whether that is still so. The page fill
-/// (`fuse::PageFill`) hands the kernel a block's plaintext only while it holds: a write handle
-/// opened (or a truncate begun) since, even one already gone again, voids it.
-pub struct Quiet {
-    content: Weak<ContentFile>,
-    changes: u64,
-}
-
-impl Quiet {
-    /// True while no write handle or truncate came or went since the token was taken (and the
-    /// content is still open: once closed, a later open gets a new `ContentFile`, whose
-    /// changes this token cannot see).
-    pub fn holds(&self) -> bool {
-        self.content.upgrade().is_some_and(|c| {
-            c.writers.load(Ordering::SeqCst) == 0 && c.changes.load(Ordering::SeqCst) == self.changes
-        })
-    }
 }
 
 impl ContentFile {
@@ -98,31 +72,6 @@ impl ContentFile {
             writable,
             size: RwLock::new(size),
             final_block: std::sync::Mutex::new(None),
-            writers: AtomicUsize::new(0),
-            changes: AtomicU64::new(0),
-        })
-    }
-
-    /// A write handle opens or a truncate begins: the content may change until the matching
-    /// [`ContentFile::end_change`].
-    pub fn begin_change(&self) {
-        // Counted before the bump: a `quiet` that read the old `changes` and then sees no
-        // writer is voided by the bump, one that reads the new `changes` sees the writer.
-        self.writers.fetch_add(1, Ordering::SeqCst);
-        self.changes.fetch_add(1, Ordering::SeqCst);
-    }
-
-    pub fn end_change(&self) {
-        self.writers.fetch_sub(1, Ordering::SeqCst);
-        self.changes.fetch_add(1, Ordering::SeqCst);
-    }
-
-    /// A [`Quiet`] token if no one may change the content now; take it before reading.
-    pub fn quiet(self: &Arc<Self>) -> Option<Quiet> {
-        let changes = self.changes.load(Ordering::SeqCst);
-        (self.writers.load(Ordering::SeqCst) == 0).then(|| Quiet {
-            content: Arc::downgrade(self),
-            changes,
         })
     }
 

@@ -6,6 +6,7 @@
 
 use super::content::ContentFile;
 use super::error::{FsError, FsResult};
+use super::quiet::Changes;
 use crate::format::name::DirId;
 use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -73,6 +74,8 @@ pub struct Inode {
     /// files one after another finds the next ones, for prefetch, and the directory a
     /// symlink's target is sealed for (format 2). Hard links keep the latest.
     pub parent: AtomicU64,
+    /// Who may change a regular file's content (see `quiet`).
+    pub changes: Arc<Changes>,
 }
 
 impl Inode {
@@ -110,6 +113,7 @@ impl Inode {
             dir_id: OnceLock::new(),
             current,
             parent: AtomicU64::new(0),
+            changes: Arc::default(),
         }
     }
 }
