@@ -97,12 +97,21 @@ struct Gate {
 
 /// Blocks waiting for the fill thread at most; past that they are dropped.
 const FILL_QUEUE: usize = 16;
+/// The fill thread's nice value.
+const FILL_NICE: i32 = -10;
 
 struct Store {
     ino: u64,
     offset: u64,
-    plain: zeroize::Zeroizing<Vec<u8>>,
+    /// Wiped on drop.
+    plain: Vec<u8>,
     quiet: Quiet,
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        crate::crypto::wipe(&mut self.plain);
+    }
 }
 
 impl PageFill {
@@ -122,6 +131,13 @@ impl PageFill {
         std::thread::Builder::new()
             .name("kmsfs-page-fill".into())
             .spawn(move || {
+                // Ahead of the readers: with more readers than cores the fill thread was
+                // runnable but waiting for a core most of the time, its queue stayed full and
+                // nine blocks in ten were dropped. Its work is bounded by theirs (at most
+                // one store per read), and each store saves reads later.
+                if let Err(e) = crate::sys::nice_this_thread(FILL_NICE) {
+                    log::debug!("page fill thread keeps its priority: {e}");
+                }
                 for s in rx {
                     let Some(fill) = weak.upgrade() else { break };
                     fill.queued.fetch_sub(1, Ordering::Relaxed);
@@ -159,21 +175,13 @@ impl PageFill {
             }
             gate.storing = true;
         }
+        let _end = StoreEnds(self);
         // The kernel refuses a store for an inode it has forgotten: nothing to do then.
         let outcome = match n.store(INodeNo(s.ino), s.offset, &s.plain) {
             Ok(()) => &self.counts.stored,
             Err(_) => &self.counts.dropped,
         };
         outcome.fetch_add(1, Ordering::Relaxed);
-        let after = {
-            let mut gate = self.lock_gate();
-            gate.storing = false;
-            std::mem::take(&mut gate.after)
-        };
-        self.ended.notify_all();
-        for reply in after {
-            reply();
-        }
     }
 
     /// Queues the plaintext `plain` of inode `ino` from `offset` (block-aligned), read under
@@ -192,7 +200,7 @@ impl PageFill {
         let store = Store {
             ino,
             offset,
-            plain: zeroize::Zeroizing::new(plain.to_vec()),
+            plain: plain.to_vec(),
             quiet,
         };
         if self.queue.try_send(store).is_err() {
@@ -220,6 +228,25 @@ impl PageFill {
         let mut gate = self.lock_gate();
         while gate.storing {
             gate = self.ended.wait(gate).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+/// Ends a store however it ends (a panic included): clears `storing`, wakes `close`, and
+/// sends the replies that waited, so no write open or truncate waits for good.
+struct StoreEnds<'a>(&'a PageFill);
+
+impl Drop for StoreEnds<'_> {
+    fn drop(&mut self) {
+        let fill = self.0;
+        let after = {
+            let mut gate = fill.lock_gate();
+            gate.storing = false;
+            std::mem::take(&mut gate.after)
+        };
+        fill.ended.notify_all();
+        for reply in after {
+            reply();
         }
     }
 }

@@ -158,7 +158,7 @@ pub fn render(state: &MountState) -> String {
         family(
             "kmsfs_page_fill_blocks_total",
             "counter",
-            "Whole blocks a small read decrypted, by what became of them: stored in the page cache, voided (the file was opened for writing or truncated since the read), dropped (queue full, lock).",
+            "Whole blocks a small read decrypted, by what became of them: stored in the page cache, voided (the file was opened for writing or truncated since the read), dropped (queue full, lock, refused by the kernel).",
             &outcomes,
         );
     }

@@ -406,6 +406,12 @@ pub fn disable_core_dumps() -> io::Result<()> {
 }
 
 /// Sets the process umask, returning the old one.
+/// Sets the calling thread's nice value (Linux keeps it per thread, and `who = 0` is the
+/// calling thread). A negative value needs CAP_SYS_NICE; without it this fails with EACCES.
+pub fn nice_this_thread(nice: i32) -> io::Result<()> {
+    Ok(rustix::process::setpriority_process(None, nice)?)
+}
+
 pub fn set_umask(mask: u32) -> u32 {
     rustix::process::umask(Mode::from_bits_retain(mask)).bits()
 }

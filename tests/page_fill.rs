@@ -149,25 +149,45 @@ fn a_file_open_for_writing_is_not_filled() {
     v.unmount();
 }
 
-/// Readers fill the page cache from a file that a writer rewrites whole, opening and closing
-/// it each round, and truncating it first in two rounds of three (by path, and by O_TRUNC). A
-/// store of plaintext read before a write or truncate must never land after it: no read that
-/// starts after a round ended may see an older round, and at the end every page holds the
-/// last round (the kernel keeps cached pages across opens).
+/// The page fill's counts from `kmsfs status`: stored, voided, dropped.
+fn fill_counts(v: &Volume) -> [u64; 3] {
+    let mnt = v.mnt.to_str().unwrap();
+    let st: serde_json::Value = serde_json::from_slice(&run_ok(&["status", mnt, "--json"]).stdout).unwrap();
+    let f = &st[0]["counters"]["page_fill"];
+    ["stored", "voided", "dropped"].map(|k| f[k].as_u64().expect("page_fill counts in status"))
+}
+
+/// Readers fill the page cache from a file that a writer changes round after round, opening
+/// and closing it each time. Rounds, by `g % 4`: 0 truncates by path to half and writes that
+/// half; 1 opens with O_TRUNC and writes the whole file; 2 writes it whole; 3 truncates by
+/// path to nothing and writes it whole. A store of plaintext read before a write or truncate
+/// must never land after it (a store past a truncate would also bring back the cut part): no
+/// read that starts after round `g` ended may see an older round, zeros only while a round
+/// that truncates has begun since, and at the end every page holds the last round (the
+/// kernel keeps cached pages across opens).
 #[test]
 fn a_fill_never_puts_older_data_over_a_finished_write() {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     const BLOCKS: u64 = 8;
-    const ROUNDS: u64 = 300;
+    const ROUNDS: u64 = 302; // a whole write last
     let len = (BLOCKS * BLOCK) as usize;
-    // Every 8-byte word of round `g`'s content is `g` with a mark (bit 40): zeros are no round.
+    // Every 8-byte word of round `g`'s content is `g` with a mark (bit 40).
     const MARK: u64 = 1 << 40;
     let round = |g: u64| -> Vec<u8> { (g | MARK).to_le_bytes().repeat(len / 8) };
-    // The oldest round in a page; `None` if some word is no round's (zeros).
-    let oldest = |page: &[u8]| -> Option<u64> {
-        let words = page.chunks(8).map(|w| u64::from_le_bytes(w.try_into().unwrap()));
-        let min = words.min().unwrap();
-        (min & MARK != 0).then_some(min & !MARK)
+    let truncates = |g: u64| g % 4 != 2;
+    // The oldest round in a page, and whether it holds zeros (a truncated part, read while
+    // it was cut).
+    let oldest = |page: &[u8]| -> (Option<u64>, bool) {
+        let words: Vec<u64> = page
+            .chunks(8)
+            .map(|w| u64::from_le_bytes(w.try_into().unwrap()))
+            .collect();
+        assert!(
+            words.iter().all(|w| *w == 0 || w & MARK != 0),
+            "a word of no round"
+        );
+        let rounds = words.iter().filter(|w| **w != 0).map(|w| w & !MARK).min();
+        (rounds, words.contains(&0))
     };
     let mut v = Volume::new();
     v.mount(&[]);
@@ -189,21 +209,24 @@ fn a_fill_never_puts_older_data_over_a_finished_write() {
                     let at = rng.below(BLOCKS * BLOCK / 4096) * 4096;
                     // Drop the cached pages first: the read goes to the daemon and fills.
                     rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).unwrap();
-                    // Short while a round has truncated the file and not yet written it.
+                    // Short past the end of a file truncated (for now, or to half).
                     if f.read_at(&mut page, at).unwrap() < page.len() {
                         continue;
                     }
-                    match oldest(&page) {
-                        Some(seen) => assert!(
+                    let (seen, zeros) = oldest(&page);
+                    if let Some(seen) = seen {
+                        assert!(
                             seen >= finished,
                             "read at {at} after round {finished} ended saw round {seen}"
-                        ),
-                        // A read that overlaps a truncate may see the truncated pages.
-                        None => assert!(
-                            begun.load(Ordering::SeqCst) > finished,
-                            "read at {at} after round {finished} ended saw zeros, no round begun since"
-                        ),
+                        );
                     }
+                    // The kernel zero-fills a page whose READ came while a truncate had cut
+                    // it: only a read that overlaps a round that truncates sees that.
+                    let now = begun.load(Ordering::SeqCst);
+                    assert!(
+                        !zeros || (finished + 1..=now).any(truncates),
+                        "read at {at} saw zeros, with no truncate since round {finished} ended"
+                    );
                     reads += 1;
                 }
                 reads
@@ -213,32 +236,51 @@ fn a_fill_never_puts_older_data_over_a_finished_write() {
     let c_path = std::ffi::CString::new(v.m("clip").into_os_string().into_encoded_bytes()).unwrap();
     for g in 1..=ROUNDS {
         begun.store(g, Ordering::SeqCst);
-        if g % 3 == 0 {
-            assert_eq!(unsafe { libc::truncate(c_path.as_ptr(), 0) }, 0);
+        let mut content = round(g);
+        match g % 4 {
+            0 => {
+                content.truncate(len / 2);
+                assert_eq!(unsafe { libc::truncate(c_path.as_ptr(), len as i64 / 2) }, 0);
+            }
+            3 => assert_eq!(unsafe { libc::truncate(c_path.as_ptr(), 0) }, 0),
+            _ => {}
         }
         let w = std::fs::OpenOptions::new()
             .write(true)
-            .truncate(g % 3 == 1)
+            .truncate(g % 4 == 1)
             .open(v.m("clip"))
             .unwrap();
-        w.write_all_at(&round(g), 0).unwrap();
+        w.write_all_at(&content, 0).unwrap();
         drop(w);
         done.store(g, Ordering::SeqCst);
     }
     stop.store(true, Ordering::SeqCst);
     let reads: u64 = readers.into_iter().map(|r| r.join().unwrap()).sum();
     assert!(reads > 1000, "the readers read only {reads} pages");
+    // Every block offered has been dealt with (the counts hold still), so a late store
+    // would be in the page cache by now.
+    let mut counts = fill_counts(&v);
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let again = fill_counts(&v);
+        if again == counts {
+            break;
+        }
+        counts = again;
+    }
     // The race was there to lose: blocks were stored between the rounds.
-    let mnt = v.mnt.to_str().unwrap().to_owned();
-    let st: serde_json::Value = serde_json::from_slice(&run_ok(&["status", &mnt, "--json"]).stdout).unwrap();
-    let fill = &st[0]["counters"]["page_fill"];
-    assert!(fill["stored"].as_u64().unwrap_or(0) > 0, "no block stored: {st}");
-    eprintln!("{reads} reads; page fill {fill}");
+    assert!(counts[0] > 0, "no block stored: {counts:?}");
+    eprintln!("{reads} reads; page fill stored, voided, dropped: {counts:?}");
     let f = std::fs::File::open(v.m("clip")).unwrap();
+    assert_eq!(f.metadata().unwrap().len(), len as u64);
     let mut page = vec![0u8; 4096];
     for at in (0..BLOCKS * BLOCK).step_by(4096) {
         f.read_exact_at(&mut page, at).unwrap();
-        assert_eq!(oldest(&page), Some(ROUNDS), "page at {at} after the last round");
+        assert_eq!(
+            oldest(&page),
+            (Some(ROUNDS), false),
+            "page at {at} after the last round"
+        );
     }
     drop(f);
     v.unmount();
