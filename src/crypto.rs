@@ -63,14 +63,6 @@ pub fn scrubbed<R>(f: impl FnOnce() -> R) -> R {
     r
 }
 
-/// Wipes a large buffer of plaintext at memset speed. `zeroize` writes it a byte at a time
-/// through volatile stores (a 64 KiB block took longer to wipe than to hand to the kernel);
-/// `fill` is a memset, and `black_box` keeps the compiler from dropping it as a dead store.
-pub fn wipe(buf: &mut [u8]) {
-    buf.fill(0);
-    std::hint::black_box(buf);
-}
-
 /// A frame of its own, so that whatever `f` leaves on the stack is below [`scrubbed`]'s
 /// caller, where [`scrub_stack`] reaches.
 #[inline(never)]

@@ -110,7 +110,11 @@ struct Store {
 
 impl Drop for Store {
     fn drop(&mut self) {
-        crate::crypto::wipe(&mut self.plain);
+        // At memset speed: `zeroize` writes a byte at a time through volatile stores, and a
+        // 64 KiB block took longer to wipe that way than to hand to the kernel. `black_box`
+        // keeps the compiler from dropping the memset as a dead store.
+        self.plain.fill(0);
+        std::hint::black_box(&mut self.plain);
     }
 }
 
