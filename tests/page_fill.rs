@@ -43,6 +43,16 @@ fn resident(path: &std::path::Path) -> u64 {
     String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0)
 }
 
+/// Waits (up to `secs`) until the page cache holds at least `want` bytes of `path`; returns
+/// what it holds then. The fill runs on a thread of its own, after the reply.
+fn wait_resident(path: &std::path::Path, want: u64, secs: u64) -> u64 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while resident(path) < want && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    resident(path)
+}
+
 /// Reads 4 KiB of block 1, waits until the page cache holds the whole block (`filled`) or
 /// checks that it holds only that page, then alters block 1's ciphertext in the backing file;
 /// returns what reading another page of block 1 then gives.
@@ -56,12 +66,7 @@ fn page_after_tamper(
     let mut buf = vec![0u8; 4096];
     f.read_exact_at(&mut buf, BLOCK + 4096).unwrap();
     assert_eq!(buf, data[(BLOCK + 4096) as usize..][..4096]);
-    // The fill runs on a thread of its own, after the reply.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(if filled { 10 } else { 1 });
-    while resident(path) < BLOCK && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    let res = resident(path);
+    let res = wait_resident(path, BLOCK, if filled { 10 } else { 1 });
     if filled {
         assert!(res >= BLOCK, "{res} bytes in the page cache after a 4 KiB read");
     } else {
@@ -124,11 +129,7 @@ fn a_read_then_close_still_fills() {
         .read_exact_at(&mut buf, 2 * BLOCK)
         .unwrap();
     assert_eq!(buf, data[2 * BLOCK as usize..][..4096]);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while resident(&v.m("video")) < BLOCK && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    assert_eq!(resident(&v.m("video")), BLOCK);
+    assert_eq!(wait_resident(&v.m("video"), BLOCK, 10), BLOCK);
     v.unmount();
 }
 
