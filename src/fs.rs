@@ -726,7 +726,7 @@ impl Fs {
             return Err(e.into());
         }
         // Its mode as asked, and its times those of the create, not of when it was made.
-        let made = sys::chmod_fd(r.file.as_fd(), mode & 0o7777)
+        let made = sys::fchmod(r.file.as_fd(), mode & 0o7777)
             .and_then(|()| sys::utimens_fd(r.file.as_fd(), Some(None), Some(None)))
             .map_err(FsError::from)
             .and_then(|()| ContentFile::new(r.file, r.cipher.clone(), self.layout, true));

@@ -269,6 +269,12 @@ pub fn link_fd(fd: BorrowedFd<'_>, newdir: BorrowedFd<'_>, newname: &OsStr) -> i
     )?)
 }
 
+/// fchmod(2) of an open descriptor (not O_PATH): no walk through /proc, which costs a create
+/// more than the rest of its syscalls together.
+pub fn fchmod(fd: BorrowedFd<'_>, mode: u32) -> io::Result<()> {
+    Ok(rustix::fs::fchmod(fd, Mode::from_bits_retain(mode))?)
+}
+
 /// chmod of the object an O_PATH descriptor refers to.
 pub fn chmod_fd(fd: BorrowedFd<'_>, mode: u32) -> io::Result<()> {
     let p = proc_fd_path(fd);

@@ -13,6 +13,7 @@ use rayon::prelude::*;
 use std::fs::File;
 use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 /// Largest plaintext size we accept: keeps every backing offset well inside `i64`.
@@ -23,6 +24,65 @@ pub const MAX_FILE_SIZE: u64 = 1 << 60;
 struct FinalBlock {
     index: u64,
     plain: Vec<u8>,
+}
+
+/// Requests of this process now sealing or opening several records.
+static MULTI_RECORD_BUSY: AtomicUsize = AtomicUsize::new(0);
+
+/// Cores below which a request's records are never split: the caller copying the data and
+/// the kernel moving it already need two. On a 2-core machine splitting a 1 MiB sequential
+/// read or write gained no speed and cost a quarter of the daemon's CPU (the pool's
+/// hand-offs and its idle threads' yielding).
+const SPLIT_MIN_CORES: usize = 4;
+
+/// Whether this machine has cores to spare for splitting a request.
+fn cores_to_spare() -> bool {
+    static SPARE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SPARE.get_or_init(|| std::thread::available_parallelism().is_ok_and(|n| n.get() >= SPLIT_MIN_CORES))
+}
+
+/// One request sealing or opening several records, counted in [`MULTI_RECORD_BUSY`] while
+/// it lives. Its records are split across the cores only when it is alone and the machine
+/// has cores to spare: a lone request (a direct read or write at queue depth 1, one stream
+/// on a large server) then finishes sooner, while concurrent requests already keep the
+/// cores busy and splitting them too only adds hand-offs.
+struct Busy {
+    split: bool,
+}
+
+impl Busy {
+    fn enter() -> Self {
+        let alone = MULTI_RECORD_BUSY.fetch_add(1, Ordering::Relaxed) == 0;
+        Busy {
+            split: alone && cores_to_spare(),
+        }
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        MULTI_RECORD_BUSY.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Runs `f` on each `record`-long piece of `buf` (the last may be short) with its block
+/// index, counting from `first`; on the pool's threads when `split`. The first error wins.
+fn for_each_record(
+    buf: &mut [u8],
+    record: usize,
+    first: u64,
+    split: bool,
+    f: impl Fn(u64, &mut [u8]) -> FsResult<()> + Sync,
+) -> FsResult<()> {
+    if split {
+        buf.par_chunks_mut(record)
+            .enumerate()
+            .try_for_each(|(i, rec)| f(first + i as u64, rec))
+    } else {
+        buf.chunks_mut(record)
+            .enumerate()
+            .try_for_each(|(i, rec)| f(first + i as u64, rec))
+    }
 }
 
 /// One open file's content: the backing descriptor, the file's cipher and its size.
@@ -135,7 +195,8 @@ impl ContentFile {
     }
 
     /// Runs `f` on each record of `buf` (records of consecutive blocks from `first`; the last
-    /// may be short), in parallel when there are several; the first error wins.
+    /// may be short); the first error wins. See [`Busy`] for when the records are split
+    /// across the cores.
     fn each_record(
         &self,
         buf: &mut [u8],
@@ -146,9 +207,8 @@ impl ContentFile {
         if buf.len() <= record {
             return f(first, buf);
         }
-        buf.par_chunks_mut(record)
-            .enumerate()
-            .try_for_each(|(i, rec)| f(first + i as u64, rec))
+        let busy = Busy::enter();
+        for_each_record(buf, record, first, busy.split, f)
     }
 
     /// Writes `data` at `off`, growing the file if needed.

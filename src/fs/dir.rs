@@ -225,7 +225,7 @@ impl Fs {
             // bit on, as mkdir(2) would have.
             let parent_st = sys::fstatat(dir.fd(), OsStr::new(""))?;
             let inherit = parent_st.st_mode & libc::S_ISGID;
-            sys::chmod_fd(tfd.as_fd(), (mode & 0o7777) | inherit)?;
+            sys::fchmod(tfd.as_fd(), (mode & 0o7777) | inherit)?;
             // Its id file's entry and its mode are durable before it gets its name.
             sys::fsync_dir(tfd.as_fd())?;
             self.create_entry(&dir, &b, |final_name| {

@@ -37,8 +37,8 @@ use std::time::Duration;
 
 /// Files kept ready; a refill starts when fewer than half are left.
 const TARGET: usize = 128;
-/// Files made and synced together.
-const BATCH: usize = 64;
+/// Files made and synced together; a refill makes whole batches (half the target).
+const BATCH: usize = TARGET / 2;
 /// Threads that flush one batch: the journal commits concurrent flushes together.
 const SYNC_THREADS: usize = 16;
 
@@ -218,20 +218,19 @@ impl ReadyFiles {
         }
     }
 
-    /// Runs on its own thread: makes files until the queue is full again.
+    /// Runs on its own thread: makes whole batches while one more fits. Never a short batch
+    /// to top the queue up: while creates take files, that would flush a few files at a time,
+    /// each batch paying for its sync threads (most of a ready file's cost when they were
+    /// started for two or three files).
     fn fill(&self, maker: &Maker) {
         loop {
-            let want = {
+            {
                 let st = self.state();
-                if st.closed {
+                if st.closed || st.queue.len() + BATCH > TARGET {
                     break;
                 }
-                TARGET.saturating_sub(st.queue.len()).min(BATCH)
-            };
-            if want == 0 {
-                break;
             }
-            let batch = match self.make_batch(maker, want) {
+            let batch = match self.make_batch(maker, BATCH) {
                 Ok(b) => b,
                 Err(e) => {
                     // The KMS's answer has been reported; creates make their own files now.

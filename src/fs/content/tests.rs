@@ -229,3 +229,23 @@ fn a_torn_tail_is_ignored_and_cut_on_writable_open() {
         assert_eq!(tmp.as_file().metadata().unwrap().len(), good);
     }
 }
+
+/// Split across the pool's threads or not (a 2-core machine never splits), every record is
+/// visited once with its own block index, and an error in one comes back.
+#[test]
+fn records_are_visited_alike_split_or_not() {
+    for split in [false, true] {
+        let mut buf: Vec<u8> = vec![0; 10 * 7 + 3];
+        for_each_record(&mut buf, 7, 40, split, |b, rec| {
+            rec.fill(b as u8);
+            Ok(())
+        })
+        .unwrap();
+        let want: Vec<u8> = (0..buf.len()).map(|i| 40 + (i / 7) as u8).collect();
+        assert_eq!(buf, want, "split: {split}");
+        let failed = for_each_record(&mut buf, 7, 40, split, |b, _| {
+            if b == 45 { Err(FsError::Corrupt) } else { Ok(()) }
+        });
+        assert!(matches!(failed, Err(FsError::Corrupt)), "split: {split}");
+    }
+}
