@@ -720,8 +720,15 @@ impl Fs {
         let Some(r) = self.ready.take(&self.maker()) else {
             return Ok(None);
         };
-        let root = self.ready.root();
-        if let Err(e) = sys::renameat2(root.fd(), &r.name, dir.fd(), name, libc::RENAME_NOREPLACE) {
+        let placed = match &r.name {
+            // Only the target directory is locked, and the backing root never changes.
+            None => sys::link_fd(r.file.as_fd(), dir.fd(), name),
+            Some(hidden) => {
+                let root = self.ready.root();
+                sys::renameat2(root.fd(), hidden, dir.fd(), name, libc::RENAME_NOREPLACE)
+            }
+        };
+        if let Err(e) = placed {
             self.ready.put_back(r);
             return Err(e.into());
         }

@@ -185,3 +185,42 @@ fn sigkill_of_rewrap_leaves_every_file_readable() {
         "all files on the newest version: {dry}"
     );
 }
+
+/// Files made ahead of creates (src/fs/ready.rs) have no name where the backing filesystem
+/// makes nameless files (O_TMPFILE, as ext4 and tmpfs do): the backing root holds no hidden
+/// entries while creates take them, nor after the daemon is killed with files ready.
+#[test]
+fn files_made_ahead_of_creates_leave_no_names() {
+    let mut vol = Volume::mounted();
+    let hidden = |vol: &Volume| -> Vec<String> {
+        std::fs::read_dir(&vol.backing)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".kmsfs.tmp."))
+            .collect()
+    };
+    // The first create makes its own file and starts a refill; the later ones take ready files.
+    for i in 0..70 {
+        std::fs::write(vol.m(&format!("f{i}")), i.to_string()).unwrap();
+        if i == 0 {
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        vol.log_text().contains(r#""ahead":true"#),
+        "no file was made ahead of its create"
+    );
+    assert_eq!(hidden(&vol), Vec::<String>::new(), "while mounted");
+    kill(vol.daemon_pid());
+    lazy_unmount(&vol.mnt);
+    assert!(vol.wait_daemon_gone(10), "killed daemon still holds the volume");
+    assert_eq!(hidden(&vol), Vec::<String>::new(), "after the daemon was killed");
+    vol.mount(&[]);
+    for i in 0..70 {
+        assert_eq!(
+            std::fs::read_to_string(vol.m(&format!("f{i}"))).unwrap(),
+            i.to_string()
+        );
+    }
+}

@@ -183,6 +183,12 @@ fn what_a_program_made_durable_survives_a_power_cut() {
         torn_total += found.torn_blocks;
         in_flight_total += in_flight.is_some() as usize;
     }
+    // The power-cut layer makes no nameless (O_TMPFILE) files, so the creates above took
+    // files made ahead under hidden names: the path that ext4 and tmpfs backings never take.
+    assert!(
+        rig.vol.log_text().contains("makes no nameless files"),
+        "the files made ahead of creates were not the named kind"
+    );
     eprintln!(
         "{} power cuts: {acked_total} acknowledged operations checked, {in_flight_total} in flight at \
          the cut, {torn_total} torn blocks (written by the write in flight)",

@@ -4,16 +4,18 @@
 //! produces). Syncing each header in the create costs a disk flush per file (5–6× fewer
 //! creates per second on a disk), and waits on the KMS while the kernel holds the directory.
 //!
-//! So a background thread keeps a few dozen files ready in the backing root, under hidden
-//! names: each with a new file id, a DEK from the KMS wrapped in its header, synced, in
-//! batches whose flushes run in parallel (the filesystem's journal commits them together). A
-//! create renames one into place and sets its mode: no KMS call, no flush. When none is ready
-//! (the first create of a mount, a burst, the KMS away) the create makes its file itself, and
-//! syncs it.
+//! So a background thread keeps a few dozen files ready: each with a new file id, a DEK from
+//! the KMS wrapped in its header, synced, in batches whose flushes run in parallel (the
+//! filesystem's journal commits them together). A create links one into place and sets its
+//! mode: no KMS call, no flush. When none is ready (the first create of a mount, a burst, the
+//! KMS away) the create makes its file itself, and syncs it.
 //!
-//! Ready files are hidden temporary entries (`.kmsfs.tmp.ready.<hex>`): unmount and lock
-//! remove them, a crash leaves them for the next writable mount to remove (fsck lists
-//! them as notices meanwhile). Their keys are dropped with the volume's other keys on lock.
+//! Ready files have no name where the backing filesystem can make such files (O_TMPFILE:
+//! ext4, xfs, btrfs, tmpfs): a create links one into its directory, and a crash leaves
+//! nothing behind. Elsewhere (NFS, FUSE) they are hidden temporary entries in the backing
+//! root (`.kmsfs.tmp.ready.<hex>`) that a create renames into place: unmount and lock remove
+//! them, a crash leaves them for the next writable mount to remove (fsck lists them as
+//! notices meanwhile). Their keys are dropped with the volume's other keys on lock.
 
 use super::error::{FsError, FsResult};
 use super::inode::Inode;
@@ -31,7 +33,7 @@ use std::fs::File;
 use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -46,9 +48,10 @@ fn ready_prefix() -> String {
     format!("{TEMP_PREFIX}ready.")
 }
 
-/// A file with its header, durable, under a hidden name in the backing root.
+/// A file with its header, durable, nameless or under a hidden name in the backing root.
 pub(super) struct Ready {
-    pub name: OsString,
+    /// `None` for a nameless (O_TMPFILE) file.
+    pub name: Option<OsString>,
     pub file: File,
     pub file_id: FileId,
     pub cipher: Arc<ContentCipher>,
@@ -133,6 +136,8 @@ struct State {
 /// The ready files of one mount.
 pub(super) struct ReadyFiles {
     root: Arc<Inode>,
+    /// The backing filesystem makes nameless files (until an O_TMPFILE open says otherwise).
+    nameless: AtomicBool,
     state: Mutex<State>,
     /// Signalled when a refill ends.
     filled: Condvar,
@@ -145,6 +150,7 @@ impl ReadyFiles {
     pub fn new(root: Arc<Inode>, writable: bool) -> Self {
         let ready = ReadyFiles {
             root,
+            nameless: AtomicBool::new(true),
             state: Mutex::new(State::default()),
             filled: Condvar::new(),
         };
@@ -192,7 +198,7 @@ impl ReadyFiles {
         let mut st = self.state();
         if st.closed {
             drop(st);
-            self.remove(&ready.name);
+            self.discard(&ready);
         } else {
             st.queue.push_front(ready);
         }
@@ -206,7 +212,14 @@ impl ReadyFiles {
             st.queue.drain(..).collect()
         };
         for r in drained {
-            self.remove(&r.name);
+            self.discard(&r);
+        }
+    }
+
+    /// Removes a ready file's name, if it has one; closing it frees the rest.
+    fn discard(&self, r: &Ready) {
+        if let Some(name) = &r.name {
+            self.remove(name);
         }
     }
 
@@ -241,7 +254,7 @@ impl ReadyFiles {
             let mut st = self.state();
             if st.closed {
                 drop(st);
-                batch.iter().for_each(|r| self.remove(&r.name));
+                batch.iter().for_each(|r| self.discard(r));
                 break;
             }
             st.queue.extend(batch);
@@ -269,21 +282,18 @@ impl ReadyFiles {
                 }
                 let key = maker.new_key(true, Wait::Forever)?;
                 let file_id = key.file_id;
-                let mut r = [0u8; 8];
-                crate::crypto::fill_random(&mut r);
-                let name: OsString = format!("{}{}", ready_prefix(), crate::hex::encode(&r)).into();
-                let flags = libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW;
-                let file = File::from(sys::openat(self.root.fd(), &name, flags, 0o600)?);
-                let ready = write_header(&file, key).map(|cipher| Ready {
-                    name: name.clone(),
-                    file,
-                    file_id,
-                    cipher,
-                });
-                match ready {
-                    Ok(r) => batch.push(r),
+                let (file, name) = self.new_file()?;
+                match write_header(&file, key) {
+                    Ok(cipher) => batch.push(Ready {
+                        name,
+                        file,
+                        file_id,
+                        cipher,
+                    }),
                     Err(e) => {
-                        self.remove(&name);
+                        if let Some(name) = &name {
+                            self.remove(name);
+                        }
                         return Err(e);
                     }
                 }
@@ -291,10 +301,35 @@ impl ReadyFiles {
             sync_all(&batch)
         })();
         if let Err(e) = made {
-            batch.iter().for_each(|r| self.remove(&r.name));
+            batch.iter().for_each(|r| self.discard(r));
             return Err(e);
         }
         Ok(batch)
+    }
+
+    /// A new empty file: nameless if the backing filesystem can make one, else under a
+    /// hidden name in the backing root.
+    fn new_file(&self) -> FsResult<(File, Option<OsString>)> {
+        if self.nameless.load(Ordering::Relaxed) {
+            let flags = libc::O_RDWR | libc::O_TMPFILE;
+            match sys::openat(self.root.fd(), OsStr::new("."), flags, 0o600) {
+                Ok(fd) => return Ok((File::from(fd), None)),
+                // What open(2) answers a filesystem without O_TMPFILE.
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EISDIR)) => {
+                    log::info!(
+                        "the backing filesystem makes no nameless files; files made ahead of creates get hidden names"
+                    );
+                    self.nameless.store(false, Ordering::Relaxed);
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let mut r = [0u8; 8];
+        crate::crypto::fill_random(&mut r);
+        let name: OsString = format!("{}{}", ready_prefix(), crate::hex::encode(&r)).into();
+        let flags = libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW;
+        let file = File::from(sys::openat(self.root.fd(), &name, flags, 0o600)?);
+        Ok((file, Some(name)))
     }
 
     /// Removes ready files a crashed mount left in the backing root. Only one mount at a time
