@@ -710,9 +710,11 @@ impl Fs {
         Ok(cipher)
     }
 
-    /// A create from a file made ahead (`ready`): renamed into place as `name` in `dir` and
-    /// given its mode. `None` when no file is ready, or in a set-group-id directory (a file
-    /// made in the root would not carry the directory's group).
+    /// A create from a file made ahead (`ready`): linked (nameless) or renamed (hidden name)
+    /// into place as `name` in `dir`, and given its mode. `None` when no file is ready, in a
+    /// set-group-id directory (a file made in the root would not carry the directory's
+    /// group), or when it cannot be put there (`dir` on another filesystem mounted inside
+    /// the backing tree: EXDEV): the create then makes its own file.
     fn create_from_ready(&self, dir: &Inode, name: &OsStr, mode: u32) -> FsResult<Option<ContentFile>> {
         if sys::fstatat(dir.fd(), OsStr::new(""))?.st_mode & libc::S_ISGID != 0 {
             return Ok(None);
@@ -721,7 +723,6 @@ impl Fs {
             return Ok(None);
         };
         let placed = match &r.name {
-            // Only the target directory is locked, and the backing root never changes.
             None => sys::link_fd(r.file.as_fd(), dir.fd(), name),
             Some(hidden) => {
                 let root = self.ready.root();
@@ -730,7 +731,10 @@ impl Fs {
         };
         if let Err(e) = placed {
             self.ready.put_back(r);
-            return Err(e.into());
+            return match e.raw_os_error() {
+                Some(libc::EEXIST) => Err(e.into()),
+                _ => Ok(None),
+            };
         }
         // Its mode as asked, and its times those of the create, not of when it was made.
         let made = sys::fchmod(r.file.as_fd(), mode & 0o7777)

@@ -260,10 +260,11 @@ pub fn renameat2(
 /// Creates a hard link `newdir/newname` to the object a descriptor (O_PATH or open, or an
 /// O_TMPFILE file not yet linked) refers to.
 pub fn link_fd(fd: BorrowedFd<'_>, newdir: BorrowedFd<'_>, newname: &OsStr) -> io::Result<()> {
-    // The descriptor itself, with no walk through /proc, needs CAP_DAC_READ_SEARCH (a root
-    // daemon has it); without it the kernel answers ENOENT.
+    // The descriptor itself, with no walk through /proc: allowed with CAP_DAC_READ_SEARCH (a
+    // root daemon has it), and since Linux 6.10 for a file opened with the caller's own
+    // credentials; otherwise the kernel answers ENOENT.
     match rustix::fs::linkat(fd, EMPTY, newdir, newname, AtFlags::EMPTY_PATH) {
-        Err(e) if e == Errno::NOENT || e == Errno::PERM => {}
+        Err(e) if e == Errno::NOENT => {}
         r => return Ok(r?),
     }
     let p = proc_fd_path(fd);

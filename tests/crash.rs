@@ -207,6 +207,10 @@ fn files_made_ahead_of_creates_leave_no_names() {
         }
     }
     std::thread::sleep(Duration::from_millis(500));
+    if vol.log_text().contains("makes no nameless files") {
+        eprintln!("skipped: the filesystem of the test volumes makes no nameless files");
+        return;
+    }
     assert!(
         vol.log_text().contains(r#""ahead":true"#),
         "no file was made ahead of its create"

@@ -625,3 +625,61 @@ fn the_kernel_sends_one_mebibyte_requests() {
     let big_writes = log.matches("write 1048576 bytes").count();
     assert_eq!(big_writes, 4, "expected four 1 MiB write requests; log:\n{log}");
 }
+
+/// A directory of the backing tree that is another filesystem (a tmpfs mounted there): a
+/// create in it cannot take a file made ahead in the backing root (EXDEV), and makes its own.
+#[test]
+fn creates_work_in_a_directory_on_another_filesystem() {
+    let mut v = Volume::mounted();
+    let entries = |v: &Volume| -> std::collections::BTreeSet<std::path::PathBuf> {
+        std::fs::read_dir(&v.backing)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect()
+    };
+    let before = entries(&v);
+    std::fs::create_dir(v.m("sub")).unwrap();
+    let sub: Vec<_> = entries(&v).difference(&before).cloned().collect();
+    assert_eq!(sub.len(), 1, "{sub:?}");
+    let sub = sub[0].clone();
+    v.unmount();
+    // The directory's own entries (its id file) move onto a tmpfs mounted over it.
+    let saved = tempfile::tempdir().unwrap();
+    let own: Vec<_> = std::fs::read_dir(&sub)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    for p in &own {
+        std::fs::copy(p, saved.path().join(p.file_name().unwrap())).unwrap();
+    }
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m,mode=0755", "tmpfs"])
+        .arg(&sub)
+        .status()
+        .unwrap();
+    assert!(st.success(), "cannot mount a tmpfs");
+    struct Umount(std::path::PathBuf);
+    impl Drop for Umount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _tmpfs = Umount(sub.clone());
+    for p in &own {
+        std::fs::copy(saved.path().join(p.file_name().unwrap()), p).unwrap();
+    }
+    v.mount(&[]);
+    // A create in the root starts a refill; then files are ready.
+    std::fs::write(v.m("first"), b"first").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    for i in 0..5 {
+        let p = v.m(&format!("sub/f{i}"));
+        std::fs::write(&p, i.to_string()).unwrap_or_else(|e| panic!("create in sub: {e}"));
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), i.to_string());
+    }
+    std::fs::write(v.m("second"), b"second").unwrap();
+    v.unmount();
+}

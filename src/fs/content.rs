@@ -26,7 +26,8 @@ struct FinalBlock {
     plain: Vec<u8>,
 }
 
-/// Requests of this process now sealing or opening several records.
+/// Requests of this process now sealing or opening several records (the cipher step only,
+/// not their disk I/O).
 static MULTI_RECORD_BUSY: AtomicUsize = AtomicUsize::new(0);
 
 /// Cores below which a request's records are never split: the caller copying the data and
@@ -42,10 +43,11 @@ fn cores_to_spare() -> bool {
 }
 
 /// One request sealing or opening several records, counted in [`MULTI_RECORD_BUSY`] while
-/// it lives. Its records are split across the cores only when it is alone and the machine
-/// has cores to spare: a lone request (a direct read or write at queue depth 1, one stream
-/// on a large server) then finishes sooner, while concurrent requests already keep the
-/// cores busy and splitting them too only adds hand-offs.
+/// it lives. Its records are split across the cores only when no other request was in its
+/// cipher step as it began (two that begin together may both split) and the machine has
+/// cores to spare: a lone request (a direct read or write at queue depth 1, one stream on
+/// a large server) then finishes sooner, while concurrent requests already keep the cores
+/// busy and splitting them too only adds hand-offs.
 struct Busy {
     split: bool,
 }
@@ -66,7 +68,8 @@ impl Drop for Busy {
 }
 
 /// Runs `f` on each `record`-long piece of `buf` (the last may be short) with its block
-/// index, counting from `first`; on the pool's threads when `split`. The first error wins.
+/// index, counting from `first`; on the pool's threads when `split`. An error ends it (with
+/// `split`, which of several errors comes back is not fixed).
 fn for_each_record(
     buf: &mut [u8],
     record: usize,
@@ -195,7 +198,7 @@ impl ContentFile {
     }
 
     /// Runs `f` on each record of `buf` (records of consecutive blocks from `first`; the last
-    /// may be short); the first error wins. See [`Busy`] for when the records are split
+    /// may be short); an error ends it. See [`Busy`] for when the records are split
     /// across the cores.
     fn each_record(
         &self,

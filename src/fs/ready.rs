@@ -280,11 +280,14 @@ impl ReadyFiles {
                 if self.state().closed {
                     return Err(FsError::Locked);
                 }
-                let key = maker.new_key(true, Wait::Forever)?;
-                let file_id = key.file_id;
+                // The file first: a backing root that refuses files costs no key.
                 let (file, name) = self.new_file()?;
-                match write_header(&file, key) {
-                    Ok(cipher) => batch.push(Ready {
+                let made = maker.new_key(true, Wait::Forever).and_then(|key| {
+                    let file_id = key.file_id;
+                    write_header(&file, key).map(|cipher| (file_id, cipher))
+                });
+                match made {
+                    Ok((file_id, cipher)) => batch.push(Ready {
                         name,
                         file,
                         file_id,
@@ -314,14 +317,24 @@ impl ReadyFiles {
             let flags = libc::O_RDWR | libc::O_TMPFILE;
             match sys::openat(self.root.fd(), OsStr::new("."), flags, 0o600) {
                 Ok(fd) => return Ok((File::from(fd), None)),
-                // What open(2) answers a filesystem without O_TMPFILE.
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EISDIR)) => {
+                // Out of space or descriptors: a named file would fail alike, for now.
+                Err(e)
+                    if matches!(
+                        e.raw_os_error(),
+                        Some(libc::ENOSPC | libc::EDQUOT | libc::EMFILE | libc::ENFILE | libc::ENOMEM)
+                    ) =>
+                {
+                    return Err(e.into());
+                }
+                // EOPNOTSUPP from NFS, FUSE, overlayfs on some uppers; EISDIR from kernels
+                // before 3.11; anything else a sandbox or security module may answer. Named
+                // files from now on; if those fail too, the refill stops with that error.
+                Err(e) => {
                     log::info!(
-                        "the backing filesystem makes no nameless files; files made ahead of creates get hidden names"
+                        "the backing filesystem makes no nameless files ({e}); files made ahead of creates get hidden names"
                     );
                     self.nameless.store(false, Ordering::Relaxed);
                 }
-                Err(e) => return Err(e.into()),
             }
         }
         let mut r = [0u8; 8];
