@@ -490,17 +490,11 @@ fn data_survives_key_rotation() {
     assert_eq!(std::fs::read(v.m("new")).unwrap(), b"after rotation");
 }
 
-#[test]
-fn a_full_disk_fails_the_write_and_loses_nothing() {
-    // A 3 MiB tmpfs as the backing filesystem.
-    let dir = tempfile::tempdir().unwrap();
-    let small = dir.path().join("small");
-    let mnt = dir.path().join("mnt");
-    std::fs::create_dir_all(&small).unwrap();
-    std::fs::create_dir_all(&mnt).unwrap();
+/// A tmpfs mounted at `at` with `-o options`, unmounted (lazily) when the guard drops.
+fn mount_tmpfs(at: &std::path::Path, options: &str) -> impl Drop {
     let st = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=3m", "tmpfs"])
-        .arg(&small)
+        .args(["-t", "tmpfs", "-o", options, "tmpfs"])
+        .arg(at)
         .status()
         .unwrap();
     assert!(st.success(), "cannot mount a tmpfs");
@@ -513,7 +507,18 @@ fn a_full_disk_fails_the_write_and_loses_nothing() {
                 .status();
         }
     }
-    let _tmpfs = Umount(small.clone());
+    Umount(at.to_path_buf())
+}
+
+#[test]
+fn a_full_disk_fails_the_write_and_loses_nothing() {
+    // A 3 MiB tmpfs as the backing filesystem.
+    let dir = tempfile::tempdir().unwrap();
+    let small = dir.path().join("small");
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir_all(&small).unwrap();
+    std::fs::create_dir_all(&mnt).unwrap();
+    let _tmpfs = mount_tmpfs(&small, "size=3m");
     let backing = small.join("vol");
     let keystore = dir.path().join("ks");
     run_ok(&[
@@ -652,22 +657,7 @@ fn creates_work_in_a_directory_on_another_filesystem() {
     for p in &own {
         std::fs::copy(p, saved.path().join(p.file_name().unwrap())).unwrap();
     }
-    let st = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=4m,mode=0755", "tmpfs"])
-        .arg(&sub)
-        .status()
-        .unwrap();
-    assert!(st.success(), "cannot mount a tmpfs");
-    struct Umount(std::path::PathBuf);
-    impl Drop for Umount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(&self.0)
-                .status();
-        }
-    }
-    let _tmpfs = Umount(sub.clone());
+    let _tmpfs = mount_tmpfs(&sub, "size=4m,mode=0755");
     for p in &own {
         std::fs::copy(saved.path().join(p.file_name().unwrap()), p).unwrap();
     }
