@@ -733,6 +733,7 @@ impl Fs {
             self.ready.put_back(r);
             return match e.raw_os_error() {
                 Some(libc::EEXIST) => Err(e.into()),
+                // EXDEV, say: the file suits creates elsewhere, and this one makes its own.
                 _ => Ok(None),
             };
         }

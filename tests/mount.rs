@@ -662,9 +662,8 @@ fn creates_work_in_a_directory_on_another_filesystem() {
         std::fs::copy(saved.path().join(p.file_name().unwrap()), p).unwrap();
     }
     v.mount(&[]);
-    // A create in the root starts a refill; then files are ready.
-    std::fs::write(v.m("first"), b"first").unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    // Files are ready once a create in the root took one.
+    create_until_one_is_made_ahead(&v, "");
     for i in 0..5 {
         let p = v.m(&format!("sub/f{i}"));
         std::fs::write(&p, i.to_string()).unwrap_or_else(|e| panic!("create in sub: {e}"));

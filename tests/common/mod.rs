@@ -405,6 +405,35 @@ pub fn tree_contains(dir: &Path, needle: &[u8]) -> bool {
     false
 }
 
+/// Creates files `made-ahead-<n>` in the mount's `dir` until one of them took a file the
+/// daemon made ahead of its create, and returns how many it created. The first create
+/// starts the refill. A create that makes its own file logs an `"ahead":false` key event, so
+/// fewer of those than creates means one took a file made ahead.
+pub fn create_until_one_is_made_ahead(v: &Volume, dir: &str) -> usize {
+    let own = || v.log_text().matches(r#""ahead":false"#).count();
+    let before = own();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut n = 0;
+    loop {
+        let name = format!("made-ahead-{n}");
+        let rel = if dir.is_empty() {
+            name
+        } else {
+            format!("{dir}/{name}")
+        };
+        std::fs::write(v.m(&rel), n.to_string()).unwrap();
+        n += 1;
+        if own() - before < n {
+            return n;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "after {n} creates none took a file made ahead"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 pub fn errno_of(e: &std::io::Error) -> i32 {
     e.raw_os_error().unwrap_or(0)
 }
