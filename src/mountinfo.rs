@@ -3,8 +3,10 @@
 use crate::format::config::CONFIG_FILE_NAME;
 use std::path::{Path, PathBuf};
 
-/// One line of mountinfo: mountpoint, filesystem type, source (all unescaped).
+/// One line of mountinfo: device, mountpoint, filesystem type, source (all unescaped).
 struct MountLine {
+    /// `major:minor`, which also names the mount's backing device info in /sys/class/bdi.
+    device: String,
     mountpoint: String,
     fstype: String,
     source: String,
@@ -12,11 +14,14 @@ struct MountLine {
 
 fn parse_line(line: &str) -> Option<MountLine> {
     let (left, right) = line.split_once(" - ")?;
-    let mp = left.split(' ').nth(4)?;
+    let mut l = left.split(' ');
+    let device = l.nth(2)?;
+    let mp = l.nth(1)?;
     let mut r = right.split(' ');
     let fstype = r.next()?;
     let source = r.next()?;
     Some(MountLine {
+        device: device.to_owned(),
         mountpoint: unescape(mp),
         fstype: fstype.to_owned(),
         source: unescape(source),
@@ -68,6 +73,17 @@ fn match_mount(candidate: &Path, mounts: &[String]) -> Option<PathBuf> {
     mounts.iter().any(|m| m == c).then(|| candidate.to_path_buf())
 }
 
+/// The `major:minor` device of the newest FUSE mount at `mountpoint`, read without any system
+/// call on the mountpoint itself (its daemon may not be answering yet).
+pub fn fuse_device(mountpoint: &Path) -> Option<String> {
+    let target = mountpoint.to_str()?;
+    lines()
+        .into_iter()
+        .rev()
+        .find(|m| m.fstype.starts_with("fuse") && m.mountpoint == target)
+        .map(|m| m.device)
+}
+
 /// Mountpoints of FUSE mounts, newest last (the caller checks which are kmsfs's).
 pub fn fuse_mountpoints() -> Vec<PathBuf> {
     lines()
@@ -102,6 +118,7 @@ mod tests {
     fn parses_and_unescapes_a_line() {
         let line = "36 35 0:42 / /mnt/my\\040media rw,nosuid - fuse /srv/back\\040ing rw,user_id=0";
         let m = parse_line(line).unwrap();
+        assert_eq!(m.device, "0:42");
         assert_eq!(m.mountpoint, "/mnt/my media");
         assert_eq!(m.fstype, "fuse");
         assert_eq!(m.source, "/srv/back ing");

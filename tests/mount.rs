@@ -672,3 +672,14 @@ fn creates_work_in_a_directory_on_another_filesystem() {
     std::fs::write(v.m("second"), b"second").unwrap();
     v.unmount();
 }
+
+/// Sequential reads reach the daemon as 1 MiB requests: the mount's read-ahead is raised from
+/// the kernel's 128 KiB default, which caps FUSE read requests whatever the daemon offers.
+#[test]
+fn the_mount_reads_ahead_a_whole_request() {
+    let v = Volume::mounted();
+    let dev = std::fs::metadata(v.m("")).unwrap().dev();
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    let ra = std::fs::read_to_string(format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb")).unwrap();
+    assert_eq!(ra.trim(), "1024");
+}
