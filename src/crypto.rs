@@ -27,9 +27,11 @@ pub const NONCE_LEN: usize = 12;
 /// AES-GCM-SIV tag length.
 pub const TAG_LEN: usize = 16;
 
-/// Bytes of stack [`scrubbed`] overwrites below its caller: several times the deepest call
-/// tree it wraps (HKDF, an AES key expansion, one AES-GCM-SIV record; a few KiB each).
-const SCRUB_LEN: usize = 16 * 1024;
+/// Bytes of stack [`scrubbed`] overwrites below its caller: at least twice the deepest call
+/// tree it wraps (HKDF, an AES key expansion, one AES-GCM-SIV record). Sealing a record takes
+/// 11 KiB of stack where the `aes` crate picks its VAES-512 backend (AVX-512 machines), a few
+/// KiB elsewhere: `scrub_len_covers_every_call_it_wraps` measures it on the machine it runs on.
+const SCRUB_LEN: usize = 32 * 1024;
 
 /// The ciphertext did not authenticate: wrong key, wrong context, or altered bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
