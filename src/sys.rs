@@ -407,7 +407,6 @@ pub fn try_lock_exclusive(fd: BorrowedFd<'_>) -> io::Result<bool> {
     }
 }
 
-/// Makes this process non-dumpable and forbids core files: a crash must not write keys to disk.
 /// Sets how far the kernel reads ahead on the filesystem whose backing device info is
 /// `device` (`major:minor`, as in /proc/self/mountinfo), in KiB. Root only.
 pub fn set_read_ahead_kb(device: &str, kib: u32) -> io::Result<()> {
@@ -417,6 +416,7 @@ pub fn set_read_ahead_kb(device: &str, kib: u32) -> io::Result<()> {
     )
 }
 
+/// Makes this process non-dumpable and forbids core files: a crash must not write keys to disk.
 pub fn disable_core_dumps() -> io::Result<()> {
     let zero = Rlimit {
         current: Some(0),
