@@ -39,7 +39,7 @@ pub struct MountArgs {
     #[arg(long, default_value_t = 300)]
     pub key_ttl: u64,
     /// Most unwrapped keys kept cached.
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, default_value_t = crate::fs::DEFAULT_KEY_CACHE)]
     pub key_cache: usize,
     /// Seconds an open or create that needs the KMS waits for it before failing with EIO
     /// (0: as long as the KMS client retries). Other files are served meanwhile.
