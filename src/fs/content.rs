@@ -283,12 +283,21 @@ impl ContentFile {
             let plain = l.block_plain_len(new, b) as usize;
             let bstart = l.block_start(b);
             let rec_start = buf.len();
-            buf.resize(rec_start + plain + RECORD_OVERHEAD as usize, 0);
-            let body = &mut buf[rec_start + NONCE_LEN..rec_start + NONCE_LEN + plain];
             let (ws, we) = (off.max(bstart), end.min(bstart + plain as u64));
             let covers_all = ws == bstart && we == bstart + plain as u64;
+            if covers_all {
+                // The body is the caller's data, copied in once. Zero-filling it first cost
+                // the daemon as much as the copy on 1 MiB sequential writes (perf: 7 % of
+                // its samples in memset).
+                buf.resize(rec_start + NONCE_LEN, 0);
+                buf.extend_from_slice(&data[(ws - off) as usize..(we - off) as usize]);
+                buf.resize(rec_start + plain + RECORD_OVERHEAD as usize, 0);
+                continue;
+            }
+            buf.resize(rec_start + plain + RECORD_OVERHEAD as usize, 0);
+            let body = &mut buf[rec_start + NONCE_LEN..rec_start + NONCE_LEN + plain];
             let have = l.block_count(grown);
-            if !covers_all && b < have {
+            if b < have {
                 let old_plain = l.block_plain_len(grown, b) as usize;
                 match &cached {
                     Some(c) if c.index == b && c.plain.len() == old_plain && b == have - 1 => {
