@@ -297,6 +297,13 @@ impl ContentCipher {
         self.aead.seal_record(&aad, record);
     }
 
+    /// Seals block `block` from `plain` into `record` (`nonce ‖ ciphertext ‖ tag`, sized for
+    /// it): the plaintext is read once, with no copy into the record first.
+    pub fn seal_from(&self, block: u64, is_final: bool, plain: &[u8], record: &mut [u8]) {
+        let aad = block_aad(&self.file_id, block, is_final);
+        self.aead.seal_record_from(&aad, plain, record);
+    }
+
     /// Opens block `block` in place; the plaintext is then `record[NONCE_LEN..len - TAG_LEN]`.
     /// On failure the record is left as it was.
     pub fn open(&self, block: u64, is_final: bool, record: &mut [u8]) -> Result<(), AuthError> {

@@ -19,6 +19,14 @@ use std::sync::{Arc, RwLock};
 /// Largest plaintext size we accept: keeps every backing offset well inside `i64`.
 pub const MAX_FILE_SIZE: u64 = 1 << 60;
 
+thread_local! {
+    /// Each thread's buffer for the records a write builds, kept between writes: a 1 MiB
+    /// request neither allocates nor zero-fills its records (the fill alone cost the daemon
+    /// as much as the copy). Between writes it holds what the last one put on disk, and the
+    /// plaintext of the blocks it changed in part (as the page cache holds them too).
+    static WRITE_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// The plaintext of the file's final block, kept after a write seals it: the next append must
 /// reseal that block as a middle block, and this saves reading and opening it again.
 struct FinalBlock {
@@ -278,53 +286,66 @@ impl ContentFile {
         let cached = self.take_final_block();
 
         let grown = *size;
-        let mut buf = Vec::with_capacity(((last - first + 1) * l.record_len()) as usize);
-        for b in first..=last {
-            let plain = l.block_plain_len(new, b) as usize;
-            let bstart = l.block_start(b);
-            let rec_start = buf.len();
-            let (ws, we) = (off.max(bstart), end.min(bstart + plain as u64));
-            let covers_all = ws == bstart && we == bstart + plain as u64;
-            if covers_all {
-                // The body is the caller's data, copied in once. Zero-filling it first cost
-                // the daemon as much as the copy on 1 MiB sequential writes (perf: 7 % of
-                // its samples in memset).
-                buf.resize(rec_start + NONCE_LEN, 0);
-                buf.extend_from_slice(&data[(ws - off) as usize..(we - off) as usize]);
-                buf.resize(rec_start + plain + RECORD_OVERHEAD as usize, 0);
-                continue;
+        // Records `first..=last`: all full but the last, which may be the short final one.
+        let len = ((last - first) * l.record_len() + l.block_plain_len(new, last) + RECORD_OVERHEAD) as usize;
+        let rec_start = |b: u64| ((b - first) * l.record_len()) as usize;
+        // The caller's data for block `b` if the write covers it whole: it is then sealed
+        // straight from `data` into its record, one pass over the bytes with no copy first.
+        let whole = |b: u64| -> Option<&[u8]> {
+            let (bstart, plain) = (l.block_start(b), l.block_plain_len(new, b));
+            (off <= bstart && bstart + plain <= end)
+                .then(|| &data[(bstart - off) as usize..(bstart + plain - off) as usize])
+        };
+        let keep = WRITE_BUF.with_borrow_mut(|buf| -> FsResult<Option<FinalBlock>> {
+            if buf.len() < len {
+                buf.resize(len, 0);
             }
-            buf.resize(rec_start + plain + RECORD_OVERHEAD as usize, 0);
-            let body = &mut buf[rec_start + NONCE_LEN..rec_start + NONCE_LEN + plain];
-            let have = l.block_count(grown);
-            if b < have {
-                let old_plain = l.block_plain_len(grown, b) as usize;
-                match &cached {
-                    Some(c) if c.index == b && c.plain.len() == old_plain && b == have - 1 => {
-                        body[..old_plain].copy_from_slice(&c.plain)
-                    }
-                    _ => {
-                        let rec = self.load_block(b, old_plain, b == have - 1)?;
-                        body[..old_plain].copy_from_slice(&rec[record_body(rec.len())]);
+            let buf = &mut buf[..len];
+            // Blocks the write covers in part: the old plaintext, the new bytes over it, and
+            // zeros for any gap (a write past the end of the block's old data).
+            for b in first..=last {
+                if whole(b).is_some() {
+                    continue;
+                }
+                let plain = l.block_plain_len(new, b) as usize;
+                let bstart = l.block_start(b);
+                let body = &mut buf[rec_start(b) + NONCE_LEN..rec_start(b) + NONCE_LEN + plain];
+                body.fill(0);
+                let (ws, we) = (off.max(bstart), end.min(bstart + plain as u64));
+                let have = l.block_count(grown);
+                if b < have {
+                    let old_plain = l.block_plain_len(grown, b) as usize;
+                    match &cached {
+                        Some(c) if c.index == b && c.plain.len() == old_plain && b == have - 1 => {
+                            body[..old_plain].copy_from_slice(&c.plain)
+                        }
+                        _ => {
+                            let rec = self.load_block(b, old_plain, b == have - 1)?;
+                            body[..old_plain].copy_from_slice(&rec[record_body(rec.len())]);
+                        }
                     }
                 }
+                body[(ws - bstart) as usize..(we - bstart) as usize]
+                    .copy_from_slice(&data[(ws - off) as usize..(we - off) as usize]);
             }
-            body[(ws - bstart) as usize..(we - bstart) as usize]
-                .copy_from_slice(&data[(ws - off) as usize..(we - off) as usize]);
-        }
-        // Keep the new final block's plaintext for the next append (before sealing it).
-        let keep = (last == new_final).then(|| {
-            let rec_start = ((last - first) * l.record_len()) as usize;
-            FinalBlock {
+            // Keep the new final block's plaintext for the next append (before sealing it).
+            let keep = (last == new_final).then(|| FinalBlock {
                 index: last,
-                plain: buf[rec_start + NONCE_LEN..buf.len() - crate::crypto::TAG_LEN].to_vec(),
-            }
-        });
-        self.each_record(&mut buf, first, |b, rec| {
-            self.cipher.seal(b, b == new_final, rec);
-            Ok(())
+                plain: match whole(last) {
+                    Some(p) => p.to_vec(),
+                    None => buf[rec_start(last) + NONCE_LEN..len - crate::crypto::TAG_LEN].to_vec(),
+                },
+            });
+            self.each_record(buf, first, |b, rec| {
+                match whole(b) {
+                    Some(p) => self.cipher.seal_from(b, b == new_final, p, rec),
+                    None => self.cipher.seal(b, b == new_final, rec),
+                }
+                Ok(())
+            })?;
+            self.put(l.record_offset(first), buf)?;
+            Ok(keep)
         })?;
-        self.put(l.record_offset(first), &buf)?;
         *size = new;
         if keep.is_some() {
             self.set_final_block(keep);
