@@ -74,6 +74,11 @@ impl Maker {
     /// made before its create (the audit log says so).
     /// It waits as `wait` says (`Wait::No` counts as `Forever`: the caller decided to wait).
     pub fn new_key(&self, ahead: bool, wait: Wait) -> FsResult<NewFileKey> {
+        // A refill that checked for a lock just before one came (it then made its file) must
+        // not ask, nor count a call: a locked volume asks the KMS for nothing.
+        if *self.locked.borrow() {
+            return Err(FsError::Locked);
+        }
         self.stats.kms_calls.fetch_add(1, Ordering::Relaxed);
         let wait = if wait.may_wait() { wait } else { Wait::Forever };
         let started = std::time::Instant::now();
