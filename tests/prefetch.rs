@@ -141,6 +141,23 @@ fn a_listing_unwraps_the_keys_ahead_and_the_reads_that_follow_ask_the_kms_nothin
     assert_eq!(c["cache_misses"], 0, "{c}");
 }
 
+/// Files just written keep their keys (the create caches them) for a reader going through
+/// the directory after. With the old default of 4,096 keys, reading 5,000 files in the order
+/// they were written missed on every one (LRU had evicted the oldest, and each miss evicted
+/// the key wanted next): 5,000 unwraps.
+#[test]
+fn a_directory_of_5000_files_just_written_reads_without_the_kms() {
+    let s = Setup::new(5000, None, &[]);
+    s.read_all(5000);
+    let unwraps = s.unwraps();
+    assert!(
+        unwraps.is_empty(),
+        "5,000 files read after their creates asked the KMS to unwrap {} keys",
+        unwraps.len()
+    );
+    assert_eq!(s.counters()["cache_misses"], 0, "{}", s.counters());
+}
+
 #[test]
 fn a_reader_going_through_a_directory_is_kept_ahead_of() {
     let mut s = Setup::new(600, None, &[]);
