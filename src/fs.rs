@@ -17,7 +17,7 @@ mod waiters;
 mod xattr;
 
 pub use prefetch::DEFAULT_PREFETCH;
-pub use stats::{KMS_ERROR_KINDS, KmsEvents, LATENCY_BUCKETS, Stats};
+pub use stats::{FuseOp, KMS_ERROR_KINDS, KmsEvents, LATENCY_BUCKETS, Stats};
 pub use waiters::Wait;
 
 use crate::format::VolumeId;

@@ -4,7 +4,7 @@ use crate::fs::attr::Attr;
 use crate::fs::error::FsError;
 use crate::fs::inode::Kind;
 use crate::fs::quiet::Quiet;
-use crate::fs::{Caller, Fs, SetAttr};
+use crate::fs::{Caller, Fs, FuseOp, SetAttr};
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
     KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
@@ -327,8 +327,19 @@ fn caller(req: &Request) -> Caller {
 }
 
 /// Replies ENOKEY (through the errno table) once the volume is locked.
+/// How every file is opened (and created):
+/// - FOPEN_KEEP_CACHE: every write reaches us through this mount, so the kernel's cached
+///   pages stay valid across opens;
+/// - FOPEN_NOFLUSH: the kernel sends no FLUSH at close. Writes reach the backing file before
+///   we answer them and nothing is buffered here, so a FLUSH had nothing to do, and it was a
+///   round trip every close() waited for: one of the 6-7 requests of a small file's create
+///   or read. (Without the writeback cache, which we do not ask for, the kernel honours it.)
+const OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_KEEP_CACHE.union(FopenFlags::FOPEN_NOFLUSH);
+
+/// Counts the request, then refuses it on a locked mount.
 macro_rules! guard {
-    ($self:ident, $reply:ident) => {
+    ($self:ident, $reply:ident, $op:ident) => {
+        $self.fs.stats.requests.count(FuseOp::$op);
         if let Err(e) = $self.fs.guard() {
             $reply.error(errno(&e));
             return;
@@ -355,22 +366,25 @@ impl Filesystem for FuseAdapter {
         // Large requests are the first lever on FUSE throughput (see bench/). Nothing else is
         // asked for: the page fill relies on having neither the writeback cache nor atomic
         // O_TRUNC (see `PageFill`).
+        self.fs.stats.requests.count(FuseOp::Init);
         let _ = config.set_max_write(MAX_IO);
         let _ = config.set_max_readahead(MAX_IO);
         Ok(())
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        guard!(self, reply);
+        guard!(self, reply, Lookup);
         entry(reply, self.fs.lookup(parent.0, name));
     }
 
+    // fuser answers the kernel's BATCH_FORGET by calling this once per inode: each counts.
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.fs.stats.requests.count(FuseOp::Forget);
         self.fs.forget(ino.0, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        guard!(self, reply);
+        guard!(self, reply, Getattr);
         match self.fs.getattr(ino.0) {
             Ok(a) => reply.attr(&TTL, &file_attr(&a)),
             Err(e) => reply.error(errno(&e)),
@@ -395,7 +409,7 @@ impl Filesystem for FuseAdapter {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        guard!(self, reply);
+        guard!(self, reply, Setattr);
         let set = SetAttr {
             mode,
             uid,
@@ -417,7 +431,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        guard!(self, reply);
+        guard!(self, reply, Readlink);
         match self.fs.readlink(ino.0) {
             Ok(t) => reply.data(&t),
             Err(e) => reply.error(errno(&e)),
@@ -434,7 +448,7 @@ impl Filesystem for FuseAdapter {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        guard!(self, reply);
+        guard!(self, reply, Mknod);
         entry(
             reply,
             self.fs.mknod(parent.0, name, mode, rdev as u64, caller(req)),
@@ -442,22 +456,22 @@ impl Filesystem for FuseAdapter {
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
-        guard!(self, reply);
+        guard!(self, reply, Mkdir);
         entry(reply, self.fs.mkdir(parent.0, name, mode, caller(req)));
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        guard!(self, reply);
+        guard!(self, reply, Unlink);
         empty(reply, self.fs.unlink(parent.0, name));
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        guard!(self, reply);
+        guard!(self, reply, Rmdir);
         empty(reply, self.fs.rmdir(parent.0, name));
     }
 
     fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
-        guard!(self, reply);
+        guard!(self, reply, Symlink);
         entry(
             reply,
             self.fs
@@ -475,7 +489,7 @@ impl Filesystem for FuseAdapter {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        guard!(self, reply);
+        guard!(self, reply, Rename);
         empty(
             reply,
             self.fs.rename(parent.0, name, newparent.0, newname, flags.bits()),
@@ -483,21 +497,19 @@ impl Filesystem for FuseAdapter {
     }
 
     fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
-        guard!(self, reply);
+        guard!(self, reply, Link);
         entry(reply, self.fs.link(ino.0, newparent.0, newname));
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        guard!(self, reply);
+        guard!(self, reply, Open);
         // Answered here when the key is in memory; otherwise from a KMS waiter thread, while
         // this worker serves other requests.
         // A handle that may write is handed out after any page-cache store in flight.
         let fill = (flags.0 & libc::O_ACCMODE != libc::O_RDONLY).then(|| self.fill.clone());
         self.fs.open_then(ino.0, flags.0, caller(req), move |r| {
             after_stores(&fill, move || match r {
-                // Every write reaches us through this mount, so the kernel's cached pages
-                // stay valid across opens.
-                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+                Ok(fh) => reply.opened(FileHandle(fh), OPEN_FLAGS),
                 Err(e) => reply.error(errno(&e)),
             })
         });
@@ -514,7 +526,7 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        guard!(self, reply);
+        guard!(self, reply, Read);
         log::trace!("read {size} bytes at {offset}");
         // One scratch buffer per FUSE thread: reads allocate and clear nothing. It holds the
         // last plaintext this thread returned, as the kernel's page cache does anyway.
@@ -565,7 +577,7 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        guard!(self, reply);
+        guard!(self, reply, Write);
         log::trace!("write {} bytes at {offset}", data.len());
         match self.fs.write(fh.0, offset, data) {
             Ok(n) => reply.written(n as u32),
@@ -581,8 +593,9 @@ impl Filesystem for FuseAdapter {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        guard!(self, reply);
-        // Writes reach the backing file before we reply to them: nothing is buffered here.
+        // Not sent for our files (`OPEN_FLAGS` has FOPEN_NOFLUSH); answered for any kernel
+        // that sends it anyway.
+        guard!(self, reply, Flush);
         reply.ok();
     }
 
@@ -596,17 +609,18 @@ impl Filesystem for FuseAdapter {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        self.fs.stats.requests.count(FuseOp::Release);
         self.fs.release(fh.0);
         reply.ok();
     }
 
     fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, datasync: bool, reply: ReplyEmpty) {
-        guard!(self, reply);
+        guard!(self, reply, Fsync);
         empty(reply, self.fs.fsync(fh.0, datasync));
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        guard!(self, reply);
+        guard!(self, reply, Opendir);
         match self.fs.opendir(ino.0) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(errno(&e)),
@@ -614,7 +628,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn readdir(&self, req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        guard!(self, reply);
+        guard!(self, reply, Readdir);
         match self.fs.readdir(ino.0, fh.0, offset, caller(req)) {
             Ok(entries) => {
                 for (next, e) in entries {
@@ -636,17 +650,18 @@ impl Filesystem for FuseAdapter {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        self.fs.stats.requests.count(FuseOp::Releasedir);
         self.fs.releasedir(fh.0);
         reply.ok();
     }
 
     fn fsyncdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        guard!(self, reply);
+        guard!(self, reply, Fsyncdir);
         empty(reply, self.fs.fsyncdir(ino.0));
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        guard!(self, reply);
+        guard!(self, reply, Getxattr);
         match self.fs.getxattr(ino.0, name) {
             Ok(v) if size == 0 => reply.size(v.len() as u32),
             Ok(v) if v.len() <= size as usize => reply.data(&v),
@@ -656,7 +671,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        guard!(self, reply);
+        guard!(self, reply, Listxattr);
         match self.fs.listxattr(ino.0) {
             Ok(v) if size == 0 => reply.size(v.len() as u32),
             Ok(v) if v.len() <= size as usize => reply.data(&v),
@@ -675,17 +690,17 @@ impl Filesystem for FuseAdapter {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        guard!(self, reply);
+        guard!(self, reply, Setxattr);
         empty(reply, self.fs.setxattr(ino.0, name, value, flags));
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        guard!(self, reply);
+        guard!(self, reply, Removexattr);
         empty(reply, self.fs.removexattr(ino.0, name));
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        guard!(self, reply);
+        guard!(self, reply, Statfs);
         match self.fs.statfs() {
             Ok(s) => reply.statfs(
                 s.f_blocks,
@@ -702,7 +717,7 @@ impl Filesystem for FuseAdapter {
     }
 
     fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
-        guard!(self, reply);
+        guard!(self, reply, Access);
         // The mount always uses `default_permissions`: the kernel checks access itself.
         reply.ok();
     }
@@ -717,17 +732,11 @@ impl Filesystem for FuseAdapter {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        guard!(self, reply);
+        guard!(self, reply, Create);
         // Answered here when a file made ahead is ready; otherwise from a KMS waiter thread.
         self.fs
             .create_then(parent.0, name, mode, flags, caller(req), move |r| match r {
-                Ok((a, fh)) => reply.created(
-                    &TTL,
-                    &file_attr(&a),
-                    Generation(0),
-                    FileHandle(fh),
-                    FopenFlags::FOPEN_KEEP_CACHE,
-                ),
+                Ok((a, fh)) => reply.created(&TTL, &file_attr(&a), Generation(0), FileHandle(fh), OPEN_FLAGS),
                 Err(e) => reply.error(errno(&e)),
             });
     }
@@ -742,7 +751,7 @@ impl Filesystem for FuseAdapter {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        guard!(self, reply);
+        guard!(self, reply, Fallocate);
         empty(reply, self.fs.fallocate(fh.0, offset, length, mode));
     }
 }

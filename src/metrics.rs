@@ -162,6 +162,17 @@ pub fn render(state: &MountState) -> String {
             &outcomes,
         );
     }
+    let requests: Vec<(String, f64)> = st
+        .requests
+        .snapshot()
+        .map(|(op, n)| (format!("{{op=\"{op}\"}}"), n as f64))
+        .collect();
+    family(
+        "kmsfs_fuse_requests_total",
+        "counter",
+        "FUSE requests answered, by operation (a forget counts once per inode).",
+        &requests,
+    );
     family(
         "kmsfs_key_cache_size",
         "gauge",

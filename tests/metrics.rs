@@ -114,3 +114,42 @@ fn metrics_parse_as_prometheus_text_and_count_what_the_mount_did() {
     assert_eq!(get("kmsfs_guard_alerts_total", ""), 0.0);
     v.unmount();
 }
+
+/// Closing a file asks the daemon nothing: writes reach the backing file before they are
+/// answered, so a FLUSH would be a round trip with no work in it, paid by every close (the
+/// open flag FOPEN_NOFLUSH tells the kernel not to send it). The per-operation request
+/// counters show it, and count what the files did.
+#[test]
+fn closing_a_file_sends_no_flush() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut v = Volume::new();
+    v.mount_with_args(&["--metrics", &addr]);
+    let data = pseudo_random(4096, 3);
+    for i in 0..20 {
+        std::fs::write(v.m(&format!("f{i}")), &data).unwrap();
+    }
+    for i in 0..20 {
+        assert!(std::fs::read(v.m(&format!("f{i}"))).unwrap() == data);
+    }
+    let (s, types) = scrape(&addr);
+    assert_eq!(types["kmsfs_fuse_requests"], "counter");
+    let op = |o: &str| -> f64 {
+        *s.get(&("kmsfs_fuse_requests_total".to_owned(), format!("op={o}")))
+            .unwrap_or_else(|| panic!("no count for {o} in {s:?}"))
+    };
+    assert!(op("create") >= 20.0, "creates counted: {}", op("create"));
+    assert!(op("write") >= 20.0, "writes counted: {}", op("write"));
+    assert!(op("open") >= 20.0, "opens counted: {}", op("open"));
+    assert_eq!(op("init"), 1.0);
+    assert_eq!(
+        op("flush"),
+        0.0,
+        "40 closes sent FLUSH requests the daemon had nothing to do for"
+    );
+    v.unmount();
+}

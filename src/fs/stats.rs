@@ -42,6 +42,99 @@ pub struct Stats {
     /// KMS calls for keys not answered yet: a KMS that hangs answers nothing, so the last
     /// outcome stays "ok" while every cold open waits; status shows these instead.
     pub kms_unanswered: InFlight,
+    /// FUSE requests by operation, counted by the frontend as they arrive.
+    pub requests: Requests,
+}
+
+/// The FUSE operations the daemon answers; the kernel's other requests (ioctl, lseek, ...)
+/// are refused by fuser without reaching us. [`FUSE_OPS`] names them, in this order.
+#[derive(Clone, Copy, Debug)]
+pub enum FuseOp {
+    Init,
+    Lookup,
+    Forget,
+    Getattr,
+    Setattr,
+    Readlink,
+    Mknod,
+    Mkdir,
+    Unlink,
+    Rmdir,
+    Symlink,
+    Rename,
+    Link,
+    Open,
+    Read,
+    Write,
+    Flush,
+    Release,
+    Fsync,
+    Opendir,
+    Readdir,
+    Releasedir,
+    Fsyncdir,
+    Getxattr,
+    Listxattr,
+    Setxattr,
+    Removexattr,
+    Statfs,
+    Access,
+    Create,
+    Fallocate,
+}
+
+/// [`FuseOp`]'s names, as metrics label them.
+pub const FUSE_OPS: [&str; 31] = [
+    "init",
+    "lookup",
+    "forget",
+    "getattr",
+    "setattr",
+    "readlink",
+    "mknod",
+    "mkdir",
+    "unlink",
+    "rmdir",
+    "symlink",
+    "rename",
+    "link",
+    "open",
+    "read",
+    "write",
+    "flush",
+    "release",
+    "fsync",
+    "opendir",
+    "readdir",
+    "releasedir",
+    "fsyncdir",
+    "getxattr",
+    "listxattr",
+    "setxattr",
+    "removexattr",
+    "statfs",
+    "access",
+    "create",
+    "fallocate",
+];
+
+/// A count per FUSE operation: where a workload's round trips go (a small file's create, read
+/// and delete are a handful of requests each, and each is a trip through the kernel).
+#[derive(Default)]
+pub struct Requests([AtomicU64; FUSE_OPS.len()]);
+
+impl Requests {
+    pub fn count(&self, op: FuseOp) {
+        self.0[op as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Each operation's name and count, in [`FUSE_OPS`]' order.
+    pub fn snapshot(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        FUSE_OPS
+            .iter()
+            .zip(&self.0)
+            .map(|(op, n)| (*op, n.load(Ordering::Relaxed)))
+    }
 }
 
 /// Calls in flight by when they started (keyed by a sequence number: starts may tie).
@@ -139,5 +232,52 @@ impl Histogram {
             self.count.load(Ordering::Relaxed),
             micros as f64 / 1e6,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_fuse_op_has_its_own_name() {
+        let all = [
+            FuseOp::Init,
+            FuseOp::Lookup,
+            FuseOp::Forget,
+            FuseOp::Getattr,
+            FuseOp::Setattr,
+            FuseOp::Readlink,
+            FuseOp::Mknod,
+            FuseOp::Mkdir,
+            FuseOp::Unlink,
+            FuseOp::Rmdir,
+            FuseOp::Symlink,
+            FuseOp::Rename,
+            FuseOp::Link,
+            FuseOp::Open,
+            FuseOp::Read,
+            FuseOp::Write,
+            FuseOp::Flush,
+            FuseOp::Release,
+            FuseOp::Fsync,
+            FuseOp::Opendir,
+            FuseOp::Readdir,
+            FuseOp::Releasedir,
+            FuseOp::Fsyncdir,
+            FuseOp::Getxattr,
+            FuseOp::Listxattr,
+            FuseOp::Setxattr,
+            FuseOp::Removexattr,
+            FuseOp::Statfs,
+            FuseOp::Access,
+            FuseOp::Create,
+            FuseOp::Fallocate,
+        ];
+        assert_eq!(all.len(), FUSE_OPS.len());
+        for (i, op) in all.iter().enumerate() {
+            assert_eq!(*op as usize, i);
+            assert_eq!(format!("{op:?}").to_lowercase(), FUSE_OPS[i]);
+        }
     }
 }
