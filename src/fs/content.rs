@@ -5,7 +5,7 @@
 //! makes the grown file valid on its own, so an interrupted extension leaves readable data.
 
 use super::error::{FsError, FsResult};
-use crate::crypto::NONCE_LEN;
+use crate::crypto::{self, NONCE_LEN};
 use crate::format::block::{BlockLayout, ContentCipher, Extent, RECORD_OVERHEAD, record_body};
 use crate::format::header::HEADER_LEN;
 use crate::sys;
@@ -78,6 +78,11 @@ impl Drop for Busy {
 /// Runs `f` on each `record`-long piece of `buf` (the last may be short) with its block
 /// index, counting from `first`; on the pool's threads when `split`. An error ends it (with
 /// `split`, which of several errors comes back is not fixed).
+///
+/// Each thread's run of records is one [`crypto::scrubbed`] call: the cipher's stack is
+/// wiped once after the run instead of after each record (32 KiB zeroed per 4 KiB record
+/// cost about as much as opening it). So the split hands each pool thread one contiguous run
+/// rather than single records.
 fn for_each_record(
     buf: &mut [u8],
     record: usize,
@@ -85,14 +90,21 @@ fn for_each_record(
     split: bool,
     f: impl Fn(u64, &mut [u8]) -> FsResult<()> + Sync,
 ) -> FsResult<()> {
+    let run = |from: u64, recs: &mut [u8]| {
+        crypto::scrubbed(|| {
+            recs.chunks_mut(record)
+                .enumerate()
+                .try_for_each(|(i, rec)| f(from + i as u64, rec))
+        })
+    };
     if split {
-        buf.par_chunks_mut(record)
+        let records = buf.len().div_ceil(record);
+        let per_thread = records.div_ceil(rayon::current_num_threads().max(1));
+        buf.par_chunks_mut(per_thread * record)
             .enumerate()
-            .try_for_each(|(i, rec)| f(first + i as u64, rec))
+            .try_for_each(|(i, recs)| run(first + (i * per_thread) as u64, recs))
     } else {
-        buf.chunks_mut(record)
-            .enumerate()
-            .try_for_each(|(i, rec)| f(first + i as u64, rec))
+        run(first, buf)
     }
 }
 
