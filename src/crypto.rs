@@ -69,7 +69,9 @@ pub fn fill_random(buf: &mut [u8]) {
 /// bytes above a single record's call.
 pub fn scrubbed<R>(f: impl FnOnce() -> R) -> R {
     if SCRUBBING.with(|s| s.replace(true)) {
-        return f();
+        // In a frame of its own all the same: the depth `scrub_len_covers_every_call_it_wraps`
+        // measures is the depth each call has here too.
+        return run_below(f);
     }
     // Reset however `f` ends, so that a panic caught further up cannot leave this thread
     // believing an outer call will scrub for it.
