@@ -56,8 +56,8 @@ pub fn fill_random(buf: &mut [u8]) {
 ///
 /// For calls into code that leaves key material in its locals and does not wipe it (the
 /// cipher, HKDF, a base64 decoder handed a key). `f` runs in a frame of its own just below
-/// the caller's; once it returns, [`SCRUB_LEN`] bytes from there down are zeroed (with
-/// `explicit_bzero`, which the compiler keeps). The caller's own frame is not touched, so `f` must hand
+/// the caller's; once it returns, [`SCRUB_LEN`] bytes from there down are zeroed (volatile
+/// writes, which the compiler keeps). The caller's own frame is not touched, so `f` must hand
 /// back nothing secret by value: key bytes go to the heap (a [`SecretKey`], a `Zeroizing`
 /// buffer) through a reference or a pointer.
 ///
@@ -102,14 +102,10 @@ fn run_below<R>(f: impl FnOnce() -> R) -> R {
 
 /// Zeroes [`SCRUB_LEN`] bytes of stack below its caller. Not inlined: its frame must start
 /// where [`run_below`]'s did.
-///
-/// With the C library's `explicit_bzero`: a `memset` the compiler may not remove, at memset's
-/// speed. `zeroize`'s volatile stores go one word at a time (4,096 of them here), about
-/// as long as opening a 4 KiB record, once per request.
 #[inline(never)]
 fn scrub_stack() {
-    let mut area = [std::mem::MaybeUninit::<u8>::uninit(); SCRUB_LEN];
-    crate::sys::explicit_bzero(&mut area);
+    let mut area = [0u64; SCRUB_LEN / 8];
+    area.zeroize();
     let _ = std::hint::black_box(&mut area);
 }
 

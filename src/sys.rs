@@ -563,13 +563,6 @@ pub fn group_id(name: &str) -> io::Result<Option<u32>> {
     }
 }
 
-/// Zeroes `buf` with the C library's `explicit_bzero`: a memset the compiler may not remove
-/// as a dead store (for wiping memory that is about to go out of scope).
-pub fn explicit_bzero(buf: &mut [std::mem::MaybeUninit<u8>]) {
-    // SAFETY: writes exactly `buf.len()` bytes into `buf`.
-    unsafe { libc::explicit_bzero(buf.as_mut_ptr().cast(), buf.len()) }
-}
-
 #[cfg(test)]
 mod untrusted_tests {
     use super::*;
