@@ -326,7 +326,6 @@ fn caller(req: &Request) -> Caller {
     }
 }
 
-/// Replies ENOKEY (through the errno table) once the volume is locked.
 /// How every file is opened (and created):
 /// - FOPEN_KEEP_CACHE: every write reaches us through this mount, so the kernel's cached
 ///   pages stay valid across opens;
@@ -336,7 +335,8 @@ fn caller(req: &Request) -> Caller {
 ///   or read. (Without the writeback cache, which we do not ask for, the kernel honours it.)
 const OPEN_FLAGS: FopenFlags = FopenFlags::FOPEN_KEEP_CACHE.union(FopenFlags::FOPEN_NOFLUSH);
 
-/// Counts the request, then refuses it on a locked mount.
+/// Counts the request, then replies ENOKEY (through the errno table) once the volume is
+/// locked.
 macro_rules! guard {
     ($self:ident, $reply:ident, $op:ident) => {
         $self.fs.stats.requests.count(FuseOp::$op);

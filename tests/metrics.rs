@@ -56,14 +56,15 @@ print(json.dumps(out))
     (samples, types)
 }
 
+/// A loopback address with a port free right now, for `--metrics`.
+fn free_local_addr() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    format!("127.0.0.1:{}", l.local_addr().unwrap().port())
+}
+
 #[test]
 fn metrics_parse_as_prometheus_text_and_count_what_the_mount_did() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
+    let addr = free_local_addr();
     let mut v = Volume::new();
     v.mount_with_args(&["--metrics", &addr]);
     let data = pseudo_random(200_000, 7);
@@ -121,12 +122,7 @@ fn metrics_parse_as_prometheus_text_and_count_what_the_mount_did() {
 /// counters show it, and count what the files did.
 #[test]
 fn closing_a_file_sends_no_flush() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
+    let addr = free_local_addr();
     let mut v = Volume::new();
     v.mount_with_args(&["--metrics", &addr]);
     let data = pseudo_random(4096, 3);
