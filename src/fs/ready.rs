@@ -34,14 +34,15 @@ use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 /// Files kept ready; a refill starts when fewer than half are left.
 const TARGET: usize = 128;
 /// Files made and synced together; a refill makes whole batches (half the target).
 const BATCH: usize = TARGET / 2;
-/// Threads that flush one batch: the journal commits concurrent flushes together.
+/// Threads that flush a batch together: the journal commits concurrent flushes together.
 const SYNC_THREADS: usize = 16;
 
 fn ready_prefix() -> String {
@@ -146,6 +147,8 @@ pub(super) struct ReadyFiles {
     state: Mutex<State>,
     /// Signalled when a refill ends.
     filled: Condvar,
+    /// Started with the first batch, kept for the mount.
+    flushers: OnceLock<Flushers>,
 }
 
 impl ReadyFiles {
@@ -158,6 +161,7 @@ impl ReadyFiles {
             nameless: AtomicBool::new(true),
             state: Mutex::new(State::default()),
             filled: Condvar::new(),
+            flushers: OnceLock::new(),
         };
         if writable {
             ready.sweep();
@@ -306,7 +310,12 @@ impl ReadyFiles {
                     }
                 }
             }
-            sync_all(&batch)
+            let (synced, r) = self
+                .flushers
+                .get_or_init(Flushers::start)
+                .sync_all(std::mem::take(&mut batch));
+            batch = synced;
+            r
         })();
         if let Err(e) = made {
             batch.iter().for_each(|r| self.discard(r));
@@ -377,18 +386,126 @@ impl Drop for ReadyFiles {
     }
 }
 
-/// Flushes every file of a batch, from several threads at once.
-fn sync_all(batch: &[Ready]) -> FsResult<()> {
-    let per_thread = batch.len().div_ceil(SYNC_THREADS).max(1);
-    std::thread::scope(|s| {
-        let jobs: Vec<_> = batch
-            .chunks(per_thread)
-            .map(|chunk| s.spawn(move || chunk.iter().try_for_each(|r| r.file.sync_data())))
-            .collect();
-        jobs.into_iter().try_for_each(|j| {
-            j.join()
-                .unwrap_or_else(|_| Err(std::io::Error::other("sync thread panicked")))
-        })
-    })?;
-    Ok(())
+/// The threads that flush batches. Threads started for each batch and joined after it cost
+/// more CPU than making the batch's files where flushes are cheap (tmpfs: a quarter of a
+/// create's CPU went to them); these wait for work for the life of the mount, and end when
+/// their [`ReadyFiles`] is dropped.
+struct Flushers {
+    jobs: mpsc::Sender<Flush>,
+}
+
+/// Files to flush, handed back with the result when done.
+struct Flush {
+    index: usize,
+    files: Vec<Ready>,
+    done: mpsc::Sender<(usize, Vec<Ready>, std::io::Result<()>)>,
+}
+
+impl Flushers {
+    fn start() -> Self {
+        let (jobs, queue) = mpsc::channel::<Flush>();
+        let queue = Arc::new(Mutex::new(queue));
+        for _ in 0..SYNC_THREADS {
+            let queue = queue.clone();
+            let spawned = std::thread::Builder::new()
+                .name("kmsfs-flush".into())
+                .spawn(move || {
+                    loop {
+                        // The lock is held only to take a job: the flushes run in parallel.
+                        let job = queue.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                        let Ok(Flush { index, files, done }) = job else {
+                            return;
+                        };
+                        let r = files.iter().try_for_each(|r| r.file.sync_data());
+                        let _ = done.send((index, files, r));
+                    }
+                });
+            if let Err(e) = spawned {
+                // Fewer threads flush in fewer batches; with none, `sync_all` reports it.
+                log::warn!("cannot start a thread that flushes files made ahead of creates: {e}");
+            }
+        }
+        Flushers { jobs }
+    }
+
+    /// Flushes every file of `batch`, spread over the threads; hands the files back, in
+    /// their order, with the first error met.
+    fn sync_all(&self, batch: Vec<Ready>) -> (Vec<Ready>, FsResult<()>) {
+        let per_thread = batch.len().div_ceil(SYNC_THREADS).max(1);
+        let (done, results) = mpsc::channel();
+        let mut chunks: Vec<Vec<Ready>> = Vec::new();
+        let mut rest = batch.into_iter().peekable();
+        while rest.peek().is_some() {
+            chunks.push(rest.by_ref().take(per_thread).collect());
+        }
+        let sent = chunks.len();
+        let mut back: Vec<Option<Vec<Ready>>> = (0..sent).map(|_| None).collect();
+        let mut result: FsResult<()> = Ok(());
+        for (index, files) in chunks.into_iter().enumerate() {
+            let flush = Flush {
+                index,
+                files,
+                done: done.clone(),
+            };
+            // No thread left to take it: the job comes back in the error.
+            if let Err(mpsc::SendError(flush)) = self.jobs.send(flush) {
+                back[flush.index] = Some(flush.files);
+                result = Err(std::io::Error::other("no thread left to flush new files").into());
+            }
+        }
+        // Ours dropped, the loop below ends when every job has answered or was dropped with a
+        // thread that ended.
+        drop(done);
+        while let Ok((index, files, r)) = results.recv() {
+            back[index] = Some(files);
+            if result.is_ok() {
+                result = r.map_err(FsError::from);
+            }
+        }
+        if back.iter().any(Option::is_none) && result.is_ok() {
+            result = Err(std::io::Error::other("a thread flushing new files ended").into());
+        }
+        (back.into_iter().flatten().flatten().collect(), result)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::SecretKey;
+    use crate::format::FILE_ID_LEN;
+
+    fn ready_file(dir: &std::path::Path, i: u8) -> Ready {
+        let file = File::create(dir.join(format!("f{i}"))).unwrap();
+        let file_id = FileId([i; FILE_ID_LEN]);
+        Ready {
+            name: None,
+            file,
+            file_id,
+            cipher: Arc::new(ContentCipher::new(&SecretKey::generate(), file_id)),
+        }
+    }
+
+    /// Batches are cut into one chunk per thread, or fewer: each file comes back once, in
+    /// order, however the count falls against the threads.
+    #[test]
+    fn flushing_hands_every_file_back_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let flushers = Flushers::start();
+        for n in [
+            0,
+            1,
+            SYNC_THREADS - 1,
+            SYNC_THREADS,
+            SYNC_THREADS + 1,
+            BATCH,
+            3 * SYNC_THREADS + 5,
+        ] {
+            let batch: Vec<Ready> = (0..n).map(|i| ready_file(dir.path(), i as u8)).collect();
+            let (back, r) = flushers.sync_all(batch);
+            r.unwrap();
+            let ids: Vec<u8> = back.iter().map(|r| r.file_id.0[0]).collect();
+            assert_eq!(ids, (0..n).map(|i| i as u8).collect::<Vec<_>>(), "batch of {n}");
+        }
+    }
 }

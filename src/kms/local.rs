@@ -6,7 +6,7 @@
 //! its next unwrap.
 
 use super::{Binding, BoxFuture, Description, KeyProvider, KeyStatus, KmsError, WrappedDek};
-use crate::crypto::{Aead, KEY_LEN, NONCE_LEN, SecretKey, TAG_LEN};
+use crate::crypto::{Aead, KEY_LEN, NONCE_LEN, SecretKey, TAG_LEN, scrubbed};
 use serde::{Deserialize, Serialize};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -289,7 +289,8 @@ impl Keystore {
         let key = self.usable_key(name)?;
         let v = key.current();
         let aad = wrap_aad(name, v.version, context);
-        let sealed = Aead::new(&v.secret).seal(&aad, dek.expose());
+        // One stack scrub for the key schedule and the seal, not one each.
+        let sealed = scrubbed(|| Aead::new(&v.secret).seal(&aad, dek.expose()));
         let mut blob = Vec::with_capacity(WRAPPED_LEN);
         blob.extend_from_slice(&v.version.to_be_bytes());
         blob.extend_from_slice(&sealed);
@@ -315,8 +316,7 @@ impl Keystore {
             .find(|v| v.version == version)
             .ok_or_else(|| KmsError::Corrupt(format!("key {:?} has no version {version}", key.name)))?;
         let aad = wrap_aad(&key.name, version, context);
-        let dek = Aead::new(&v.secret)
-            .open(&aad, &wrapped.blob[4..])
+        let dek = scrubbed(|| Aead::new(&v.secret).open(&aad, &wrapped.blob[4..]))
             .map_err(|_| KmsError::Corrupt("the keystore's key does not open this file's key".into()))?;
         SecretKey::from_slice(&dek)
             .ok_or_else(|| KmsError::Corrupt("unwrapped key has the wrong length".into()))
