@@ -56,8 +56,8 @@ pub fn fill_random(buf: &mut [u8]) {
 ///
 /// For calls into code that leaves key material in its locals and does not wipe it (the
 /// cipher, HKDF, a base64 decoder handed a key). `f` runs in a frame of its own just below
-/// the caller's; once it returns, [`SCRUB_LEN`] bytes from there down are zeroed (volatile
-/// writes, which the compiler keeps). The caller's own frame is not touched, so `f` must hand
+/// the caller's; once it returns, [`SCRUB_LEN`] bytes from there down are zeroed (stores
+/// the compiler keeps: an assembly barrier reads them). The caller's own frame is not touched, so `f` must hand
 /// back nothing secret by value: key bytes go to the heap (a [`SecretKey`], a `Zeroizing`
 /// buffer) through a reference or a pointer.
 ///
@@ -83,7 +83,10 @@ pub fn scrubbed<R>(f: impl FnOnce() -> R) -> R {
     }
     let outermost = Outermost;
     let r = run_below(f);
-    scrub_stack();
+    // In a frame of its own (never inlined) that starts where `run_below`'s did: one memset
+    // of SCRUB_LEN bytes, kept by an assembly barrier that reads them. `Zeroize` on an array
+    // stores word by word, volatile: 1.2 µs per 32 KiB here, against 0.24.
+    zeroize::zeroize_stack::<SCRUB_LEN>();
     drop(outermost);
     r
 }
@@ -94,19 +97,10 @@ thread_local! {
 }
 
 /// A frame of its own, so that whatever `f` leaves on the stack is below [`scrubbed`]'s
-/// caller, where [`scrub_stack`] reaches.
+/// caller, where the scrub reaches.
 #[inline(never)]
 fn run_below<R>(f: impl FnOnce() -> R) -> R {
     f()
-}
-
-/// Zeroes [`SCRUB_LEN`] bytes of stack below its caller. Not inlined: its frame must start
-/// where [`run_below`]'s did.
-#[inline(never)]
-fn scrub_stack() {
-    let mut area = [0u64; SCRUB_LEN / 8];
-    area.zeroize();
-    let _ = std::hint::black_box(&mut area);
 }
 
 /// A 256-bit secret: a data key (DEK), a key-encryption key, or a derived subkey.
