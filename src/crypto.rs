@@ -56,10 +56,10 @@ pub fn fill_random(buf: &mut [u8]) {
 ///
 /// For calls into code that leaves key material in its locals and does not wipe it (the
 /// cipher, HKDF, a base64 decoder handed a key). `f` runs in a frame of its own just below
-/// the caller's; once it returns, [`SCRUB_LEN`] bytes from there down are zeroed (stores
-/// the compiler keeps: an assembly barrier reads them). The caller's own frame is not touched, so `f` must hand
-/// back nothing secret by value: key bytes go to the heap (a [`SecretKey`], a `Zeroizing`
-/// buffer) through a reference or a pointer.
+/// the caller's; once it returns, [`SCRUB_LEN`] bytes from there down are zeroed (stores the
+/// compiler keeps: an assembly barrier reads them). The caller's own frame is not touched, so
+/// `f` must hand back nothing secret by value: key bytes go to the heap (a [`SecretKey`], a
+/// `Zeroizing` buffer) through a reference or a pointer.
 ///
 /// Nested calls do not scrub: the outermost one does, once, after all of them. A request that
 /// opens or seals many records wraps its loop in one `scrubbed` (the stack its records' calls

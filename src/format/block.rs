@@ -280,8 +280,8 @@ impl ContentCipher {
     /// cipher. The derived key sits in its heap `SecretKey` only while the key schedule is
     /// built, and is wiped when this returns; the DEK is the caller's to drop.
     pub fn new(dek: &SecretKey, file_id: FileId) -> Self {
-        // One stack scrub for both steps, not one each (a quarter of what a file made
-        // ahead of its create cost, and part of every open).
+        // One stack scrub for both steps, not one each: this runs for every file made ahead
+        // of a create and for every open that builds a cipher.
         let aead = crypto::scrubbed(|| {
             let key = dek.derive(&file_id.0, CONTENT_KEY_INFO);
             Aead::new(&key)

@@ -386,9 +386,9 @@ impl Drop for ReadyFiles {
     }
 }
 
-/// The threads that flush batches. Threads started for each batch and joined after it cost
-/// more CPU than making the batch's files where flushes are cheap (tmpfs: a quarter of a
-/// create's CPU went to them); these wait for work for the life of the mount, and end when
+/// The threads that flush batches. Starting 16 threads for each batch of 64 files and joining
+/// them cost about 20 µs of a create's 160 µs of daemon CPU on tmpfs, where the flushes
+/// themselves are nearly free. These wait for work for the life of the mount, and end when
 /// their [`ReadyFiles`] is dropped.
 struct Flushers {
     jobs: mpsc::Sender<Flush>,
@@ -411,7 +411,8 @@ impl Flushers {
                 .name("kmsfs-flush".into())
                 .spawn(move || {
                     loop {
-                        // The lock is held only to take a job: the flushes run in parallel.
+                        // Held while waiting for a job and taking it, never during a flush:
+                        // the flushes run in parallel.
                         let job = queue.lock().unwrap_or_else(|p| p.into_inner()).recv();
                         let Ok(Flush { index, files, done }) = job else {
                             return;
