@@ -422,7 +422,7 @@ impl Flushers {
                     }
                 });
             if let Err(e) = spawned {
-                // Fewer threads flush in fewer batches; with none, `sync_all` reports it.
+                // The others take its share; with none at all, `sync_all` reports it.
                 log::warn!("cannot start a thread that flushes files made ahead of creates: {e}");
             }
         }
