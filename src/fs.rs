@@ -12,6 +12,7 @@ mod prefetch;
 mod prefetch_hooks;
 pub mod quiet;
 mod ready;
+mod setid;
 mod stats;
 mod waiters;
 mod xattr;
@@ -134,6 +135,9 @@ pub struct Fs {
     runtime: tokio::runtime::Handle,
     /// Root can give created files to their callers; anyone else creates them as itself.
     chown_to_caller: bool,
+    /// Whether the kernel left the clearing of set-id bits on a change of content to us (see
+    /// `setid`).
+    clears_setid: AtomicBool,
     /// How names, symlink targets and xattrs are stored: the name ciphers, until `lock` drops
     /// them (and so wipes them). Taken briefly by every operation on names for a reference
     /// of its own; an operation in flight when the lock comes drops the last one.
@@ -196,6 +200,7 @@ impl Fs {
             layout,
             runtime,
             chown_to_caller: sys::geteuid() == 0,
+            clears_setid: AtomicBool::new(false),
             names_encrypted: names.encrypted(),
             names: RwLock::new(Some(Arc::new(names))),
             keys: Arc::new(KeyCache::new(options.key_cache_entries, options.key_cache_ttl)),
@@ -502,7 +507,7 @@ impl Fs {
     }
 
     pub fn setattr(&self, ino: u64, fh: Option<u64>, set: SetAttr) -> FsResult<Attr> {
-        self.setattr_waiting(ino, fh, set, &Asker::daemon(), Wait::Forever)
+        self.setattr_waiting(ino, fh, set, None, &Asker::daemon(), Wait::Forever)
     }
 
     /// [`Fs::setattr`] for a FUSE worker: a truncate by path (no handle) of a file whose key
@@ -516,6 +521,8 @@ impl Fs {
         caller: Caller,
         done: impl FnOnce(FsResult<Attr>) + Send + 'static,
     ) {
+        // A size change by a caller without CAP_FSETID clears the set-id bits (see `setid`).
+        let setid = (set.size.is_some() && self.clears_setid()).then_some(caller.pid);
         if set.size.is_some() && fh.is_none() && self.guard().is_ok() {
             // Truncating by path opens the file: the policy decides as for an open.
             let asker = match self.admit(caller, "truncate", || self.file_id_of(ino)) {
@@ -530,12 +537,12 @@ impl Fs {
             });
             if let Err(FsError::WouldWait) = probe {
                 let fs = self.clone();
-                self.park(move |wait| done(fs.setattr_waiting(ino, fh, set, &asker, wait)));
+                self.park(move |wait| done(fs.setattr_waiting(ino, fh, set, setid, &asker, wait)));
                 return;
             }
-            return done(self.setattr_waiting(ino, fh, set, &asker, Wait::Forever));
+            return done(self.setattr_waiting(ino, fh, set, setid, &asker, Wait::Forever));
         }
-        done(self.setattr_waiting(ino, fh, set, &Asker::daemon(), Wait::Forever))
+        done(self.setattr_waiting(ino, fh, set, setid, &Asker::daemon(), Wait::Forever))
     }
 
     fn setattr_waiting(
@@ -543,6 +550,7 @@ impl Fs {
         ino: u64,
         fh: Option<u64>,
         set: SetAttr,
+        setid_caller: Option<u32>,
         asker: &Asker,
         wait: Wait,
     ) -> FsResult<Attr> {
@@ -561,6 +569,9 @@ impl Fs {
             self.check_writable()?;
             if inode.kind != Kind::File {
                 return Err(FsError::InvalidArgument);
+            }
+            if let Some(pid) = setid_caller {
+                self.clear_setid(&inode, Some(pid))?;
             }
             let content = match fh {
                 Some(fh) => match &*self.handle(fh)? {

@@ -7,8 +7,9 @@ use crate::fs::quiet::Quiet;
 use crate::fs::{Caller, Fs, FuseOp, SetAttr};
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
-    KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
-    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request,
+    TimeOrNow, WriteFlags,
 };
 use std::ffi::OsStr;
 use std::path::Path;
@@ -33,6 +34,17 @@ pub struct FuseAdapter {
 impl FuseAdapter {
     pub fn new(fs: Arc<Fs>, fill: Arc<PageFill>) -> Self {
         FuseAdapter { fs, fill }
+    }
+
+    /// After we cleared set-id bits behind the kernel's back (a WRITE or FALLOCATE, whose
+    /// replies carry no attributes): drops its cached attributes, so that no exec(2) runs the
+    /// changed file with the old bits. Sent before the reply, so it has taken effect by the
+    /// time the caller's write(2) returns.
+    fn mode_changed(&self, ino: INodeNo, cleared: bool) {
+        if cleared && let Some(n) = self.fill.notifier.get() {
+            // A negative offset: attributes only, no pages.
+            let _ = n.inval_inode(ino, -1, 0);
+        }
     }
 }
 
@@ -369,6 +381,15 @@ impl Filesystem for FuseAdapter {
         self.fs.stats.requests.count(FuseOp::Init);
         let _ = config.set_max_write(MAX_IO);
         let _ = config.set_max_readahead(MAX_IO);
+        // The clearing of set-id bits on writes and truncates, so that the kernel stops
+        // asking for `security.capability` before each write (see `fs::setid`). A kernel
+        // without it (before 5.11) keeps doing both itself.
+        if config
+            .add_capabilities(InitFlags::FUSE_HANDLE_KILLPRIV_V2)
+            .is_ok()
+        {
+            self.fs.set_clears_setid();
+        }
         Ok(())
     }
 
@@ -568,17 +589,23 @@ impl Filesystem for FuseAdapter {
     fn write(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
         guard!(self, reply, Write);
         log::trace!("write {} bytes at {offset}", data.len());
+        if write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID) {
+            match self.fs.clear_setid_for_write(fh.0) {
+                Ok(cleared) => self.mode_changed(ino, cleared),
+                Err(e) => return reply.error(errno(&e)),
+            }
+        }
         match self.fs.write(fh.0, offset, data) {
             Ok(n) => reply.written(n as u32),
             Err(e) => reply.error(errno(&e)),
@@ -743,8 +770,8 @@ impl Filesystem for FuseAdapter {
 
     fn fallocate(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
+        req: &Request,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         length: u64,
@@ -752,6 +779,14 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         guard!(self, reply, Fallocate);
+        // The kernel's own clearing for an allocation ends in a SETATTR that, under
+        // FUSE_HANDLE_KILLPRIV_V2, carries nothing: it is ours to do.
+        if mode == 0 {
+            match self.fs.clear_setid_unless_privileged(fh.0, req.pid()) {
+                Ok(cleared) => self.mode_changed(ino, cleared),
+                Err(e) => return reply.error(errno(&e)),
+            }
+        }
         empty(reply, self.fs.fallocate(fh.0, offset, length, mode));
     }
 }

@@ -149,3 +149,35 @@ fn closing_a_file_sends_no_flush() {
     );
     v.unmount();
 }
+
+/// A file written many times asks for its `security.capability` once, not before each write:
+/// the mount takes the clearing of set-id bits on itself (FUSE_HANDLE_KILLPRIV_V2), and the
+/// kernel then needs to check a file only once. Before, every write(2) cost a GETXATTR round
+/// trip on top of its WRITE.
+#[test]
+fn writes_to_an_open_file_ask_for_no_xattr_each() {
+    use std::io::Write;
+    let addr = free_local_addr();
+    let mut v = Volume::new();
+    v.mount_with_args(&["--metrics", &addr]);
+    let mut f = std::fs::File::create(v.m("f")).unwrap();
+    for i in 0..20u8 {
+        f.write_all(&[i; 512]).unwrap();
+    }
+    drop(f);
+    assert_eq!(std::fs::read(v.m("f")).unwrap().len(), 20 * 512);
+    let (s, _) = scrape(&addr);
+    let op = |o: &str| -> f64 {
+        s.get(&("kmsfs_fuse_requests_total".to_owned(), format!("op={o}")))
+            .copied()
+            .unwrap_or(0.0)
+    };
+    assert!(op("write") >= 20.0, "writes counted: {}", op("write"));
+    assert!(
+        op("getxattr") <= 1.0,
+        "{} GETXATTRs for {} writes to one file",
+        op("getxattr"),
+        op("write")
+    );
+    v.unmount();
+}
