@@ -507,7 +507,7 @@ impl Fs {
     }
 
     pub fn setattr(&self, ino: u64, fh: Option<u64>, set: SetAttr) -> FsResult<Attr> {
-        self.setattr_waiting(ino, fh, set, None, &Asker::daemon(), Wait::Forever)
+        self.setattr_waiting(ino, fh, set, setid::Rule::Keep, &Asker::daemon(), Wait::Forever)
     }
 
     /// [`Fs::setattr`] for a FUSE worker: a truncate by path (no handle) of a file whose key
@@ -521,8 +521,7 @@ impl Fs {
         caller: Caller,
         done: impl FnOnce(FsResult<Attr>) + Send + 'static,
     ) {
-        // A size change by a caller without CAP_FSETID clears the set-id bits (see `setid`).
-        let setid = (set.size.is_some() && self.clears_setid()).then_some(caller.pid);
+        let setid = self.setid_rule(&set, caller.pid);
         if set.size.is_some() && fh.is_none() && self.guard().is_ok() {
             // Truncating by path opens the file: the policy decides as for an open.
             let asker = match self.admit(caller, "truncate", || self.file_id_of(ino)) {
@@ -550,11 +549,14 @@ impl Fs {
         ino: u64,
         fh: Option<u64>,
         set: SetAttr,
-        setid_caller: Option<u32>,
+        setid: setid::Rule,
         asker: &Asker,
         wait: Wait,
     ) -> FsResult<Attr> {
         let inode = self.inodes.get(ino)?;
+        if setid == setid::Rule::Clear {
+            self.clear_setid(&inode, None)?;
+        }
         if let Some(mode) = set.mode
             && inode.kind != Kind::Symlink
         {
@@ -570,9 +572,6 @@ impl Fs {
             if inode.kind != Kind::File {
                 return Err(FsError::InvalidArgument);
             }
-            if let Some(pid) = setid_caller {
-                self.clear_setid(&inode, Some(pid))?;
-            }
             let content = match fh {
                 Some(fh) => match &*self.handle(fh)? {
                     Handle::File { content, .. } => content.clone(),
@@ -580,6 +579,15 @@ impl Fs {
                 },
                 None => self.open_content(&inode, asker, wait)?,
             };
+            // Once the truncate is allowed (a refused one changes nothing).
+            if let setid::Rule::UnlessPrivileged(pid) = setid
+                && let Err(e) = self.clear_setid(&inode, Some(pid))
+            {
+                if fh.is_none() {
+                    self.close_content(&inode);
+                }
+                return Err(e);
+            }
             inode.changes.begin();
             let result = content.truncate(size);
             inode.changes.end();

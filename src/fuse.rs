@@ -42,7 +42,9 @@ impl FuseAdapter {
     /// time the caller's write(2) returns.
     fn mode_changed(&self, ino: INodeNo, cleared: bool) {
         if cleared && let Some(n) = self.fill.notifier.get() {
-            // A negative offset: attributes only, no pages.
+            // A negative offset: attributes only. Never pages from here: the kernel holds the
+            // pages of a WRITE locked while it waits for our reply, and invalidating them
+            // would wait for those locks.
             let _ = n.inval_inode(ino, -1, 0);
         }
     }
@@ -383,7 +385,9 @@ impl Filesystem for FuseAdapter {
         let _ = config.set_max_readahead(MAX_IO);
         // The clearing of set-id bits on writes and truncates, so that the kernel stops
         // asking for `security.capability` before each write (see `fs::setid`). A kernel
-        // without it (before 5.11) keeps doing both itself.
+        // without it (before 5.11) keeps doing both itself. `fs::setid` counts on every
+        // truncate reaching us as a SETATTR: asking for atomic O_TRUNC would let one through
+        // OPEN without its bits cleared.
         if config
             .add_capabilities(InitFlags::FUSE_HANDLE_KILLPRIV_V2)
             .is_ok()

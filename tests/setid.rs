@@ -97,16 +97,29 @@ fn a_truncate_or_allocation_by_an_unprivileged_caller_clears_set_id_bits() {
     let root = file(&v, "root", 0, 0o6777);
     run_as(0, "truncate -s 0 \"$1\"", &root);
     assert_eq!(mode_of(&root), 0o6777);
+
+    // Root in a user namespace of its own lists every capability in /proc but holds none over
+    // the mount's files (the kernel checks CAP_FSETID in the initial namespace).
+    let userns = file(&v, "userns", NOBODY, 0o6777);
+    run_as(0, "unshare -Ur truncate -s 0 \"$1\"", &userns);
+    assert_eq!(mode_of(&userns), 0o777, "root of another user namespace");
     v.unmount();
 }
 
 #[test]
 fn a_chown_clears_set_id_bits() {
     // The kernel no longer sends the mode with a chown: the backing filesystem clears the
-    // bits when the daemon changes the owner.
+    // bits when the daemon changes the owner or group.
     let mut v = shared_volume();
     let f = file(&v, "f", 0, 0o6755);
     std::os::unix::fs::chown(&f, Some(NOBODY), Some(NOBODY)).unwrap();
     assert_eq!(mode_of(&f), 0o755);
+
+    // chown(f, -1, -1) too, as on a local filesystem: it reaches the daemon as a SETATTR that
+    // sets nothing.
+    let same = file(&v, "same", NOBODY, 0o6775);
+    let script = "python3 -c 'import os, sys; os.chown(sys.argv[1], -1, -1)' \"$1\"";
+    run_as(NOBODY, script, &same);
+    assert_eq!(mode_of(&same), 0o775, "chown(f, -1, -1)");
     v.unmount();
 }

@@ -4,28 +4,31 @@
 //! The mount asks the kernel to leave this to us (FUSE_HANDLE_KILLPRIV_V2). In return the
 //! kernel stops asking, before every write(2), whether the file carries a
 //! `security.capability` attribute: without it each write cost a GETXATTR round trip on top
-//! of its WRITE (we keep no such attribute: only `user.` ones). The kernel still asks once per
-//! inode, so a file written once saves nothing; a file written many times saves a request
-//! per write.
+//! of its WRITE (we keep no such attribute: only `user.` ones). The kernel still asks before
+//! the first write after each refresh of a file's attributes, so a file written once saves
+//! nothing; a file written many times saves a request per write.
 //!
 //! On a WRITE the kernel says whether the caller may keep the bits (it holds CAP_FSETID). For
 //! a truncate (ftruncate, `O_TRUNC`) and for fallocate fuser does not pass that flag on, so
 //! the caller's capabilities are read from `/proc`, and only when the file has bits to clear.
-//! A chown needs nothing here: the backing filesystem clears the bits itself when we change
-//! the owner, as it does for any caller.
+//! A chown that names an owner or group needs nothing here: the backing filesystem clears the
+//! bits itself when we change them. A chown that names neither (`chown(f, -1, -1)`), which
+//! clears them on a local filesystem, reaches us as a SETATTR that sets nothing: the kernel
+//! sends one only when it means to clear privileges, so one is taken as that.
 
 use super::error::{FsError, FsResult};
 use super::inode::{Inode, Kind};
-use super::{Fs, Handle};
+use super::{Fs, Handle, SetAttr};
 use crate::sys;
 use std::sync::atomic::Ordering;
 
 /// capability(7)'s number for CAP_FSETID.
 const CAP_FSETID: u32 = 4;
 
-/// The bits a change of content clears (the kernel's rule, `should_remove_suid`): set-user-id,
-/// and set-group-id where group execute is set too (without it the bit marks mandatory
-/// locking, not a privilege).
+/// The bits a change of content clears: set-user-id, and set-group-id where group execute is
+/// set too (without it the bit grants nothing on exec). This is the rule FUSE applied before
+/// the daemon took it on; since Linux 6.2 a local filesystem also clears a set-group-id bit
+/// without group execute when the caller is outside the file's group, which FUSE never did.
 fn bits_to_clear(mode: u32) -> u32 {
     let mut clear = mode & libc::S_ISUID;
     if mode & (libc::S_ISGID | libc::S_IXGRP) == libc::S_ISGID | libc::S_IXGRP {
@@ -34,19 +37,39 @@ fn bits_to_clear(mode: u32) -> u32 {
     clear
 }
 
-/// Whether process `pid` holds CAP_FSETID in its effective set. A process we cannot read (it
-/// has exited) is taken as not holding it: the bits are then cleared, the safe side.
+/// Whether thread `pid` (FUSE names the calling thread) holds CAP_FSETID as the kernel
+/// counts it: in its effective set, in our user namespace (root in a container's namespace
+/// shows every capability in `/proc` but holds none over our files), and not as a kernel
+/// thread (nfsd shows every capability while it drops CAP_FSETID for its clients). Anything
+/// we cannot read counts as not holding it: the bits are then cleared, the safe side. The
+/// caller waits for our reply, so its id cannot be reused meanwhile.
 fn holds_cap_fsetid(pid: u32) -> bool {
-    pid != 0 && std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| cap_fsetid_in_status(&s))
+    let ours = |path: &str| std::fs::read_link(path).ok();
+    pid != 0
+        && std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| cap_fsetid_in_status(&s))
+        && ours(&format!("/proc/{pid}/ns/user"))
+            .is_some_and(|theirs| Some(theirs) == ours("/proc/self/ns/user"))
 }
 
-/// CAP_FSETID in the `CapEff:` line of a `/proc/PID/status`.
+/// CAP_FSETID in the `CapEff:` line of a `/proc/PID/status`, for a thread that is not a
+/// kernel thread.
 fn cap_fsetid_in_status(status: &str) -> bool {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-        .is_some_and(|caps| caps & (1 << CAP_FSETID) != 0)
+    let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name)).map(str::trim);
+    field("Kthread:") != Some("1")
+        && field("CapEff:")
+            .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+            .is_some_and(|caps| caps & (1 << CAP_FSETID) != 0)
+}
+
+/// What a SETATTR does to the set-id bits (see the module's doc).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Rule {
+    /// Nothing: the kernel clears them itself, or the change is not one that clears them.
+    Keep,
+    /// A size change: cleared unless the caller, this thread id, holds CAP_FSETID.
+    UnlessPrivileged(u32),
+    /// A SETATTR that sets nothing: cleared.
+    Clear,
 }
 
 impl Fs {
@@ -57,6 +80,22 @@ impl Fs {
 
     pub(super) fn clears_setid(&self) -> bool {
         self.clears_setid.load(Ordering::Relaxed)
+    }
+
+    /// The [`Rule`] for a SETATTR `set` from thread `pid`.
+    pub(super) fn setid_rule(&self, set: &SetAttr, pid: u32) -> Rule {
+        let sets_nothing = set.mode.is_none()
+            && set.uid.is_none()
+            && set.gid.is_none()
+            && set.size.is_none()
+            && set.atime.is_none()
+            && set.mtime.is_none();
+        match () {
+            _ if !self.clears_setid() => Rule::Keep,
+            _ if set.size.is_some() => Rule::UnlessPrivileged(pid),
+            _ if sets_nothing => Rule::Clear,
+            _ => Rule::Keep,
+        }
     }
 
     /// Before a write the kernel flagged (its caller lacks CAP_FSETID): clears the bits of the
@@ -126,6 +165,10 @@ mod tests {
         assert!(cap_fsetid_in_status("CapEff:\t0000000000000010\n"));
         assert!(!cap_fsetid_in_status("Name:\tx\n"));
         assert!(!cap_fsetid_in_status("CapEff:\tzz\n"));
+        // A kernel thread acting for a client (nfsd) shows them all.
+        let nfsd = "Name:\tnfsd\nKthread:\t1\nCapEff:\t000001ffffffffff\n";
+        assert!(!cap_fsetid_in_status(nfsd));
+        assert!(cap_fsetid_in_status("Kthread:\t0\nCapEff:\t000001ffffffffff\n"));
     }
 
     #[test]
