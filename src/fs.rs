@@ -60,6 +60,17 @@ pub struct SetAttr {
     pub mtime: sys::TimeSpec,
 }
 
+/// What a SETATTR does to the set-id bits (see `fs::setid`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SetIdRule {
+    /// Nothing: the kernel clears them itself, or the change is not one that clears them.
+    Keep,
+    /// A size change: cleared unless the calling thread, this id, holds CAP_FSETID.
+    UnlessPrivileged(u32),
+    /// A SETATTR that sets nothing: cleared.
+    Clear,
+}
+
 /// One directory entry as listed.
 #[derive(Debug, Clone)]
 pub struct DirEntry {
@@ -507,7 +518,7 @@ impl Fs {
     }
 
     pub fn setattr(&self, ino: u64, fh: Option<u64>, set: SetAttr) -> FsResult<Attr> {
-        self.setattr_waiting(ino, fh, set, setid::Rule::Keep, &Asker::daemon(), Wait::Forever)
+        self.setattr_waiting(ino, fh, set, SetIdRule::Keep, &Asker::daemon(), Wait::Forever)
     }
 
     /// [`Fs::setattr`] for a FUSE worker: a truncate by path (no handle) of a file whose key
@@ -549,12 +560,12 @@ impl Fs {
         ino: u64,
         fh: Option<u64>,
         set: SetAttr,
-        setid: setid::Rule,
+        setid: SetIdRule,
         asker: &Asker,
         wait: Wait,
     ) -> FsResult<Attr> {
         let inode = self.inodes.get(ino)?;
-        if setid == setid::Rule::Clear {
+        if setid == SetIdRule::Clear {
             self.clear_setid(&inode, None)?;
         }
         if let Some(mode) = set.mode
@@ -580,7 +591,7 @@ impl Fs {
                 None => self.open_content(&inode, asker, wait)?,
             };
             // Once the truncate is allowed (a refused one changes nothing).
-            if let setid::Rule::UnlessPrivileged(pid) = setid
+            if let SetIdRule::UnlessPrivileged(pid) = setid
                 && let Err(e) = self.clear_setid(&inode, Some(pid))
             {
                 if fh.is_none() {

@@ -18,7 +18,7 @@
 
 use super::error::{FsError, FsResult};
 use super::inode::{Inode, Kind};
-use super::{Fs, Handle, SetAttr};
+use super::{Fs, Handle, SetAttr, SetIdRule as Rule};
 use crate::sys;
 use std::sync::atomic::Ordering;
 
@@ -61,17 +61,6 @@ fn cap_fsetid_in_status(status: &str) -> bool {
             .is_some_and(|caps| caps & (1 << CAP_FSETID) != 0)
 }
 
-/// What a SETATTR does to the set-id bits (see the module's doc).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Rule {
-    /// Nothing: the kernel clears them itself, or the change is not one that clears them.
-    Keep,
-    /// A size change: cleared unless the caller, this thread id, holds CAP_FSETID.
-    UnlessPrivileged(u32),
-    /// A SETATTR that sets nothing: cleared.
-    Clear,
-}
-
 impl Fs {
     /// Called once the kernel has agreed to leave the clearing to us.
     pub fn set_clears_setid(&self) {
@@ -82,7 +71,7 @@ impl Fs {
         self.clears_setid.load(Ordering::Relaxed)
     }
 
-    /// The [`Rule`] for a SETATTR `set` from thread `pid`.
+    /// What a SETATTR `set` from thread `pid` does to the set-id bits.
     pub(super) fn setid_rule(&self, set: &SetAttr, pid: u32) -> Rule {
         let sets_nothing = set.mode.is_none()
             && set.uid.is_none()
