@@ -36,8 +36,8 @@ impl FuseAdapter {
         FuseAdapter { fs, fill }
     }
 
-    /// After we cleared set-id bits behind the kernel's back (a WRITE or FALLOCATE, whose
-    /// replies carry no attributes): drops its cached attributes, so that no exec(2) runs the
+    /// After we cleared set-id bits behind the kernel's back (a WRITE, whose reply carries no
+    /// attributes): drops its cached attributes, so that no exec(2) runs the
     /// changed file with the old bits. Sent before the reply, so it has taken effect by the
     /// time the caller's write(2) returns.
     fn mode_changed(&self, ino: INodeNo, cleared: bool) {
@@ -774,8 +774,8 @@ impl Filesystem for FuseAdapter {
 
     fn fallocate(
         &self,
-        req: &Request,
-        ino: INodeNo,
+        _req: &Request,
+        _ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         length: u64,
@@ -783,14 +783,7 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         guard!(self, reply, Fallocate);
-        // The kernel's own clearing for an allocation ends in a SETATTR that, under
-        // FUSE_HANDLE_KILLPRIV_V2, carries nothing: it is ours to do.
-        if mode == 0 {
-            match self.fs.clear_setid_unless_privileged(fh.0, req.pid()) {
-                Ok(cleared) => self.mode_changed(ino, cleared),
-                Err(e) => return reply.error(errno(&e)),
-            }
-        }
+        // Set-id bits: the kernel sends a SETATTR that sets nothing first (see `fs::setid`).
         empty(reply, self.fs.fallocate(fh.0, offset, length, mode));
     }
 }

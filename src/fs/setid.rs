@@ -9,12 +9,13 @@
 //! nothing; a file written many times saves a request per write.
 //!
 //! On a WRITE the kernel says whether the caller may keep the bits (it holds CAP_FSETID). For
-//! a truncate (ftruncate, `O_TRUNC`) and for fallocate fuser does not pass that flag on, so
-//! the caller's capabilities are read from `/proc`, and only when the file has bits to clear.
-//! A chown that names an owner or group needs nothing here: the backing filesystem clears the
-//! bits itself when we change them. A chown that names neither (`chown(f, -1, -1)`), which
-//! clears them on a local filesystem, reaches us as a SETATTR that sets nothing: the kernel
-//! sends one only when it means to clear privileges, so one is taken as that.
+//! a truncate (ftruncate, `O_TRUNC`) fuser does not pass that flag on, so the caller's
+//! capabilities are read from `/proc`, and only when the file has bits to clear. A chown that
+//! names an owner or group needs nothing here: the backing filesystem clears the bits itself
+//! when we change them. The kernel's other clearings (before a fallocate by a caller without
+//! CAP_FSETID; `chown(f, -1, -1)`, which clears them on a local filesystem) reach us as a
+//! SETATTR that sets nothing: the kernel sends one only when it means to clear privileges,
+//! so one is taken as that.
 
 use super::error::{FsError, FsResult};
 use super::inode::{Inode, Kind};
@@ -79,11 +80,14 @@ impl Fs {
             && set.size.is_none()
             && set.atime.is_none()
             && set.mtime.is_none();
-        match () {
-            _ if !self.clears_setid() => Rule::Keep,
-            _ if set.size.is_some() => Rule::UnlessPrivileged(pid),
-            _ if sets_nothing => Rule::Clear,
-            _ => Rule::Keep,
+        if !self.clears_setid() {
+            Rule::Keep
+        } else if set.size.is_some() {
+            Rule::UnlessPrivileged(pid)
+        } else if sets_nothing {
+            Rule::Clear
+        } else {
+            Rule::Keep
         }
     }
 
@@ -95,19 +99,6 @@ impl Fs {
             return Err(FsError::BadHandle);
         };
         self.clear_setid(inode, None)
-    }
-
-    /// Before an allocation by process `pid` through `fh`: clears the bits unless `pid` holds
-    /// CAP_FSETID. True if any were cleared.
-    pub fn clear_setid_unless_privileged(&self, fh: u64, pid: u32) -> FsResult<bool> {
-        if !self.clears_setid() {
-            return Ok(false);
-        }
-        let handle = self.handle(fh)?;
-        let Handle::File { inode, .. } = &*handle else {
-            return Err(FsError::BadHandle);
-        };
-        self.clear_setid(inode, Some(pid))
     }
 
     /// Clears the bits [`bits_to_clear`] picks from a regular file's mode; with `pid`, only if
